@@ -1,0 +1,40 @@
+"""Every error opswitch raises on purpose derives from OpswitchError.
+
+The CLI catches OpswitchError and prints its message as one line (exit 2);
+anything else is a bug and exits 1.  Messages say what is wrong *and* what
+to do about it, so they must be complete sentences without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class OpswitchError(Exception):
+    """Base class: a problem the user can fix (bad input, missing backend)."""
+
+
+class BackendError(OpswitchError):
+    """A backend is unknown, unavailable, or failed while computing."""
+
+
+class PluginError(OpswitchError):
+    """A backend plugin failed to import or broke the plugin contract."""
+
+
+class WeightsError(OpswitchError):
+    """A weights file or model directory is corrupt, incomplete or unsupported."""
+
+
+class ConfigError(OpswitchError):
+    """A model config is missing, invalid or inconsistent with the weights."""
+
+
+class TokenizerError(OpswitchError):
+    """Tokenizer files are missing or malformed, or an id is out of range."""
+
+
+class GenerationError(OpswitchError):
+    """Invalid generation settings (temperature, top-k, prompt length, ...)."""
+
+
+class ModelNotFoundError(OpswitchError):
+    """A model name or path resolves to nothing locally or on the hub."""
