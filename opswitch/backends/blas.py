@@ -70,7 +70,8 @@ class BlasBackend(Backend):
         if wanted:
             threadpool_limits(limits=int(wanted), user_api="blas")
         libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        lib = libs[-1] if libs else {}
+        ours = [i for i in libs if "scipy" in i.get("filepath", "")]  # numpy may load its own
+        lib = (ours or libs or [{}])[0]
         self.threads = lib.get("num_threads")
         name = f"{lib.get('internal_api', 'BLAS')} {lib.get('version') or ''}".strip()
         return Probe.ok(f"host CPU, {name}, {self.threads} threads, {self.dtype.name}")

@@ -15,8 +15,8 @@ model); index arrays (``ids``) and scalars always arrive as host values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

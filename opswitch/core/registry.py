@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pluggy
@@ -215,6 +216,9 @@ class Registry:
         """Resolve ``auto``, ``name`` or ``a,b,c`` (default: $OPSWITCH_BACKEND or auto)."""
         spec = (spec or os.environ.get(ENV_BACKEND) or "auto").strip().lower()
         wanted = [part.strip() for part in spec.split(",") if part.strip()] or ["auto"]
+        for choice in wanted:  # a typo anywhere in the list is an error, not a skip
+            if choice != "auto":
+                self._known(choice)
         skipped: list[tuple[str, str]] = []
         tried: set[str] = set()
         for i, choice in enumerate(wanted):
@@ -239,6 +243,10 @@ class Registry:
             f"no backend of {spec!r} is available ({tried}); "
             f"available backends: {', '.join(self.available()) or 'none'}"
         )
+
+    def _known(self, name: str) -> None:
+        if name not in self._backend_classes():
+            self.backend(name)  # raises the "unknown backend" error
 
     def _try(self, name: str, dtype: str) -> Backend | None:
         """For auto: a backend that cannot compute in ``dtype`` is just skipped."""

@@ -1,0 +1,1 @@
+"""The command line: argument parsing, the REPL and output formatting."""
