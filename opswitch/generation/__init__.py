@@ -1,0 +1,7 @@
+"""Sampling and the generation loop, above the model and the tokenizer."""
+
+from opswitch.generation.config import GenerationConfig
+from opswitch.generation.loop import GenerationResult, generate_ids, stream_ids
+from opswitch.generation.sampling import sample_next
+
+__all__ = ["GenerationConfig", "GenerationResult", "generate_ids", "sample_next", "stream_ids"]

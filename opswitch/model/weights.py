@@ -1,0 +1,308 @@
+"""GPT-2 weights from and to Hugging Face model directories.
+
+``load_gpt2`` turns ``config.json`` + ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``) into picoGPT-style nested params, named
+like the checkpoint so the forward pass can unpack them (``**block``)::
+
+    {"wte": [n_vocab, n_embd], "wpe": [n_ctx, n_embd],
+     "h": [{"ln_1": {"weight", "bias"},
+            "attn": {"c_attn": {"weight": [n_embd, 3*n_embd], "bias"},
+                     "c_proj": {"weight": [n_embd, n_embd], "bias"}},
+            "ln_2": {...},
+            "mlp": {"c_fc": {"weight": [n_embd, d_ff], "bias"},
+                    "c_proj": {"weight": [d_ff, n_embd], "bias"}}}, ...],
+     "ln_f": {"weight", "bias"}}
+
+plus ``"lm_head": [n_vocab, n_embd]`` only when the checkpoint's output
+projection differs from ``wte`` (otherwise the embedding is tied).  Linear
+weights are ``[in, out]`` because HF's GPT-2 stores Conv1D weights that way.
+Every array is read-only float32; F32 files are memory-mapped, not copied.
+
+Everything is checked against the config before a single op runs, so a
+wrong file fails here with the file and tensor named, not as a shape error
+deep in the forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from opswitch.core.errors import ConfigError, ModelNotFoundError, WeightsError
+from opswitch.model.config import GPT2Config
+from opswitch.model.safetensors import (
+    FLOAT_DTYPES,
+    PICKLE_SUFFIXES,
+    SafetensorsFile,
+    atomic_write,
+    refuse_pickle,
+    save_safetensors,
+)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# GPT2LMHeadModel checkpoints prefix the body with "transformer."; GPT2Model ones (and
+# OpenAI's converted gpt2 on the hub) do not.  Old ones also hold the causal-mask buffers.
+_PREFIX = "transformer."
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_LAYER = re.compile(r"h\.(\d+)\.")
+# Params keys that are arrays themselves rather than {"weight": ...} dicts.
+_BARE = {"wte": "wte.weight", "wpe": "wpe.weight", "lm_head": "lm_head.weight"}
+
+Params = dict[str, Any]
+
+
+def load_gpt2(path: str | Path) -> tuple[GPT2Config, Params]:
+    """Read a GPT-2 model directory into (config, nested float32 params)."""
+    directory = Path(path)
+    if not directory.exists():
+        raise ModelNotFoundError(f"{directory} does not exist; pass a model directory (config + weights)")
+    if not directory.is_dir():
+        refuse_pickle(directory)
+        raise WeightsError(f"{directory} is a file; pass the model directory that holds it and config.json")
+    shards, source = _weight_files(directory)
+    config_path = directory / CONFIG_NAME
+    config = GPT2Config.from_json(config_path)
+
+    files = [SafetensorsFile(p) for p in shards]
+    try:
+        found = _gather(files, shards)
+        shapes = {name: f.info(stored)[1] for name, (f, stored) in found.items()}
+
+        def where(name: str) -> str:
+            return str(found[name][0].path if name in found else source)
+
+        _check_fit(config, shapes, where, str(config_path))
+        for name, (f, stored) in found.items():
+            dtype = f.info(stored)[0]
+            if dtype not in FLOAT_DTYPES:
+                raise WeightsError(
+                    f"{name} in {f.path} is {dtype}; opswitch reads weights stored as "
+                    f"{', '.join(FLOAT_DTYPES)} — re-save the model with float32 weights"
+                )
+        flat = {name: f.get_float32(stored) for name, (f, stored) in found.items()}
+    finally:
+        for f in files:
+            f.close()
+
+    head = flat.pop("lm_head.weight", None)
+    params = nest_params(flat, config.n_layer)
+    if head is not None and not np.array_equal(head, params["wte"]):
+        params["lm_head"] = head
+    return config, params
+
+
+def save_gpt2(
+    path: str | Path, config: GPT2Config, params: Mapping[str, Any], *, overwrite: bool = False
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads cleanly.
+
+    Names follow HF's own ``save_pretrained`` for GPT2LMHeadModel
+    (``transformer.h.0...``, ``lm_head.weight`` only when untied).  Params
+    with a distinct ``lm_head`` are saved with ``tie_word_embeddings=false``
+    so the config tells the truth about them.  Existing model files are
+    replaced only with ``overwrite=True``.
+    """
+    directory = Path(path)
+    flat = {name: _float32(name, a) for name, a in flatten_params(params).items()}
+    head = flat.pop("lm_head.weight", None)
+    if head is not None and not np.array_equal(head, flat.get("wte.weight")):
+        config = replace(config, tie_word_embeddings=False)
+    if not config.tie_word_embeddings:
+        head = head if head is not None else flat.get("wte.weight")
+        if head is not None:
+            flat["lm_head.weight"] = head
+    _check_fit(config, {n: a.shape for n, a in flat.items()}, lambda _: "params", "the config")
+
+    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if (directory / n).exists()]
+    if existing and not overwrite:
+        raise WeightsError(
+            f"{directory} already holds {', '.join(existing)}; "
+            "pass overwrite=True to replace them, or save elsewhere"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeightsError(f"cannot create {directory}: {e.strerror or e}") from None
+    save_safetensors(
+        directory / WEIGHTS_NAME,
+        {(n if n == "lm_head.weight" else _PREFIX + n): a for n, a in flat.items()},
+        metadata={"format": "pt"},
+    )
+    if INDEX_NAME in existing:  # a stale sharded copy would contradict the new file
+        for shard in set(_read_index(directory / INDEX_NAME).values()):
+            (directory / shard).unlink(missing_ok=True)
+        (directory / INDEX_NAME).unlink()
+    with atomic_write(directory / CONFIG_NAME) as f:
+        f.write((json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8"))
+
+
+def _float32(name: str, a: Any) -> np.ndarray:
+    try:
+        return np.asarray(a, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"cannot save params: {name} is not a float array ({e})") from None
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested params -> {checkpoint name: array}, e.g. ``h.0.attn.c_attn.weight``."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, child in enumerate(node):
+                walk(child, f"{name}.{i}")
+        else:
+            flat[_BARE.get(name, name)] = node
+
+    walk(params, "")
+    return flat
+
+
+def nest_params(flat: Mapping[str, Any], n_layer: int) -> Params:
+    """{checkpoint name: array} -> nested params (the inverse of ``flatten_params``)."""
+    bare = {v: k for k, v in _BARE.items()}
+    params: Params = {"h": [{} for _ in range(n_layer)]}
+    for name, a in flat.items():
+        if name in bare:
+            params[bare[name]] = a
+            continue
+        parts = name.split(".")
+        node = params["h"][int(parts.pop(1))] if parts[0] == "h" else params.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = a
+    return params
+
+
+def param_count(params: Mapping[str, Any]) -> int:
+    """Number of parameters in nested params (a tied embedding counts once)."""
+    return sum(int(np.size(a)) for a in flatten_params(params).values())
+
+
+# -- reading helpers ------------------------------------------------------------------------
+
+def _weight_files(directory: Path) -> tuple[dict[Path, list[str] | None], Path]:
+    """({shard: tensor names it must hold, None meaning all}, file to blame for missing tensors)."""
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        return {single: None}, single
+    index = directory / INDEX_NAME
+    if index.is_file():
+        shards: dict[Path, list[str] | None] = {}
+        for name, shard in _read_index(index).items():
+            shards.setdefault(directory / shard, []).append(name)  # type: ignore[union-attr]
+        absent = sorted(p.name for p in shards if not p.is_file())
+        if absent:
+            raise WeightsError(
+                f"{index} lists {len(absent)} shard(s) not in {directory}: {_few(absent)}; download them"
+            )
+        return shards, index
+    pickles = sorted(p for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(pickles[0])
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    hint = f" (it holds {_few(others)}: rename the model's file to {WEIGHTS_NAME})" if others else ""
+    raise WeightsError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}{hint}")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The validated weight_map of a sharded checkpoint: {tensor name: shard file name}."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise WeightsError(f"{index} is not a valid index ({e}); re-download or re-save the model") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f"{index} has no weight_map object; re-download or re-save the model")
+    for name, shard in weight_map.items():
+        # Plain file names only: an index must not point outside its directory.
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise WeightsError(
+                f"{index}: weight_map[{name!r}] = {shard!r} is not a file name in the model directory; "
+                "re-download or re-save the model"
+            )
+    return weight_map
+
+
+def _gather(
+    files: list[SafetensorsFile], shards: Mapping[Path, list[str] | None]
+) -> dict[str, tuple[SafetensorsFile, str]]:
+    """{checkpoint name without "transformer.": (file, name stored in it)}, buffers dropped."""
+    found: dict[str, tuple[SafetensorsFile, str]] = {}
+    for f in files:
+        wanted = shards[f.path]
+        for stored in f.names if wanted is None else wanted:
+            if stored not in f:
+                raise WeightsError(
+                    f"{INDEX_NAME} maps {stored!r} to {f.path}, which lacks it; re-download the model"
+                )
+            name = stored.removeprefix(_PREFIX)
+            if _BUFFER.fullmatch(name):
+                continue
+            if name in found:
+                raise WeightsError(
+                    f"{f.path} holds {name!r} twice (with and without {_PREFIX!r}); re-save the model"
+                )
+            found[name] = (f, stored)
+    return found
+
+
+def _few(names: list[str], k: int = 4) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return str(list(shape))
+
+
+def _check_fit(
+    config: GPT2Config, shapes: Mapping[str, tuple[int, ...]], where: Callable[[str], str], config_src: str
+) -> None:
+    """Names and shapes against the config: missing, unexpected, mismatched sizes."""
+    want = config.param_shapes()
+    optional = {"lm_head.weight": (config.vocab_size, config.n_embd)}
+    unexpected = [n for n in shapes if n not in want and n not in optional]
+    if unexpected:
+        extra_layers = [n for n in unexpected if (m := _LAYER.match(n)) and int(m[1]) >= config.n_layer]
+        why = f"{config_src} says n_layer={config.n_layer}" if extra_layers else "GPT-2 has no such weights"
+        raise WeightsError(
+            f"{where(unexpected[0])} has {len(unexpected)} unexpected tensor(s): {_few(unexpected)}; {why} "
+            "— check that the weights and config belong together"
+        )
+    missing = [n for n in want if n not in shapes]
+    if missing:
+        raise WeightsError(
+            f"{where(missing[0])} lacks {len(missing)} tensor(s) that {config_src} requires: "
+            f"{_few(missing)}; re-download or re-save the model"
+        )
+    # Sizes the config states outright: a mismatch means the config is the wrong one.
+    for name, axis, setting in (
+        ("wte.weight", 0, f"vocab_size={config.vocab_size}"),
+        ("wte.weight", 1, f"n_embd={config.n_embd}"),
+        ("wpe.weight", 0, f"n_positions={config.n_positions}"),
+        ("h.0.mlp.c_fc.weight", 1, f"n_inner={config.n_inner} (an MLP width of {config.d_ff})"),
+    ):
+        got, expected = shapes[name], want[name]
+        if len(got) == 2 and got[axis] != expected[axis]:
+            raise ConfigError(
+                f"{config_src} says {setting}, but {name} in {where(name)} has {got[axis]} "
+                f"{'rows' if axis == 0 else 'columns'}; use the config.json that belongs to these weights"
+            )
+    for name, shape in shapes.items():
+        expected = want.get(name) or optional[name]
+        if tuple(shape) != expected:
+            raise WeightsError(
+                f"{name} in {where(name)} has shape {_fmt(shape)}, config expects {_fmt(expected)}; "
+                "re-download or re-save the model"
+            )
