@@ -1,0 +1,146 @@
+"""Sampling and the generation loop on a tiny random model (no reference stack)."""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+import pytest
+
+from opswitch.api import LanguageModel
+from opswitch.core.errors import GenerationError
+from opswitch.generation import GenerationConfig, generate_ids, sample_next, stream_ids
+from opswitch.model.gpt2 import GPT2
+from opswitch.tokenizer import CharTokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config, tiny_params) -> GPT2:
+    return GPT2(tiny_config, tiny_params, "blas")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": 1.5}, "top_p must be between 0 and 1"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"max_new_tokens": -5}, "max_new_tokens must be an integer >= 0"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"stop_token": -2}, "stop_token must be an integer >= -1"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_invalid_settings_are_refused(changes, message):
+    with pytest.raises(GenerationError, match=message):
+        GenerationConfig(**changes)
+
+
+def test_defaults_follow_the_seed_cli():
+    c = GenerationConfig()
+    assert (c.max_new_tokens, c.temperature, c.top_k, c.top_p) == (100, 0.8, 40, 0.9)
+    assert c.use_kv_cache and c.stop_token == "eos"
+
+
+LOGITS = np.log(np.array([0.05, 0.4, 0.3, 0.15, 0.1]))
+
+
+def _draws(config, n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.bincount([sample_next(LOGITS, config, rng) for _ in range(n)], minlength=5) / n
+
+
+def test_greedy_is_argmax():
+    assert sample_next(LOGITS, GenerationConfig(temperature=0), np.random.default_rng()) == 1
+
+
+def test_plain_sampling_follows_the_softmax():
+    freq = _draws(GenerationConfig(temperature=1.0, top_k=0, top_p=0))
+    np.testing.assert_allclose(freq, np.exp(LOGITS), atol=0.03)  # 4000 draws: σ ≤ 0.008
+
+
+def test_top_k_keeps_only_the_k_best():
+    freq = _draws(GenerationConfig(temperature=1.0, top_k=2, top_p=0))
+    assert freq[[0, 3, 4]].sum() == 0
+    np.testing.assert_allclose(freq[[1, 2]], [0.4 / 0.7, 0.3 / 0.7], atol=0.03)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # sorted: 0.4, 0.3 (0.7), 0.15 (0.85) -> top_p 0.8 keeps three tokens
+    freq = _draws(GenerationConfig(temperature=1.0, top_k=0, top_p=0.8))
+    assert freq[[0, 4]].sum() == 0 and freq[3] > 0
+    np.testing.assert_allclose(freq[[1, 2, 3]], np.array([0.4, 0.3, 0.15]) / 0.85, atol=0.03)
+
+
+def test_low_temperature_sharpens():
+    assert _draws(GenerationConfig(temperature=0.05, top_k=0, top_p=0))[1] > 0.99
+
+
+def test_same_seed_same_tokens_different_seed_differs(model):
+    config = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=0, top_p=0, stop_token=-1)
+    a = generate_ids(model, [1, 2, 3], config.replace(seed=7)).new_ids
+    b = generate_ids(model, [1, 2, 3], config.replace(seed=7)).new_ids
+    c = generate_ids(model, [1, 2, 3], config.replace(seed=8)).new_ids
+    assert a == b and a != c
+
+
+def test_kv_cache_and_recompute_agree_when_sampling(model):
+    config = GenerationConfig(max_new_tokens=25, temperature=0.9, seed=3, stop_token=-1)
+    cached = generate_ids(model, [5, 6], config).new_ids
+    recomputed = generate_ids(model, [5, 6], config.replace(use_kv_cache=False)).new_ids
+    assert cached == recomputed
+
+
+def test_stop_token_ends_generation_and_is_not_returned(model):
+    free = generate_ids(model, [4], GenerationConfig(max_new_tokens=30, temperature=0, stop_token=-1))
+    stop = free.new_ids[5]
+    first = free.new_ids.index(stop)
+    result = generate_ids(model, [4], GenerationConfig(max_new_tokens=30, temperature=0, stop_token=stop))
+    assert result.new_ids == free.new_ids[:first] and result.stop_reason == "stop_token"
+
+
+def test_context_full_stops_cleanly(model, tiny_config):
+    prompt = list(range(tiny_config.n_positions - 3))
+    config = GenerationConfig(max_new_tokens=50, temperature=0, stop_token=-1)
+    result = generate_ids(model, prompt, config)
+    assert len(result.new_ids) == 3 and result.stop_reason == "context_full"
+
+
+def test_prompt_longer_than_context_is_an_error(model, tiny_config):
+    with pytest.raises(GenerationError, match="context is 48"):
+        generate_ids(model, [1] * 49, GenerationConfig(max_new_tokens=1))
+
+
+def test_empty_prompt_and_bad_ids_are_errors(model):
+    with pytest.raises(GenerationError, match="empty"):
+        list(stream_ids(model, [], GenerationConfig()))
+    with pytest.raises(GenerationError, match="outside the model's vocabulary"):
+        model.forward([1, 61])
+
+
+def test_zero_new_tokens_returns_nothing(model):
+    assert generate_ids(model, [1], GenerationConfig(max_new_tokens=0)).new_ids == []
+
+
+def test_streaming_yields_each_token_as_it_is_made(model):
+    config = GenerationConfig(max_new_tokens=10, temperature=0, stop_token=-1)
+    stream = stream_ids(model, [1, 2], config)
+    first = next(stream)  # available before the rest is computed
+    assert [first, *stream] == generate_ids(model, [1, 2], config).new_ids
+
+
+def test_text_api_streams_and_moves_between_backends(tiny_config, tiny_params):
+    tokenizer = CharTokenizer.from_text(string.ascii_letters + "012345678")
+    assert tokenizer.vocab_size == tiny_config.vocab_size
+    lm = LanguageModel(GPT2(tiny_config, tiny_params, "naive"), tokenizer)
+    pieces = list(lm.stream("abc", max_new_tokens=12, temperature=0, stop_token=-1))
+    text = lm.generate("abc", max_new_tokens=12, temperature=0, stop_token=-1)
+    assert "".join(pieces) == text and len(pieces) > 1
+    lm.to("blas")
+    assert lm.backend.name == "blas"
+    assert lm.generate("abc", max_new_tokens=12, temperature=0, stop_token=-1) == text
+    with pytest.raises(GenerationError):
+        lm.generate("abc", temperature=-1)
