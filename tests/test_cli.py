@@ -45,7 +45,8 @@ def test_equals_form_stdin_and_dash_give_the_same_text(tiny_model_dir):
     equals = opswitch("generate", f"--model={tiny_model_dir}", "--prompt=The cat", "--temperature=0",
                       "--max-tokens=8", "--stop-token=-1", "-q").stdout
     piped = opswitch("generate", "--model", tiny_model_dir, *GREEDY, "-q", input="The cat\n").stdout
-    dash = opswitch("generate", "--model", tiny_model_dir, "--prompt", "-", *GREEDY, "-q", input="The cat").stdout
+    dash = opswitch("generate", "--model", tiny_model_dir, "--prompt", "-", *GREEDY, "-q",
+                    input="The cat").stdout
     assert base == equals == piped == dash and base
 
 
@@ -101,7 +102,8 @@ def test_unavailable_backend_names_reason_and_alternatives(tiny_model_dir, monke
 
 
 def test_env_var_backend_is_used_and_checked(tiny_model_dir):
-    r = opswitch("generate", "--model", tiny_model_dir, "--prompt", "Hi", *GREEDY, env={"OPSWITCH_BACKEND": "naive"})
+    r = opswitch("generate", "--model", tiny_model_dir, "--prompt", "Hi", *GREEDY,
+                 env={"OPSWITCH_BACKEND": "naive"})
     assert r.returncode == 0 and "Backend: naive" in r.stderr
     r = opswitch("generate", "--model", tiny_model_dir, "--prompt", "Hi", env={"OPSWITCH_BACKEND": "warp"})
     assert r.returncode == 2 and "unknown backend 'warp'" in r.stderr
