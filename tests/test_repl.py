@@ -45,7 +45,8 @@ def test_slash_commands_change_settings_and_bad_ones_keep_them(repl):
     send(repl, "/warp 9", "error: unknown command /warp")
     send(repl, "/config", "Backend: ")
     config = repl.before
-    expected = ("Temperature: 0.50", "Top-k:       7", "Top-p:       0.75", "Max tokens:  3", "Seed:        11")
+    expected = ("Temperature: 0.50", "Top-k:       7", "Top-p:       0.75", "Max tokens:  3",
+                "Seed:        11")
     for line in expected:
         assert line in config, config
     send(repl, "/help", "/backend B")
