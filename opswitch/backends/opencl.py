@@ -1,0 +1,501 @@
+"""``opencl``: our own OpenCL C kernels, run through PyOpenCL on any device.
+
+Device choice, in order:
+
+- ``OPSWITCH_OPENCL_DEVICE``: ``"P:D"`` (platform index, device index, as
+  ``opswitch backends`` lists them), ``"P"`` (that platform's first device),
+  or a case-insensitive substring of the platform or device name
+  (``"nvidia"``, ``"pthread"``).  A value that matches nothing makes the
+  backend unavailable, with the list of devices in the reason.
+- ``PYOPENCL_CTX``: pyopencl's own selector, honoured when the above is unset.
+- otherwise the first GPU, else the first other device (e.g. PoCL's CPU
+  device from ``pip install pocl-binary-distribution``).
+
+``OPSWITCH_OPENCL_TUNING=cpu|gpu`` overrides which kernel shapes are built
+(normally chosen by the device's type), e.g. for an accelerator that is
+neither, or to test the GPU shapes on a CPU device.
+
+Why the shape of things here:
+
+- Weights are uploaded once (``to_device``) as ``pyopencl.array.Array``;
+  activations come from a memory pool and stay on the device from op to op.
+  Only ``to_host`` reads back.
+- Every op is one of our kernels in ``opencl_kernels/*.cl``.  Sizes are
+  kernel arguments, so one build serves every shape; tile shapes and vector
+  width are ``-D`` options picked per device kind (``TUNING``).  Programs are
+  built once per (context, options) and cached (``build_program``).
+- Single-row products (decode) take GEMV kernels that stream the weight
+  matrix once along its contiguous rows; the rest take tiled GEMM (on CPUs,
+  ``x @ wᵀ`` for many rows transposes ``w`` once and runs the plain GEMM).
+- On PoCL, ``vloadN``/``vstoreN``/``mad`` are out-of-line calls that stop
+  vectorisation (3x slower GEMM); ``common.cl`` replaces them there.
+- ``attention`` grows the KV cache in place inside a capacity buffer, as the
+  ``blas`` backend does, and returns views of the filled rows.
+
+``priority`` is 40, below ``blas`` (50): on the CPU-only PoCL device BLAS is
+faster at prefill.  It is a class attribute, read before probing, so a GPU
+device cannot raise it; pick ``--backend opencl`` (or ``OPSWITCH_BACKEND``)
+to prefer a GPU.  Ops are not thread-safe (kernels hold their arguments).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from opswitch.core import Backend, Probe, hookimpl
+
+ENV_DEVICE = "OPSWITCH_OPENCL_DEVICE"
+ENV_TUNING = "OPSWITCH_OPENCL_TUNING"
+INSTALL_HINT = "pyopencl is not installed: pip install 'opswitch[opencl]'"
+NO_PLATFORM = (
+    "no OpenCL platform found (install a driver, or pip install pocl-binary-distribution for a CPU device)"
+)
+KERNEL_DIR = Path(__file__).with_name("opencl_kernels")
+KERNEL_FILES = ("common.cl", "gemm.cl", "elementwise.cl", "norm.cl", "attention.cl")
+
+# Build-time shapes per device kind (-D options; see the .cl files).
+# CPU: a work-item is one core's SIMD lanes (VW=16 for AVX-512), groups are
+# small, and a GEMM work-item keeps 12x2 vector accumulators in registers.
+# GPU: float4 per work-item and 256-item groups, so neighbouring work-items
+# coalesce.  The CPU shapes were tuned on PoCL (AVX-512); the GPU ones are
+# conventional and checked for correctness only (tests run them on PoCL).
+TUNING: dict[str, dict[str, int]] = {
+    "cpu": dict(
+        VW=16, EW_L=16, NORM_L=16, ATT_L=16,
+        GEMM_LX=1, GEMM_LY=1, GEMM_WM=12, GEMM_WC=2, GEMM_TK=256,
+        GEMMT_LX=2, GEMMT_LY=4, GEMMT_WM=3, GEMMT_WN=8, GEMMT_TK=128,
+        GEMV_LX=1, GEMV_LY=1, GEMV_WC=4,
+        GEMVT_LX=1, GEMVT_LY=16,
+        TR_T=32, NT_VIA_GEMM_M=16,
+    ),
+    "gpu": dict(
+        VW=4, EW_L=256, NORM_L=256, ATT_L=64,
+        GEMM_LX=16, GEMM_LY=16, GEMM_WM=4, GEMM_WC=1, GEMM_TK=16,
+        GEMMT_LX=16, GEMMT_LY=16, GEMMT_WM=4, GEMMT_WN=4, GEMMT_TK=16,
+        GEMV_LX=32, GEMV_LY=8, GEMV_WC=1,
+        GEMVT_LX=32, GEMVT_LY=8,
+        TR_T=16, NT_VIA_GEMM_M=0,
+    ),
+}  # fmt: skip
+# A CPU with 8-wide SIMD (AVX2) has half the vector registers' width and count:
+# halve the vectors, and the register blocks so the accumulators still fit.
+NARROW_CPU = dict(VW=8, GEMM_WM=6, GEMMT_WN=4, GEMV_WC=8)
+
+_I, _F = np.int32, np.float32
+_BUF = None
+KERNEL_ARGS: dict[str, list] = {  # scalar argument types, so calls can pass Python numbers
+    "gemm": [_BUF] * 4 + [_I] * 4,
+    "gemm_nt": [_BUF] * 4 + [_I] * 4,
+    "gemv": [_BUF] * 4 + [_I] * 3,
+    "gemv_t": [_BUF] * 4 + [_I] * 3,
+    "add": [_BUF] * 3 + [_I],
+    "add_bcast": [_BUF] * 3 + [_I] * 2,
+    "gelu": [_BUF] * 2 + [_I],
+    "embedding": [_BUF] * 3 + [_I],
+    "kv_append": [_BUF] * 3 + [_I] * 2,
+    "layernorm": [_BUF] * 4 + [_I, _F],
+    "softmax": [_BUF] * 2 + [_I] * 3,
+    "attention": [_BUF] * 5 + [_I] * 4 + [_F],
+    "transpose": [_BUF] * 2 + [_I] * 2,
+}
+
+# context -> {options: Program}; weak, so a dropped context takes its programs along
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@cache
+def kernel_source() -> str:
+    """All our kernel files as one program (common.cl first: shared helpers)."""
+    return "\n".join((KERNEL_DIR / name).read_text() for name in KERNEL_FILES)
+
+
+def build_program(context: Any, options: tuple[str, ...]) -> Any:
+    """The built program for ``context`` and ``options``, building it only once."""
+    import pyopencl as cl
+
+    programs = _PROGRAMS.setdefault(context, {})
+    if options not in programs:
+        programs[options] = cl.Program(context, kernel_source()).build(options=list(options))
+    return programs[options]
+
+
+def tuning_kind(device: Any) -> str:
+    """ "gpu" or "cpu": which TUNING to build for ``device`` ($OPSWITCH_OPENCL_TUNING wins)."""
+    import pyopencl as cl
+
+    wanted = os.environ.get(ENV_TUNING, "").strip().lower()
+    if wanted:
+        if wanted not in TUNING:
+            raise ValueError(f"{ENV_TUNING}={wanted!r}: use one of {', '.join(TUNING)}")
+        return wanted
+    return "gpu" if device.type & cl.device_type.GPU else "cpu"
+
+
+def tuning(device: Any, kind: str) -> dict[str, int]:
+    """The build-time shapes for ``device``: its kind's, narrowed for 8-wide CPUs."""
+    tune = dict(TUNING[kind])
+    if kind == "cpu" and device.preferred_vector_width_float < 16:
+        tune.update(NARROW_CPU)
+    return tune
+
+
+def build_options(device: Any, tune: dict[str, int]) -> tuple[str, ...]:
+    """``-D`` options: the tile shapes, plus PoCL's fast vector moves."""
+    opts = [f"-D{key}={value}" for key, value in tune.items()]
+    if "Portable Computing Language" in device.platform.name:
+        opts.append("-DPACKED_VECTORS")  # clang-only trick, see common.cl
+    return tuple(opts)
+
+
+def list_devices(cl: Any) -> list[tuple[str, Any]]:
+    """Every OpenCL device as ("P:D", device); empty when no platform is installed."""
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # the ICD loader found no platform at all
+        return []
+    found = []
+    for p, platform in enumerate(platforms):
+        try:
+            devices = platform.get_devices()
+        except cl.Error:  # a platform with no devices of any type
+            continue
+        found += [(f"{p}:{d}", device) for d, device in enumerate(devices)]
+    return found
+
+
+def describe_device(device: Any) -> str:
+    """What users see: platform, device, driver, compute units, memory."""
+    import pyopencl as cl
+
+    kinds = [
+        ("GPU", cl.device_type.GPU),
+        ("CPU", cl.device_type.CPU),
+        ("accelerator", cl.device_type.ACCELERATOR),
+    ]
+    kind = next((name for name, bit in kinds if device.type & bit), "other")
+    return (
+        f"{device.platform.name.strip()} / {device.name.strip()} ({kind}, driver "
+        f"{device.driver_version}, {device.max_compute_units} compute units, "
+        f"{device.global_mem_size / 2**30:.1f} GiB)"
+    )
+
+
+def _device_list(devices: list[tuple[str, Any]]) -> str:
+    return "; ".join(f"{key} {describe_device(device)}" for key, device in devices)
+
+
+def _match_device(spec: str, devices: list[tuple[str, Any]]) -> Any | None:
+    """The device ``spec`` ("P:D", "P" or a name substring) names, if any."""
+    spec = spec.strip()
+    by_key = dict(devices)
+    if spec in by_key:
+        return by_key[spec]
+    if spec.isdigit():
+        return next((dev for key, dev in devices if key.split(":")[0] == spec), None)
+    needle = spec.lower()
+    for _, device in devices:
+        if needle in f"{device.platform.name} {device.name}".lower():
+            return device
+    return None
+
+
+def _pick_device(cl: Any, devices: list[tuple[str, Any]]) -> tuple[Any, str]:
+    """(device, "") or (None, why not): OPSWITCH_OPENCL_DEVICE, PYOPENCL_CTX, GPU, any."""
+    spec = os.environ.get(ENV_DEVICE, "").strip()
+    if spec:
+        device = _match_device(spec, devices)
+        if device is None:
+            return None, (
+                f"{ENV_DEVICE}={spec!r} matches no OpenCL device; use 'P:D' or a name substring"
+                f" of one of: {_device_list(devices)}"
+            )
+        return device, ""
+    if os.environ.get("PYOPENCL_CTX"):
+        try:
+            return cl.create_some_context(interactive=False).devices[0], ""
+        except Exception as exc:
+            return None, (
+                f"PYOPENCL_CTX={os.environ['PYOPENCL_CTX']!r} selects no device ({exc}); "
+                f"devices: {_device_list(devices)}"
+            )
+    gpus = [dev for _, dev in devices if dev.type & cl.device_type.GPU]
+    return (gpus or [dev for _, dev in devices])[0], ""
+
+
+def _largest_work_group(tune: dict[str, int]) -> int:
+    sizes = [tune["EW_L"], tune["NORM_L"], tune["ATT_L"], tune["TR_T"] ** 2]
+    sizes += [tune[f"{k}_LX"] * tune[f"{k}_LY"] for k in ("GEMM", "GEMMT", "GEMV", "GEMVT")]
+    return max(sizes)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class OpenCLBackend(Backend):
+    name = "opencl"
+    priority = 40
+    description = "own OpenCL kernels via PyOpenCL (GPU, or CPU through PoCL)"
+    dtypes = ("float32",)
+
+    def __init__(self, dtype: str = "float32") -> None:
+        super().__init__(dtype)
+        self.device: Any = None
+        self.context: Any = None
+        self.queue: Any = None
+
+    # -- probing ---------------------------------------------------------
+    def _probe_impl(self) -> Probe:
+        try:
+            import pyopencl as cl
+        except ImportError:
+            return Probe.missing(INSTALL_HINT)
+        devices = list_devices(cl)
+        if not devices:
+            return Probe.missing(NO_PLATFORM)
+        device, why_not = _pick_device(cl, devices)
+        if device is None:
+            return Probe.missing(why_not)
+        try:
+            kind = tuning_kind(device)
+        except ValueError as exc:
+            return Probe.missing(str(exc))
+        tune = tuning(device, kind)
+        need = _largest_work_group(tune)
+        if need > device.max_work_group_size:
+            return Probe.missing(
+                f"{describe_device(device)} allows work-groups of {device.max_work_group_size}, "
+                f"the {kind} kernels need {need}; set {ENV_TUNING} or {ENV_DEVICE}"
+            )
+        try:
+            self._open(cl, device, tune)
+        except cl.Error as exc:
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            return Probe.missing(f"our OpenCL kernels failed to build on {device.name.strip()}: {first}")
+        return Probe.ok(describe_device(device))
+
+    def _open(self, cl: Any, device: Any, tune: dict[str, int]) -> None:
+        """Context, queue, memory pool and our kernels on ``device``."""
+        import pyopencl.array as cl_array
+        import pyopencl.tools as cl_tools
+
+        options = build_options(device, tune)
+        context = cl.Context([device])
+        program = build_program(context, options)
+        self._cl, self._cl_array = cl, cl_array
+        self.device, self.context, self.options = device, context, options
+        self.queue = cl.CommandQueue(context)
+        self._pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
+        self._t = SimpleNamespace(**tune)
+        self._k = SimpleNamespace()
+        for name, arg_types in KERNEL_ARGS.items():
+            kernel = cl.Kernel(program, name)
+            kernel.set_scalar_arg_dtypes(arg_types)
+            setattr(self._k, name, kernel)
+
+    # -- arrays ----------------------------------------------------------
+    def to_device(self, x: Any) -> Any:
+        """Host array -> device Array: floats as float32, integer arrays as they are."""
+        if isinstance(x, self._cl_array.Array):
+            return x
+        x = np.asarray(x)
+        x = np.ascontiguousarray(x, dtype=self.dtype if x.dtype.kind not in "iub" else None)
+        return self._cl_array.to_device(self.queue, x)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """Device Array -> numpy; numpy (the core's fallback path) passes through."""
+        if isinstance(x, np.ndarray):
+            return x
+        if hasattr(x, "get"):
+            return x.get(queue=self.queue)
+        return np.asarray(x)
+
+    def synchronize(self) -> None:
+        self.queue.finish()
+
+    def _empty(self, shape: tuple[int, ...]) -> Any:
+        return self._cl_array.Array(self.queue, shape, np.float32, allocator=self._pool)
+
+    # -- ops -------------------------------------------------------------
+    def matmul(self, a, b, transpose_b=False):  # [m, k] @ [k, n] (or [n, k]ᵀ) -> [m, n]
+        n = b.shape[0] if transpose_b else b.shape[1]
+        return self._product(a, b, None, n, transpose_b)
+
+    def linear(self, x, w, b=None):  # [n_seq, n_in], [n_in, n_out], [n_out] -> [n_seq, n_out]
+        return self._product(x, w, b, w.shape[1], False)
+
+    def _product(self, a, w, bias, n: int, trans: bool):
+        m, k = a.shape
+        out = self._empty((m, n))
+        if not out.size:
+            return out
+        bias_buf = out.data if bias is None else bias.data
+        t = self._t
+        if m == 1:  # decode: GEMV, one pass over w along its contiguous rows
+            if trans:
+                local = (t.GEMVT_LX, t.GEMVT_LY)
+                groups = -(-n // t.GEMVT_LY)
+                kernel = self._k.gemv_t
+            else:
+                local = (t.GEMV_LX, t.GEMV_LY)
+                groups = -(-n // (t.GEMV_LX * t.GEMV_WC * t.VW))
+                kernel = self._k.gemv
+            size = (groups * local[0], local[1])
+            kernel(self.queue, size, local, a.data, w.data, bias_buf, out.data, k, n, int(bias is not None))
+            return out
+        if trans and t.NT_VIA_GEMM_M and m >= t.NT_VIA_GEMM_M:  # CPU: transposing once is cheaper
+            w, trans = self._transpose(w), False
+        if trans:
+            local = (t.GEMMT_LX, t.GEMMT_LY)
+            tile = (t.GEMMT_LX * t.GEMMT_WN, t.GEMMT_LY * t.GEMMT_WM)
+            kernel = self._k.gemm_nt
+        else:
+            local = (t.GEMM_LX, t.GEMM_LY)
+            tile = (t.GEMM_LX * t.GEMM_WC * t.VW, t.GEMM_LY * t.GEMM_WM)
+            kernel = self._k.gemm
+        size = (-(-n // tile[0]) * local[0], -(-m // tile[1]) * local[1])
+        kernel(self.queue, size, local, a.data, w.data, bias_buf, out.data, m, n, k, int(bias is not None))
+        return out
+
+    def _transpose(self, x):  # [r, c] -> [c, r], a new device array
+        r, c = x.shape
+        out, tile = self._empty((c, r)), self._t.TR_T
+        size = (_round_up(c, tile), _round_up(r, tile))
+        self._k.transpose(self.queue, size, (tile, tile), x.data, out.data, r, c)
+        return out
+
+    def add(self, a, b):  # [...], [...] (or a trailing-shape b, broadcast) -> [...]
+        if a.size < b.size:
+            a, b = b, a
+        out = self._empty(a.shape)
+        if not out.size:
+            return out
+        if a.shape == b.shape:
+            size = _round_up(-(-a.size // self._t.VW), self._t.EW_L)
+            self._k.add(self.queue, (size,), (self._t.EW_L,), a.data, b.data, out.data, a.size)
+        elif b.size and a.shape[a.ndim - b.ndim :] == b.shape:
+            size = _round_up(a.size, self._t.EW_L)
+            self._k.add_bcast(self.queue, (size,), (self._t.EW_L,), a.data, b.data, out.data, a.size, b.size)
+        else:
+            raise ValueError(f"add: cannot broadcast shapes {a.shape} and {b.shape}")
+        return out
+
+    def gelu(self, x):  # [...] -> [...]
+        out = self._empty(x.shape)
+        if not out.size:
+            return out
+        size = _round_up(-(-x.size // self._t.VW), self._t.EW_L)
+        self._k.gelu(self.queue, (size,), (self._t.EW_L,), x.data, out.data, x.size)
+        return out
+
+    def layernorm(self, x, g, b, eps=1e-5):  # [n_seq, n], [n], [n] -> [n_seq, n]
+        n = x.shape[-1]
+        out = self._empty(x.shape)
+        if not out.size:
+            return out
+        rows, local = x.size // n, self._t.NORM_L
+        self._k.layernorm(self.queue, (rows * local,), (local,), x.data, g.data, b.data, out.data, n, eps)
+        return out
+
+    def softmax(self, x, causal=False):  # [..., n_q, n_k] -> [..., n_q, n_k]
+        n_k = x.shape[-1]
+        n_q = x.shape[-2] if x.ndim > 1 else 1
+        out = self._empty(x.shape)
+        if not out.size:
+            return out
+        rows, local = x.size // n_k, self._t.NORM_L
+        self._k.softmax(self.queue, (rows * local,), (local,), x.data, out.data, n_k, n_q, int(bool(causal)))
+        return out
+
+    def attention(self, qkv, n_head, past_k=None, past_v=None):
+        """[n_seq, 3*n_embd] -> (out [n_seq, n_embd], k_all, v_all), cache grown in place."""
+        n_seq, n_embd = qkv.shape[0], qkv.shape[1] // 3
+        d = n_embd // n_head
+        n_past = 0 if past_k is None else past_k.shape[0]
+        k_state = self._reserve(past_k, n_past + n_seq, n_embd)
+        v_state = self._reserve(past_v, n_past + n_seq, n_embd)
+        local = self._t.EW_L
+        self._k.kv_append(
+            self.queue, (_round_up(n_embd, local), n_seq), (local, 1),
+            qkv.data, k_state[0].data, v_state[0].data, n_embd, n_past,
+        )  # fmt: skip
+        k, v = self._filled(k_state, n_past + n_seq), self._filled(v_state, n_past + n_seq)
+        n_kv = n_past + n_seq
+        scores = self._empty((n_head, n_seq, n_kv))
+        out = self._empty((n_seq, n_embd))
+        local = self._t.ATT_L
+        self._k.attention(
+            self.queue, (n_seq * local, n_head), (local, 1),
+            qkv.data, k.data, v.data, scores.data, out.data, n_seq, n_kv, n_embd, d, 1.0 / math.sqrt(d),
+        )  # fmt: skip
+        return out, k, v
+
+    def _reserve(self, past, n_total: int, n_embd: int) -> list:
+        """The cache state ``[buffer, rows_filled]`` to append to, with room for ``n_total`` rows.
+
+        Appends go in place when ``past`` is the newest view of a buffer with
+        room; an older view (its buffer has moved on), a full buffer or a
+        foreign array get a new buffer with ``past``'s rows copied in, so no
+        row any earlier view shows is ever written.
+        """
+        n_past = 0 if past is None else past.shape[0]
+        state = getattr(past, "_kv_state", None)
+        if state is not None and state[1] == n_past and state[0].shape[0] >= n_total:
+            return state
+        capacity = max(64, 1 << math.ceil(math.log2(n_total)))
+        buf = self._empty((capacity, n_embd))
+        if n_past:
+            self._cl.enqueue_copy(
+                self.queue, buf.base_data, past.base_data,
+                byte_count=past.nbytes, src_offset=past.offset, dst_offset=buf.offset,
+            )  # fmt: skip
+        return [buf, n_past]
+
+    def _filled(self, state: list, n_total: int):
+        state[1] = n_total
+        view = state[0][:n_total]
+        view._kv_state = state
+        return view
+
+    def embedding(self, table, ids):  # [n_vocab, n], int [n_seq] -> [n_seq, n]
+        ids = np.asarray(ids)
+        n_vocab, n = table.shape
+        flat = ids.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < -n_vocab or flat.max() >= n_vocab):
+            raise IndexError(f"embedding: token id out of range for a table of {n_vocab} rows")
+        flat = np.where(flat < 0, flat + n_vocab, flat).astype(np.int32)  # numpy's negative ids
+        out = self._empty((*ids.shape, n))
+        if flat.size:
+            # async: pyopencl keeps `flat` alive until the copy is done; no queue stall
+            ids_dev = self._cl_array.to_device(self.queue, flat, allocator=self._pool, async_=True)
+            local = self._t.EW_L
+            self._k.embedding(
+                self.queue, (_round_up(n, local), flat.size), (local, 1),
+                table.data, ids_dev.data, out.data, n,
+            )  # fmt: skip
+        return out
+
+    def slice_rows(self, x, start, stop):  # [n_seq, n] -> [stop - start, n]  (a device copy)
+        start, stop, _ = slice(start, stop).indices(x.shape[0])
+        rows = max(0, stop - start)
+        out = self._empty((rows, *x.shape[1:]))
+        if rows:
+            row_bytes = x.nbytes // x.shape[0]
+            self._cl.enqueue_copy(
+                self.queue, out.base_data, x.base_data, byte_count=rows * row_bytes,
+                src_offset=x.offset + start * row_bytes, dst_offset=out.offset,
+            )  # fmt: skip
+        return out
+
+
+@hookimpl
+def opswitch_backends() -> list[type[Backend]]:
+    return [OpenCLBackend]

@@ -1,0 +1,303 @@
+"""The opencl backend's own paths (the conformance suite covers op semantics).
+
+Device choice and probe reasons, the program cache, the GEMV/GEMM switch,
+the in-place KV cache, and that activations never visit the host.  Skips
+with the probe's reason where OpenCL is unavailable.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from opswitch.backends import opencl
+from opswitch.core import ops as ref
+
+ENV_VARS = (opencl.ENV_DEVICE, opencl.ENV_TUNING, "PYOPENCL_CTX")
+
+
+@pytest.fixture(scope="module")
+def be() -> opencl.OpenCLBackend:
+    backend = opencl.OpenCLBackend()
+    probe = backend.probe()
+    if not probe.available:
+        pytest.skip(probe.reason)
+    return backend
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def fresh_probe():
+    return opencl.OpenCLBackend().probe()
+
+
+def close(got, want, k: int = 1) -> None:
+    """float32 against the float64 reference: |err| / max(1, |ref|) within accumulation error."""
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() / max(1.0, np.abs(want).max()) < 2e-6 * np.sqrt(k) + 1e-6
+
+
+def randn(*shape: int, seed: int = 0) -> np.ndarray:
+    """float64 values that are exactly float32, so the reference sees what the device sees."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32).astype(np.float64)
+
+
+# -- probing ---------------------------------------------------------------
+
+
+def test_without_pyopencl_the_reason_says_how_to_install(clean_env):
+    clean_env.setitem(sys.modules, "pyopencl", None)  # makes `import pyopencl` fail
+    probe = fresh_probe()
+    assert not probe.available
+    assert probe.reason == opencl.INSTALL_HINT
+
+
+def test_without_platforms_the_reason_says_what_to_install(clean_env):
+    pytest.importorskip("pyopencl")
+    clean_env.setattr(opencl, "list_devices", lambda cl: [])
+    probe = fresh_probe()
+    assert not probe.available and "pocl-binary-distribution" in probe.reason
+
+
+def test_device_selected_by_index_and_by_name(be, clean_env):
+    import pyopencl as cl
+
+    devices = opencl.list_devices(cl)
+    key, device = devices[-1]
+    for spec in (key, device.name.strip().upper()[-12:]):
+        clean_env.setenv(opencl.ENV_DEVICE, spec)
+        probe = fresh_probe()
+        assert probe.available, probe.reason
+        assert device.name.strip() in probe.device
+
+
+@pytest.mark.parametrize("spec", ["9:9", "no-such-device"])
+def test_unknown_device_lists_the_devices_there_are(be, clean_env, spec):
+    import pyopencl as cl
+
+    clean_env.setenv(opencl.ENV_DEVICE, spec)
+    probe = fresh_probe()
+    assert not probe.available
+    assert opencl.ENV_DEVICE in probe.reason and repr(spec) in probe.reason
+    for key, device in opencl.list_devices(cl):
+        assert key in probe.reason and device.name.strip() in probe.reason
+
+
+def test_pyopencl_ctx_is_honoured(be, clean_env):
+    clean_env.setenv("PYOPENCL_CTX", "0:0")
+    assert fresh_probe().available
+    clean_env.setenv("PYOPENCL_CTX", "77")
+    probe = fresh_probe()
+    assert not probe.available and "PYOPENCL_CTX" in probe.reason
+
+
+def test_bad_tuning_value_is_a_reason(be, clean_env):
+    clean_env.setenv(opencl.ENV_TUNING, "fpga")
+    probe = fresh_probe()
+    assert not probe.available and opencl.ENV_TUNING in probe.reason
+
+
+def test_program_is_built_once_per_context_and_options(be, monkeypatch):
+    import pyopencl as cl
+
+    assert opencl.build_program(be.context, be.options) is opencl.build_program(be.context, be.options)
+    builds = []
+    real = cl.Program
+    monkeypatch.setattr(cl, "Program", lambda *a: builds.append(a) or real(*a))
+    context = cl.Context([be.device])  # a new context needs its own build, once
+    first = opencl.build_program(context, be.options)
+    assert opencl.build_program(context, be.options) is first
+    assert opencl.build_program(be.context, be.options) is not first
+    assert len(builds) == 1
+
+
+# -- arrays ----------------------------------------------------------------
+
+
+def test_arrays_cross_only_through_to_device_and_to_host(be):
+    import pyopencl.array as cl_array
+
+    host = np.arange(6, dtype=np.float64).reshape(2, 3)
+    dev = be.to_device(host)
+    assert isinstance(dev, cl_array.Array) and dev.dtype == np.float32
+    assert be.to_device(np.arange(3)).dtype.kind == "i"  # ids stay integers
+    assert be.to_host(host) is host  # the core's fallback path relies on this
+    np.testing.assert_array_equal(be.to_host(dev), host)
+
+
+# -- products --------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_calls(be, monkeypatch):
+    """Names of the product kernels the ops launch."""
+    calls: list[str] = []
+    for name in ("gemm", "gemm_nt", "gemv", "gemv_t", "transpose"):
+        kernel = getattr(be._k, name)
+        monkeypatch.setattr(be._k, name, lambda *a, _n=name, _k=kernel: calls.append(_n) or _k(*a))
+    return calls
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 300])
+@pytest.mark.parametrize(("k", "n"), [(33, 65), (127, 1), (768, 17)])
+def test_products_take_gemv_for_one_row_and_gemm_otherwise(be, kernel_calls, m, k, n):
+    x, w, b, wt = randn(m, k), randn(k, n, seed=1), randn(n, seed=2), randn(n, k, seed=3)
+    dx, dw, db, dwt = map(be.to_device, (x, w, b, wt))
+    close(be.to_host(be.linear(dx, dw, db)), ref.linear(x, w, b), k)
+    close(be.to_host(be.matmul(dx, dw)), ref.matmul(x, w), k)
+    close(be.to_host(be.matmul(dx, dwt, transpose_b=True)), ref.matmul(x, wt, True), k)
+    if m == 1:
+        assert kernel_calls == ["gemv", "gemv", "gemv_t"]
+    elif be._t.NT_VIA_GEMM_M and m >= be._t.NT_VIA_GEMM_M:  # CPUs: many rows of x @ wᵀ
+        assert kernel_calls == ["gemm", "gemm", "transpose", "gemm"]
+    else:
+        assert kernel_calls == ["gemm", "gemm", "gemm_nt"]
+
+
+def test_tied_lm_head_with_the_gpt2_vocabulary(be):
+    wte = randn(50257, 768, seed=4) * 0.02
+    x = randn(3, 768)
+    dwte = be.to_device(wte)
+    for rows in (slice(2, 3), slice(0, 3)):  # decode (GEMV), then all positions (GEMM)
+        got = be.to_host(be.matmul(be.to_device(x[rows]), dwte, transpose_b=True))
+        close(got, ref.matmul(x[rows], wte, True), 768)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [opencl.TUNING["gpu"], {**opencl.TUNING["cpu"], **opencl.NARROW_CPU}],
+    ids=["gpu", "avx2-cpu"],
+)
+def test_other_devices_kernel_shapes_compute_the_same(be, monkeypatch, shapes):
+    """The float4 / 256-work-item GPU kernels and the 8-wide CPU ones, checked here without such a device."""
+    monkeypatch.setattr(opencl, "tuning", lambda device, kind: dict(shapes))
+    other = opencl.OpenCLBackend()
+    if not other.probe().available:
+        pytest.skip(other.probe().reason)
+    for m, k, n in [(1, 67, 33), (1, 768, 2305), (5, 130, 67), (33, 300, 129)]:
+        x, w, b = randn(m, k), randn(k, n, seed=1), randn(n, seed=2)
+        close(other.to_host(other.linear(*map(other.to_device, (x, w, b)))), ref.linear(x, w, b), k)
+        wt = other.to_device(w.T)
+        close(other.to_host(other.matmul(other.to_device(x), wt, True)), ref.matmul(x, w), k)
+    qkv = randn(9, 3 * 40)
+    out, _, _ = other.attention(other.to_device(qkv), 5)
+    close(other.to_host(out), ref.attention(qkv, 5)[0])
+    s = randn(3, 7, 300) * 1e4
+    close(other.to_host(other.softmax(other.to_device(s), causal=True)), ref.softmax(s, causal=True))
+    g, bias = randn(300, seed=5), randn(300, seed=6)
+    close(
+        other.to_host(other.layernorm(*map(other.to_device, (s[0], g, bias)))), ref.layernorm(s[0], g, bias)
+    )
+    close(other.to_host(other.gelu(other.to_device(s[0] / 1e4))), ref.gelu(s[0] / 1e4))
+
+
+# -- numerics the reference itself does not give ---------------------------
+
+
+def test_fully_masked_softmax_rows_are_zero_not_nan(be):
+    x = randn(5, 3) * 1e4  # n_q > n_k: the first two queries see no key
+    got = be.to_host(be.softmax(be.to_device(x), causal=True))
+    np.testing.assert_array_equal(got[:2], 0.0)
+    with np.errstate(invalid="ignore"):  # the reference gives NaN there
+        want = ref.softmax(x, causal=True)
+    close(got[2:], want[2:])
+    inf_row = be.to_device(np.full((1, 4), -np.inf))
+    np.testing.assert_array_equal(be.to_host(be.softmax(inf_row)), 0.0)
+
+
+def test_embedding_checks_ids_on_the_host(be):
+    table = randn(10, 5)
+    np.testing.assert_array_equal(be.to_host(be.embedding(be.to_device(table), [9, -1])), table[[9, -1]])
+    with pytest.raises(IndexError):
+        be.embedding(be.to_device(table), [10])
+
+
+# -- KV cache --------------------------------------------------------------
+
+
+def test_kv_cache_grows_in_place_across_capacity_boundaries(be):
+    n_head, n_embd, n_prompt, n_total = 2, 16, 62, 131  # capacities 64 -> 128 -> 256
+    qkv = randn(n_total, 3 * n_embd)
+    full_out, full_k, full_v = ref.attention(qkv, n_head)
+    out, k, v = be.attention(be.to_device(qkv[:n_prompt]), n_head)
+    outs, buffers, snapshots = [be.to_host(out)], [], []
+    for t in range(n_prompt, n_total):
+        out, k, v = be.attention(be.to_device(qkv[t : t + 1]), n_head, k, v)
+        outs.append(be.to_host(out))
+        buffers.append(k._kv_state[0])
+        if t in (63, 64, 127, 128):  # views just before and after each boundary
+            snapshots.append((k, be.to_host(k).copy()))
+    close(np.concatenate(outs), full_out)
+    np.testing.assert_array_equal(be.to_host(k), full_k.astype(np.float32))
+    np.testing.assert_array_equal(be.to_host(v), full_v.astype(np.float32))
+    assert [b.shape[0] for b in buffers[:2]] == [64, 64] and buffers[-1].shape[0] == 256
+    assert len({id(b) for b in buffers}) == 3  # reallocated twice, otherwise appended in place
+    for view, seen in snapshots:  # no later append changed what an earlier view shows
+        np.testing.assert_array_equal(be.to_host(view), seen)
+
+
+def test_an_old_past_view_is_copied_not_overwritten(be):
+    n_head, n_embd = 3, 24
+    qkv = randn(6, 3 * n_embd)
+    _, k, v = be.attention(be.to_device(qkv[:4]), n_head)
+    out_a, k_a, _ = be.attention(be.to_device(qkv[4:5]), n_head, k, v)
+    kept = be.to_host(k_a).copy()
+    out_b, k_b, _ = be.attention(be.to_device(qkv[5:6]), n_head, k, v)  # k is now an old view
+    assert k_b._kv_state[0] is not k_a._kv_state[0]
+    np.testing.assert_array_equal(be.to_host(k_a), kept)
+    branch = np.concatenate([qkv[:4], qkv[5:6]])
+    close(be.to_host(out_b), ref.attention(branch, n_head)[0][-1:])
+    close(be.to_host(out_a), ref.attention(qkv[:5], n_head)[0][-1:])
+
+
+# -- activations stay on the device ----------------------------------------
+
+
+def test_a_transformer_block_never_reads_back_to_the_host(be, monkeypatch):
+    import pyopencl as cl
+    import pyopencl.array as cl_array
+
+    e, n_head, n_vocab, n_seq = 48, 4, 101, 7
+    host = {
+        "wte": randn(n_vocab, e), "wpe": randn(16, e, seed=1), "g": randn(e, seed=2), "b": randn(e, seed=3),
+        "w_attn": randn(e, 3 * e, seed=4) * 0.1, "b_attn": randn(3 * e, seed=5),
+        "w_proj": randn(e, e, seed=6) * 0.1, "w_fc": randn(e, 4 * e, seed=7) * 0.1,
+        "w_out": randn(4 * e, e, seed=8) * 0.1,
+    }  # fmt: skip
+    p = {name: be.to_device(a) for name, a in host.items()}
+    ids = np.arange(n_seq) * 13 % n_vocab
+
+    def forward(ops, p, ids, past):  # a one-block GPT-2, written against ops only
+        x = ops.add(ops.embedding(p["wte"], ids), ops.embedding(p["wpe"], np.arange(len(ids))))
+        a, k, v = ops.attention(
+            ops.linear(ops.layernorm(x, p["g"], p["b"]), p["w_attn"], p["b_attn"]), n_head, *past
+        )
+        x = ops.add(x, ops.linear(a, p["w_proj"], p["b"]))
+        h = ops.gelu(ops.linear(ops.layernorm(x, p["g"], p["b"], 1e-5), p["w_fc"]))
+        x = ops.add(x, ops.linear(h, p["w_out"]))
+        x = ops.slice_rows(x, len(ids) - 1, len(ids))
+        return ops.matmul(x, p["wte"], transpose_b=True), k, v
+
+    real_copy = cl.enqueue_copy
+
+    def no_download(queue, dest, src, **kw):
+        assert not isinstance(dest, np.ndarray), "an op copied device memory to the host"
+        return real_copy(queue, dest, src, **kw)
+
+    monkeypatch.setattr(cl, "enqueue_copy", no_download)
+    monkeypatch.setattr(cl_array.Array, "get", lambda *a, **k: pytest.fail("an op called Array.get"))
+    logits, k, v = forward(be, p, ids, (None, None))
+    step, _, _ = forward(be, p, ids[-1:], (k, v))  # a decode step through the cache (wrong positions: fine)
+    assert all(isinstance(a, cl_array.Array) for a in (logits, k, v, step))
+    monkeypatch.undo()
+    want, _, _ = forward(ref, host, ids, (None, None))
+    close(be.to_host(logits), want, 4 * e)
