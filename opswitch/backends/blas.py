@@ -136,9 +136,10 @@ class BlasBackend(Backend):
         k = _grow(past_k, qkv[:, n_embd : 2 * n_embd])
         v = _grow(past_v, qkv[:, 2 * n_embd :])
         n_kv = k.shape[0]
-        q = qkv[:, :n_embd].reshape(n_seq, n_head, d).transpose(1, 0, 2)  # [h, n_seq, d]
-        kh = np.asarray(k).reshape(n_kv, n_head, d).transpose(1, 2, 0)  # [h, d, n_kv]
-        vh = np.asarray(v).reshape(n_kv, n_head, d).transpose(1, 0, 2)  # [h, n_kv, d]
+        # head-major contiguous copies: np.matmul on strided views skips BLAS entirely
+        q = np.ascontiguousarray(qkv[:, :n_embd].reshape(n_seq, n_head, d).transpose(1, 0, 2))
+        kh = np.ascontiguousarray(np.asarray(k).reshape(n_kv, n_head, d).transpose(1, 2, 0))
+        vh = np.ascontiguousarray(np.asarray(v).reshape(n_kv, n_head, d).transpose(1, 0, 2))
         scores = np.matmul(q, kh)
         scores *= 1.0 / math.sqrt(d)
         probs = self.softmax(scores, causal=n_seq > 1)
