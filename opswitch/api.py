@@ -58,6 +58,23 @@ class LanguageModel:
         """Logits for every position: float32 ``[n_seq, n_vocab]``."""
         return self.model.forward(self._ids(prompt))
 
+    def loss(self, text: str | Sequence[int]) -> float:
+        """Mean next-token cross-entropy (nats/token) of ``text`` under the model.
+
+        Computed in float64 from the logits of one forward pass, as HF's
+        ``model(ids, labels=ids).loss`` does; ``exp(loss)`` is the perplexity.
+        """
+        ids = self._ids(text)
+        if len(ids) < 2:
+            raise TokenizerError("the loss needs at least two tokens of text")
+        logits = self.model.forward(ids[:-1]).astype(np.float64)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        return float(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean())
+
+    def perplexity(self, text: str | Sequence[int]) -> float:
+        return float(np.exp(self.loss(text)))
+
     def generate_ids(self, prompt: str | Sequence[int], **settings) -> GenerationResult:
         """Generate and return the ids with the stop reason and timings."""
         return generate_ids(self.model, self._ids(prompt), self._settings(settings))

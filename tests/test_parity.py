@@ -127,3 +127,12 @@ def test_cached_decode_equals_uncached_forward(loaded, opswitch_backend):
     for i, logits in enumerate(steps):
         position = 8 + i
         np.testing.assert_allclose(logits, full[position], rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
+def test_loss_matches_transformers(hf_model_dir, loaded, opswitch_backend):
+    _, hf = hf_model_dir
+    ids = _prompt(hf.config.vocab_size, 31)
+    with torch.no_grad():
+        expected = float(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
+    got = _ours(loaded, opswitch_backend).loss(ids)
+    assert abs(got - expected) < 1e-4 * max(1.0, abs(expected))
