@@ -64,10 +64,18 @@ def test_unavailable_explicit_backend_is_an_error_never_a_fallback(registry):
 
 
 def test_unknown_backend_names_the_known_ones(registry):
-    with pytest.raises(BackendError, match=r"unknown backend 'cudaa'; known backends: .*blas"):
+    with pytest.raises(BackendError, match=r"unknown backend 'cudaa'; available backends: .*blas"):
         registry.select("cudaa")
-    with pytest.raises(BackendError, match="unknown backend 'nope'"):
-        registry.select("naive,nope")  # a typo in a list is not silently skipped
+    with pytest.raises(BackendError, match="no backend of 'nope,warp' is available .*nope: no backend"):
+        registry.select("nope,warp")
+
+
+def test_a_list_skips_backends_this_machine_lacks_visibly(registry):
+    """`cuda,opencl,blas` is a preference order that must work where cuda is not installed."""
+    selection = registry.select("cuda,missing,naive")
+    assert selection.backend.name == "naive"
+    assert ("cuda", "no backend of that name is installed") in selection.skipped
+    assert "skipped cuda (no backend of that name is installed)" in selection.reason
 
 
 def test_env_var_sets_the_default(registry, monkeypatch):

@@ -189,8 +189,8 @@ class Registry:
         classes = self._backend_classes()
         if name not in classes:
             raise BackendError(
-                f"unknown backend {name!r}; known backends: {', '.join(self.names()) or 'none'}"
-                " (run `opswitch backends` for details)"
+                f"unknown backend {name!r}; available backends: {', '.join(self.available()) or 'none'}"
+                " (`opswitch backends` lists every known one and why it may be unavailable)"
             )
         key = (name, str(np.dtype(dtype)))
         if key not in self._instances:
@@ -216,9 +216,8 @@ class Registry:
         """Resolve ``auto``, ``name`` or ``a,b,c`` (default: $OPSWITCH_BACKEND or auto)."""
         spec = (spec or os.environ.get(ENV_BACKEND) or "auto").strip().lower()
         wanted = [part.strip() for part in spec.split(",") if part.strip()] or ["auto"]
-        for choice in wanted:  # a typo anywhere in the list is an error, not a skip
-            if choice != "auto":
-                self._known(choice)
+        if len(wanted) == 1 and wanted[0] != "auto":
+            self.backend(wanted[0], dtype)  # an unknown single name: the "unknown backend" error
         skipped: list[tuple[str, str]] = []
         tried: set[str] = set()
         for i, choice in enumerate(wanted):
@@ -226,6 +225,11 @@ class Registry:
                 if name in tried:
                     continue
                 tried.add(name)
+                if choice != "auto" and name not in self._backend_classes():
+                    # a list is a preference order across machines: a backend this one
+                    # lacks is skipped, visibly, like an unavailable one
+                    skipped.append((name, "no backend of that name is installed"))
+                    continue
                 backend = self.backend(name, dtype) if choice != "auto" else self._try(name, dtype)
                 if backend is None:
                     continue
@@ -238,15 +242,11 @@ class Registry:
                 f"backend {wanted[0]!r} is unavailable: {skipped[0][1]}; "
                 f"available backends: {', '.join(self.available()) or 'none'}"
             )
-        tried = "; ".join(f"{n}: {r}" for n, r in skipped) or "no backends are registered"
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped) or "no backends are registered"
         raise BackendError(
-            f"no backend of {spec!r} is available ({tried}); "
+            f"no backend of {spec!r} is available ({reasons}); "
             f"available backends: {', '.join(self.available()) or 'none'}"
         )
-
-    def _known(self, name: str) -> None:
-        if name not in self._backend_classes():
-            self.backend(name)  # raises the "unknown backend" error
 
     def _try(self, name: str, dtype: str) -> Backend | None:
         """For auto: a backend that cannot compute in ``dtype`` is just skipped."""
