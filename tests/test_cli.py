@@ -58,8 +58,13 @@ def test_seed_makes_sampling_reproducible(tiny_model_dir):
     assert "Seed:" in r.stderr  # an unseeded run prints the seed it drew, to reproduce it
 
 
-@pytest.mark.parametrize("backend", ["naive", "blas", "naive,blas"])
+@pytest.mark.parametrize("backend", ["naive", "blas", "opencl", "naive,blas"])
 def test_backends_agree_and_no_kv_cache_agrees(tiny_model_dir, backend):
+    from opswitch.core.registry import get_registry
+
+    probe = get_registry().backend(backend.split(",")[0]).probe()
+    if not probe.available:
+        pytest.skip(f"{backend} unavailable: {probe.reason}")
     ref = opswitch("generate", "--model", tiny_model_dir, "--prompt", "Hi", *GREEDY, "-q").stdout
     got = opswitch("generate", "--model", tiny_model_dir, "--prompt", "Hi", *GREEDY, "-q",
                    "--backend", backend, "--no-kv-cache").stdout
