@@ -158,3 +158,24 @@ def test_autoload_can_be_disabled(monkeypatch):
     r = Registry()
     assert "example" not in r.names()
     assert {"naive", "blas"} <= set(r.names())
+
+
+def test_a_probe_can_raise_its_priority_for_what_it_found():
+    """An OpenCL GPU should outrank BLAS under auto, though its class priority is lower."""
+
+    class FoundGPU(Backend):
+        name = "found-gpu"
+        priority = 1
+
+        def _probe_impl(self):
+            return Probe.ok("a GPU", priority=200)
+
+    class P:
+        @hookimpl
+        def opswitch_backends(self):
+            return [FoundGPU]
+
+    r = Registry(autoload=False)
+    r.register(P(), "gpu", "gpu 0.1")
+    assert r.select("auto").backend.name == "found-gpu"
+    assert r.statuses()[0].name == "found-gpu" and r.statuses()[0].priority == 200

@@ -32,10 +32,10 @@ Why the shape of things here:
 - ``attention`` grows the KV cache in place inside a capacity buffer, as the
   ``blas`` backend does, and returns views of the filled rows.
 
-``priority`` is 40, below ``blas`` (50): on the CPU-only PoCL device BLAS is
-faster at prefill.  It is a class attribute, read before probing, so a GPU
-device cannot raise it; pick ``--backend opencl`` (or ``OPSWITCH_BACKEND``)
-to prefer a GPU.  Ops are not thread-safe (kernels hold their arguments).
+``priority`` is 40 on a CPU device, below ``blas`` (50): there BLAS is faster
+at prefill.  On a GPU the probe raises it to ``GPU_PRIORITY`` (80), so
+``auto`` prefers the GPU.  Ops are not thread-safe (kernels hold their
+arguments).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import numpy as np
 from opswitch.core import Backend, Probe, hookimpl
 
 ENV_DEVICE = "OPSWITCH_OPENCL_DEVICE"
+GPU_PRIORITY = 80  # above blas: a GPU decodes faster than the host's BLAS
 ENV_TUNING = "OPSWITCH_OPENCL_TUNING"
 INSTALL_HINT = "pyopencl is not installed: pip install 'opswitch[opencl]'"
 NO_PLATFORM = (
@@ -280,7 +281,8 @@ class OpenCLBackend(Backend):
         except cl.Error as exc:
             first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             return Probe.missing(f"our OpenCL kernels failed to build on {device.name.strip()}: {first}")
-        return Probe.ok(describe_device(device))
+        is_gpu = bool(device.type & cl.device_type.GPU)
+        return Probe.ok(describe_device(device), priority=GPU_PRIORITY if is_gpu else None)
 
     def _open(self, cl: Any, device: Any, tune: dict[str, int]) -> None:
         """Context, queue, memory pool and our kernels on ``device``."""

@@ -24,10 +24,11 @@ class Probe:
     available: bool
     device: str = ""
     reason: str = ""  # why unavailable, phrased as something a user can act on
+    priority: int | None = None  # overrides the class priority for what was found (a GPU)
 
     @classmethod
-    def ok(cls, device: str) -> Probe:
-        return cls(True, device=device)
+    def ok(cls, device: str, priority: int | None = None) -> Probe:
+        return cls(True, device=device, priority=priority)
 
     @classmethod
     def missing(cls, reason: str) -> Probe:

@@ -203,10 +203,9 @@ class Registry:
         for name in self.names():
             cls, source = self._backend_classes()[name]
             probe = self.backend(name).probe()
-            rows.append(
-                BackendStatus(name, cls.priority, source, probe, cls.native_ops(), cls.description)
-            )
-        return rows
+            priority = probe.priority if probe.priority is not None else cls.priority
+            rows.append(BackendStatus(name, priority, source, probe, cls.native_ops(), cls.description))
+        return sorted(rows, key=lambda row: -row.priority)
 
     def available(self) -> list[str]:
         return [name for name in self.names() if self.backend(name).probe().available]
@@ -221,7 +220,7 @@ class Registry:
         skipped: list[tuple[str, str]] = []
         tried: set[str] = set()
         for i, choice in enumerate(wanted):
-            for name in self.names() if choice == "auto" else [choice]:
+            for name in self._by_probed_priority(dtype) if choice == "auto" else [choice]:
                 if name in tried:
                     continue
                 tried.add(name)
@@ -247,6 +246,19 @@ class Registry:
             f"no backend of {spec!r} is available ({reasons}); "
             f"available backends: {', '.join(self.available()) or 'none'}"
         )
+
+    def _by_probed_priority(self, dtype: str) -> list[str]:
+        """For auto: names by the priority each probe reports (a GPU may rank higher);
+        unavailable ones keep their class priority, so auto can say why it passed them."""
+
+        def rank(name: str) -> int:
+            backend = self._try(name, dtype)
+            probe = backend.probe() if backend is not None else None
+            if probe is not None and probe.available and probe.priority is not None:
+                return probe.priority
+            return self._backend_classes()[name][0].priority
+
+        return sorted(self.names(), key=lambda n: -rank(n))
 
     def _try(self, name: str, dtype: str) -> Backend | None:
         """For auto: a backend that cannot compute in ``dtype`` is just skipped."""
