@@ -10,6 +10,7 @@ import argparse
 import random
 import sys
 import time
+from pathlib import Path
 
 from opswitch.core.errors import OpswitchError
 from opswitch.generation import GenerationConfig, GenerationResult
@@ -115,7 +116,8 @@ def load(args: argparse.Namespace, console: Console):
             " pass the model's own tokenizer with --tokenizer"
         )
     label = args.model or "the built-in demo model"
-    console.info(f"Loaded {label} from {directory}")
+    same = args.model and Path(args.model).expanduser().resolve() == Path(directory).resolve()
+    console.info(f"Model: {directory}" if same else f"Model: {label} ({directory})")
     console.info(
         f"✓ Model loaded (vocab={config.vocab_size}, dim={config.n_embd}, layers={config.n_layer}, "
         f"heads={config.n_head}, context={config.n_positions}, params={_millions(config.n_params)}) "
