@@ -174,3 +174,15 @@ def test_backends_command_and_version():
     assert opswitch("--version").stdout.startswith("opswitch ")
     r = opswitch()
     assert r.returncode == 2 and "generate" in r.stderr
+
+
+def test_bench_runs_side_by_side_with_torch(tiny_model_dir):
+    pytest.importorskip("torch")
+    r = opswitch("bench", "--model", tiny_model_dir, "--backend", "naive,blas", "--repeats", "1",
+                 "--prompt-tokens", "4", "--new-tokens", "3", "--ops", "--idle-wait", "0")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "decode, tokens/s" in out and "torch (HF transformers)" in out and "x torch" in out
+    assert "ops, GFLOP/s" in out and "decode lm_head 1x16x50257" in out and "interference:" in out
+    r = opswitch("bench", "--backend", "warp", "--no-reference")
+    assert r.returncode == 2 and "unknown backend 'warp'" in r.stderr

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ops", action="store_true", help="also time the model's GEMV/GEMM shapes per op")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model benchmark")
     p.add_argument("--no-reference", action="store_true", help="skip HF transformers + torch")
+    p.add_argument("--idle-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="longest wait for an idle machine before each repeat (default 10)")
     p.add_argument("--json", metavar="FILE", help="also write every sample as JSON to FILE")
     p.set_defaults(run=run)
 
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count() or 1)))
-    quiet = Quiet()
+    quiet = Quiet(max_wait=max(args.idle_wait, 0.0))
     prompt = [int(t) for t in range(1, args.prompt_tokens + 1)]
     print(f"opswitch bench: {args.model or args.shape} shape ({config.n_params / 1e6:.1f}M params), "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
