@@ -13,21 +13,24 @@ from opswitch.generation.config import GenerationConfig
 
 
 def sample_next(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
-    """Greedy (temperature 0) or temperature / top-k / top-p sampling."""
+    """Greedy (temperature 0) or temperature / top-k / top-p sampling.
+
+    Works on the candidate ids only once top-k has cut the vocabulary down,
+    so a step costs a partition of the logits, not a sort of all of them.
+    """
     logits = np.asarray(logits, dtype=np.float64)
     if config.greedy:
         return int(np.argmax(logits))
     scaled = logits / config.temperature
-    if 0 < config.top_k < scaled.size:  # keep the k largest (ties at the edge stay in)
-        kth = np.partition(scaled, -config.top_k)[-config.top_k]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max())
+    if 0 < config.top_k < scaled.size:  # keep the k largest; ties at the edge stay in
+        kth = scaled[np.argpartition(scaled, -config.top_k)[-config.top_k]]
+        ids = np.flatnonzero(scaled >= kth)
+    else:
+        ids = np.arange(scaled.size)
+    probs = np.exp(scaled[ids] - scaled[ids].max())
     probs /= probs.sum()
     if 0 < config.top_p < 1:  # nucleus: the smallest set whose mass reaches top_p
         order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, config.top_p)) + 1]
-        nucleus = np.zeros_like(probs)
-        nucleus[keep] = probs[keep]
-        probs = nucleus / nucleus.sum()
-    return int(rng.choice(probs.size, p=probs))
+        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), config.top_p)) + 1]
+        ids, probs = ids[keep], probs[keep] / probs[keep].sum()
+    return int(ids[rng.choice(ids.size, p=probs)])
