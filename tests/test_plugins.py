@@ -65,6 +65,9 @@ def test_a_plugin_that_fails_to_import_is_listed_as_broken(tmp_path):
     payload = json.loads(opswitch("backends", "--json", env=env).stdout)
     broken = {b["name"]: b for b in payload["broken_plugins"]}
     assert broken["broken"]["source"] == "opswitch-broken 9.9"
+    chosen = opswitch("generate", "--backend", "broken", "--prompt", "hi", env=env)
+    assert chosen.returncode == 2 and len(chosen.stderr.strip().splitlines()) == 1
+    assert "its plugin (opswitch-broken 9.9) failed to load: ImportError: needs libfrob.so" in chosen.stderr
 
 
 def test_conformance_command_passes_for_the_example_plugin(example_installed):

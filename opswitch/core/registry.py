@@ -188,6 +188,12 @@ class Registry:
         """The (cached) instance of a backend by exact name; not yet probed."""
         classes = self._backend_classes()
         if name not in classes:
+            for broken in self.broken:
+                if broken.name == name:
+                    raise BackendError(
+                        f"backend {name!r} is unavailable: its plugin ({broken.source}) failed to load:"
+                        f" {broken.error}; reinstall or fix the plugin, or pick another backend"
+                    )
             raise BackendError(
                 f"unknown backend {name!r}; available backends: {', '.join(self.available()) or 'none'}"
                 " (`opswitch backends` lists every known one and why it may be unavailable)"
