@@ -11,6 +11,7 @@ import importlib.util
 import json
 import pickle
 import random
+import re
 import string
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +30,7 @@ from opswitch.tokenizer import (
     bpe,
     load_tokenizer,
 )
+from opswitch.tokenizer import unicode_classes as uc
 from opswitch.tokenizer.bytes_to_unicode import BYTE_TO_UNICODE, UNICODE_TO_BYTE
 
 # ------------------------------------------------------------------- fixtures
@@ -145,6 +147,25 @@ def test_pretokenizer_splits_like_gpt2(tiny):
     assert pieces == ["I", "'m", " ", " tired", "\n\n", " 42", "x", "!!", "  "]
 
 
+def test_unicode_class_parts_partition_code_points():
+    """The BMP / astral halves that bpe.py builds its pattern from fit together."""
+    every = "".join(chr(c) for c in range(0x110000))  # surrogates included: they are "other"
+
+    def members(body: str) -> set[str]:
+        return set(re.findall(f"[{body}]", every))
+
+    letters, numbers, spaces = members(uc.LETTERS), members(uc.NUMBERS), members(uc.SPACES)
+    assert members(uc.LETTERS_BMP) | members(uc.LETTERS_ASTRAL) == letters
+    assert members(uc.NUMBERS_BMP) | members(uc.NUMBERS_ASTRAL) == numbers
+    assert max(members(uc.LETTERS_BMP) | members(uc.NUMBERS_BMP) | spaces) <= "\uffff"
+    astral = set(every[0x10000:])
+    assert min(members(uc.LETTERS_ASTRAL) | members(uc.NUMBERS_ASTRAL)) >= "\U00010000"
+    assert members(uc.OTHER_ASTRAL) == astral - letters - numbers - spaces
+    assert not (letters & numbers or letters & spaces or numbers & spaces)
+    assert len(letters) > 100_000 and "a" in letters and "\U0001d400" in letters
+    assert set(every[0xD800:0xE000]).isdisjoint(letters | numbers | spaces)
+
+
 # ---------------------------------------------------------- real GPT-2 ids
 
 
@@ -162,6 +183,10 @@ def test_pretokenizer_splits_like_gpt2(tiny):
         ("\U000323b0's", [172, 110, 236, 108, 6, 82]),
         ("a\U00011de0's", [64, 172, 239, 115, 254, 6, 82]),
         ("\U00010d40's", [172, 238, 113, 222, 338]),
+        # Letters only for newer tables (regex 2026.11 has U+0558 as \p{L}): "'s" splits.
+        ("\u0558's", [145, 246, 6, 82]),
+        ("a\U0001d400b's", [64, 47728, 238, 222, 65, 338]),  # an astral letter inside a word
+        ("x\x1c y", [87, 216, 331]),  # \x1c is not whitespace for HF (it is for str.isspace)
     ],
 )
 def test_gpt2_known_ids(gpt2, text, expected):

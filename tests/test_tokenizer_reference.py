@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import codecs
 import inspect
+import itertools
 import json
 import random
+import re
 import shutil
 import textwrap
 import this
@@ -23,6 +25,8 @@ from hypothesis import strategies as st
 transformers = pytest.importorskip("transformers")
 
 from opswitch.tokenizer import BPETokenizer, bpe, load_tokenizer  # noqa: E402
+from opswitch.tokenizer import unicode_classes as uc  # noqa: E402
+from opswitch.tokenizer.bytes_to_unicode import LATIN1_TO_VOCAB  # noqa: E402
 
 EOT = "<|endoftext|>"
 
@@ -149,6 +153,57 @@ def test_every_code_point_class(ours, hf):
 
 def test_long_words(ours, hf):
     assert_same_ids(ours, hf, LONG_WORDS)
+
+
+ALL_CODE_POINTS = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+
+
+@pytest.mark.parametrize(
+    ("cls", "body"),
+    [(r"\p{L}", uc.LETTERS), (r"\p{N}", uc.NUMBERS), (r"\s", uc.SPACES)],
+    ids=["L", "N", "s"],
+)
+def test_unicode_classes_match_tokenizers(cls, body):
+    """unicode_classes holds exactly the code points HF's Oniguruma puts in each class.
+
+    Fails when a new tokenizers release changes its Unicode tables: then re-run
+    tools/gen_unicode_classes.py (it finds the classes the same way).
+    """
+    tokenizers = pytest.importorskip("tokenizers")
+    split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(f"[^{cls}]+"), behavior="removed")
+    theirs = {c for piece, _ in split.pre_tokenize_str(ALL_CODE_POINTS) for c in piece}
+    ours = set(re.findall(f"[{body}]", ALL_CODE_POINTS))
+    assert ours == theirs, (
+        f"{cls}: {len(ours - theirs)} code points too many, {len(theirs - ours)} missing, e.g. "
+        f"{[f'U+{ord(c):04X}' for c in sorted(ours ^ theirs)[:8]]}; tokenizers "
+        f"{tokenizers.__version__} is not {uc.TOKENIZERS_VERSION}: run tools/gen_unicode_classes.py"
+    )
+
+
+#: Characters of each class, BMP and astral, and the literals the pattern names: with
+#: exact classes (above), splitting every mix of these like HF shows that the pattern
+#: built from them (bpe._compile_pretokenizer) agrees with HF's on every code point.
+CLASS_SAMPLES = [
+    "a", "s", "é", "\U0001d400",  # letters
+    "1", "٣", "\U000104a0",  # numbers
+    "!", "'", "\x1c", "\U0001f600",  # other
+    "\u0558", "\U000323b0",  # other for HF, letters in newer Unicode (regex 2026.x)
+    " ", "\t", "\n", "\u3000",  # whitespace
+]  # fmt: skip
+
+
+def test_pretokenizer_on_every_class_mix():
+    tokenizers = pytest.importorskip("tokenizers")
+    reference = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    texts = ["".join(p) for n in range(1, 5) for p in itertools.product(CLASS_SAMPLES, repeat=n)]
+    bad = []
+    for text in texts:
+        words = bpe._PRETOKENIZER.findall(text)
+        ours = [w.encode().decode("latin-1").translate(LATIN1_TO_VOCAB) for w in words]
+        theirs = [piece for piece, _ in reference.pre_tokenize_str(text)]
+        if ours != theirs:
+            bad.append((text, theirs, ours))
+    assert not bad, f"{len(bad)} of {len(texts)} split differently, e.g. {bad[:3]}"
 
 
 @settings(max_examples=500, deadline=None)

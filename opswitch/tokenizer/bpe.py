@@ -1,7 +1,7 @@
 """GPT-2 byte-level BPE that gives the same ids as Hugging Face's GPT2TokenizerFast.
 
-Written in plain Python (plus ``regex`` for ``\\p{L}``) so that opswitch does
-not need the Rust ``tokenizers`` package; tests/test_tokenizer_reference.py
+Written in plain Python (the standard library's ``re`` included) so that opswitch
+does not need the Rust ``tokenizers`` package; tests/test_tokenizer_reference.py
 checks it id-for-id against transformers.
 """
 
@@ -13,6 +13,7 @@ import itertools
 import json
 import operator
 import os
+import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -20,35 +21,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regex
-
 from opswitch.core.errors import TokenizerError
+from opswitch.tokenizer import unicode_classes as uc
 from opswitch.tokenizer.bytes_to_unicode import LATIN1_TO_VOCAB, UNICODE_TO_BYTE
 
-#: GPT-2's pre-tokenizer: splits text into the "words" BPE runs on.
+#: GPT-2's pre-tokenizer: splits text into the "words" BPE runs on.  HF runs it with the
+#: Oniguruma engine inside ``tokenizers``, whose Unicode tables (uc.UNICODE_VERSION) are
+#: neither Python's nor the ``regex`` package's; _PRETOKENIZER is this pattern with
+#: Oniguruma's own classes spelled out.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-#: Letters and digits new in Unicode 17.0.  Recent ``regex`` releases know them,
-#: but the Oniguruma inside HF ``tokenizers`` stops at Unicode 16.0 and treats them
-#: as unassigned (punctuation-like), which changes ids ("\U000323b0's" splits as
-#: "\U000323b0'" + "s").  Found by sweeping all code points against GPT2TokenizerFast.
-_UNICODE_17 = (
-    r"\u088f\u0c5c\u0cdc\ua7ce\ua7cf\ua7d2\ua7d4\ua7f1\U00010940-\U00010959"
-    r"\U00010ec5-\U00010ec7\U00011db0-\U00011ddb\U00011de0-\U00011de9\U00016ea0-\U00016eb8"
-    r"\U00016ebb-\U00016ed3\U00016ff2-\U00016ff6\U000187f8-\U000187ff\U00018d09-\U00018d1e"
-    r"\U00018d80-\U00018df2\U0001e6c0-\U0001e6de\U0001e6e0-\U0001e6e2\U0001e6e4\U0001e6e5"
-    r"\U0001e6e7-\U0001e6ed\U0001e6f0-\U0001e6f4\U0001e6fe\U0001e6ff\U0002b73a-\U0002b73f"
-    r"\U0002cea2-\U0002cead\U000323b0-\U00033479"
-)
-#: GPT2_PATTERN with the Unicode 17.0 additions moved from \p{L}/\p{N} to "other".
-_PRETOKENIZER = regex.compile(
-    GPT2_PATTERN.replace(r"[^\s\p{L}\p{N}]", rf"[[^\s\p{{L}}\p{{N}}][{_UNICODE_17}]]")
-    .replace(r"\p{L}+", rf"[\p{{L}}--[{_UNICODE_17}]]+")
-    .replace(r"\p{N}+", rf"[\p{{N}}--[{_UNICODE_17}]]+"),
-    flags=regex.VERSION1,
-)
-#: Whitespace as HF means it (Unicode White_Space); str.isspace() also counts \x1c-\x1f.
-_SPACES = regex.compile(r"\s*")
+
+def _compile_pretokenizer() -> re.Pattern[str]:
+    """GPT2_PATTERN for ``re``, with \\p{L}, \\p{N} and \\s taken from unicode_classes.
+
+    So ids do not depend on the installed Python or ``regex`` version.  ``X+`` becomes
+    ``(?:[X below U+10000]+|(?=astral)[X above U+FFFF]+)+``, which matches the same:
+    ``re`` tests a bitmap for BMP characters but astral ranges one by one, and this
+    way only astral characters pay for the ranges (plain classes encode 25% slower).
+    """
+
+    def run(bmp: str, astral: str) -> str:
+        return rf"(?:[{bmp}]+|(?=[\U00010000-\U0010ffff])[{astral}]+)+"
+
+    letters = run(uc.LETTERS_BMP, uc.LETTERS_ASTRAL)
+    numbers = run(uc.NUMBERS_BMP, uc.NUMBERS_ASTRAL)
+    others = run(rf"^{uc.SPACES}{uc.LETTERS_BMP}{uc.NUMBERS_BMP}\U00010000-\U0010ffff", uc.OTHER_ASTRAL)
+    spaces = f"[{uc.SPACES}]+"
+    return re.compile(
+        rf"'s|'t|'re|'ve|'m|'ll|'d| ?{letters}| ?{numbers}| ?{others}|{spaces}(?![^{uc.SPACES}])|{spaces}"
+    )
+
+
+_PRETOKENIZER = _compile_pretokenizer()
+#: Whitespace as HF means it (Unicode White_Space); str.isspace() and ``re``'s \s also
+#: count \x1c-\x1f.
+_SPACES = re.compile(f"[{uc.SPACES}]*")
 EOT_TOKEN = "<|endoftext|>"
 
 #: Words remembered per tokenizer; bounded so a long-running server cannot grow forever.
@@ -138,7 +146,7 @@ class BPETokenizer:
         # Longest first: a token that is a prefix of another must not hide it (HF matches
         # the longest one too).
         contents = sorted(self._added, key=len, reverse=True)
-        self._added_pattern = regex.compile("|".join(regex.escape(c) for c in contents)) if contents else None
+        self._added_pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
         self._cache: dict[str, tuple[int, ...]] = {}
         self._build_id_tables()
 
