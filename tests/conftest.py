@@ -59,3 +59,19 @@ def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(gpt2_tokenizer_dir / name, directory / name)
     return directory
+
+
+@pytest.fixture(scope="session")
+def long_context_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """Like tiny_model_dir but with a 4096-token context: without a KV cache each
+    step costs more as the text grows, so generation lasts long enough to interrupt."""
+    import shutil
+
+    from opswitch.model.weights import save_gpt2
+
+    config = GPT2Config(vocab_size=50257, n_positions=4096, n_embd=32, n_layer=2, n_head=2)
+    directory = tmp_path_factory.mktemp("long-context-gpt2")
+    save_gpt2(directory, config, random_params(config, seed=2), overwrite=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_tokenizer_dir / name, directory / name)
+    return directory

@@ -150,16 +150,17 @@ def test_bad_tokenizer_files_are_refused(tmp_path, tiny_model_dir):
     assert r.returncode == 2 and "tokenizer" in r.stderr.lower()
 
 
-def test_ctrl_c_stops_generation_and_keeps_the_text(tiny_model_dir):
+def test_ctrl_c_stops_generation_and_keeps_the_text(long_context_model_dir):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "opswitch", "generate", "--model", str(tiny_model_dir), "--prompt", "Hi",
+        [sys.executable, "-m", "opswitch", "generate", "--model", str(long_context_model_dir), "--prompt", "Hi",
          "--max-tokens", "100000", "--no-kv-cache", "--backend", "naive", "--stop-token", "-1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     # wait until text is streaming, then interrupt
     first = proc.stdout.read(4)
-    time.sleep(0.5)
+    time.sleep(0.3)
+    assert proc.poll() is None, "generation ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -12,17 +12,22 @@ pexpect = pytest.importorskip("pexpect")
 PROMPT = "\r\n> "
 
 
-@pytest.fixture
-def repl(tiny_model_dir, tmp_path):
+def spawn_repl(model_dir, state_dir, *extra: str):
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "opswitch", "generate", "--model", str(tiny_model_dir), "--interactive",
-         "--temperature", "0", "--max-tokens", "5", "--stop-token", "-1"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(tmp_path), "TERM": "dumb"},
+        ["-m", "opswitch", "generate", "--model", str(model_dir), "--interactive",
+         "--temperature", "0", "--max-tokens", "5", "--stop-token", "-1", *extra],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(state_dir), "TERM": "dumb"},
         encoding="utf-8", timeout=60, dimensions=(40, 200),
     )
     child.expect("Interactive mode")
     child.expect("> ")
+    return child
+
+
+@pytest.fixture
+def repl(tiny_model_dir, tmp_path):
+    child = spawn_repl(tiny_model_dir, tmp_path)
     yield child
     child.close(force=True)
 
@@ -66,9 +71,10 @@ def test_prompts_generate_and_backend_switches_without_reloading(repl):
     assert repl.exitstatus == 0
 
 
-def test_ctrl_c_interrupts_generation_not_the_session(repl):
+def test_ctrl_c_interrupts_generation_not_the_session(long_context_model_dir, tmp_path):
+    # no KV cache and a 4096-token context: generation lasts long enough to interrupt
+    repl = spawn_repl(long_context_model_dir, tmp_path, "--no-kv-cache", "--backend", "naive")
     send(repl, "/tokens 100000", "Max tokens set to 100000")
-    send(repl, "/backend naive", "Backend: naive")
     repl.sendline("Once upon a time")
     repl.expect("Encoded to")
     repl.expect("Once upon a time")  # text is streaming
@@ -77,6 +83,7 @@ def test_ctrl_c_interrupts_generation_not_the_session(repl):
     repl.expect("> ")
     send(repl, "/tokens 2", "Max tokens set to 2")
     send(repl, "again", "Generated 2 tokens")
+    repl.close(force=True)
 
 
 def test_end_of_input_says_goodbye(repl):
