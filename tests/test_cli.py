@@ -152,7 +152,8 @@ def test_bad_tokenizer_files_are_refused(tmp_path, tiny_model_dir):
 
 def test_ctrl_c_stops_generation_and_keeps_the_text(long_context_model_dir):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "opswitch", "generate", "--model", str(long_context_model_dir), "--prompt", "Hi",
+        [sys.executable, "-m", "opswitch", "generate", "--model", str(long_context_model_dir),
+         "--prompt", "Hi",
          "--max-tokens", "100000", "--no-kv-cache", "--backend", "naive", "--stop-token", "-1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
