@@ -92,8 +92,12 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     return args.prompt
 
 
-def load(args: argparse.Namespace, console: Console):
-    """Select the backend first (fast failure), then load weights and tokenizer."""
+def load(args: argparse.Namespace):
+    """Select the backend first (fast failure), then load weights and tokenizer.
+
+    Returns the model and its summary lines, printed by the caller once every
+    check has passed, so that any failure is exactly one line on stderr.
+    """
     from opswitch.api import LanguageModel
     from opswitch.cli.progress import Progress
     from opswitch.core.registry import get_registry
@@ -117,17 +121,17 @@ def load(args: argparse.Namespace, console: Console):
         )
     label = args.model or "the built-in demo model"
     same = args.model and Path(args.model).expanduser().resolve() == Path(directory).resolve()
-    console.info(f"Model: {directory}" if same else f"Model: {label} ({directory})")
-    console.info(
+    summary = [
+        f"Model: {directory}" if same else f"Model: {label} ({directory})",
         f"✓ Model loaded (vocab={config.vocab_size}, dim={config.n_embd}, layers={config.n_layer}, "
         f"heads={config.n_head}, context={config.n_positions}, params={_millions(config.n_params)}) "
-        f"in {progress.elapsed:.2f}s"
-    )
-    console.info(f"✓ Backend: {selection.reason}")
+        f"in {progress.elapsed:.2f}s",
+        f"✓ Backend: {selection.reason}",
+    ]
     if model.fallbacks:
-        console.info(f"  ops computed by the host reference (fallback): {', '.join(model.fallbacks)}")
-    console.info(f"✓ Tokenizer loaded (vocab size={tokenizer.vocab_size})")
-    return LanguageModel(model, tokenizer, str(directory))
+        summary.append(f"  ops computed by the host reference (fallback): {', '.join(model.fallbacks)}")
+    summary.append(f"✓ Tokenizer loaded (vocab size={tokenizer.vocab_size})")
+    return LanguageModel(model, tokenizer, str(directory)), summary
 
 
 def _millions(n: int) -> str:
@@ -187,6 +191,20 @@ def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -
     return result
 
 
+def check_fits(lm, prompt: str | None, config: GenerationConfig) -> None:
+    """Settings that depend on the model: the stop token and the prompt's length."""
+    from opswitch.generation.loop import resolve_stop_token
+
+    resolve_stop_token(lm.model, config)
+    n_ctx = lm.config.n_positions
+    if prompt:
+        n_prompt = len(lm.encode(prompt))
+        if n_prompt > n_ctx:
+            raise OpswitchError(
+                f"the prompt is {n_prompt} tokens but the model's context is {n_ctx}: shorten it"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(args.quiet)
     config = settings_from(args)
@@ -195,7 +213,10 @@ def run(args: argparse.Namespace) -> int:
         from opswitch.cli.main import UsageError
 
         raise UsageError("the prompt is empty: give some text to continue")
-    lm = load(args, console)
+    lm, summary = load(args)
+    check_fits(lm, prompt, config)
+    for line in summary:
+        console.info(line)
     show_settings(console, config)
     if args.interactive:
         from opswitch.cli.repl import Repl

@@ -32,10 +32,18 @@ class GenerationResult:
 
 
 def resolve_stop_token(model: GPT2, config: GenerationConfig) -> int | None:
+    """The id that ends generation, or None; an id the model cannot produce is an error."""
+    n_vocab = model.config.vocab_size
     if config.stop_token == DEFAULT_STOP:
         eos = model.config.eos_token_id
-        return eos if eos is not None and 0 <= eos < model.config.vocab_size else None
-    return None if config.stop_token == -1 else int(config.stop_token)
+        return eos if eos is not None and 0 <= eos < n_vocab else None
+    if config.stop_token == -1:
+        return None
+    if config.stop_token >= n_vocab:
+        raise GenerationError(
+            f"stop token {config.stop_token} is outside the model's vocabulary (0..{n_vocab - 1})"
+        )
+    return int(config.stop_token)
 
 
 def stream_ids(
