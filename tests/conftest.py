@@ -46,32 +46,29 @@ def gpt2_tokenizer_dir(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
-    """A complete model directory (config, safetensors, tokenizer) small enough for CLI tests."""
+def _model_dir(tmp_path_factory, tokenizer_dir, name: str, config: GPT2Config, seed: int):
+    """A complete model directory: config, safetensors weights, GPT-2 tokenizer files."""
     import shutil
 
     from opswitch.model.weights import save_gpt2
 
-    config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=16, n_layer=2, n_head=2)
-    directory = tmp_path_factory.mktemp("tiny-gpt2")
-    save_gpt2(directory, config, random_params(config, seed=1), overwrite=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(gpt2_tokenizer_dir / name, directory / name)
+    directory = tmp_path_factory.mktemp(name)
+    save_gpt2(directory, config, random_params(config, seed=seed), overwrite=True)
+    for file in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / file, directory / file)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """A model directory small enough for CLI tests."""
+    config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=16, n_layer=2, n_head=2)
+    return _model_dir(tmp_path_factory, gpt2_tokenizer_dir, "tiny-gpt2", config, seed=1)
 
 
 @pytest.fixture(scope="session")
 def long_context_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
     """Like tiny_model_dir but with a 4096-token context: without a KV cache each
     step costs more as the text grows, so generation lasts long enough to interrupt."""
-    import shutil
-
-    from opswitch.model.weights import save_gpt2
-
     config = GPT2Config(vocab_size=50257, n_positions=4096, n_embd=32, n_layer=2, n_head=2)
-    directory = tmp_path_factory.mktemp("long-context-gpt2")
-    save_gpt2(directory, config, random_params(config, seed=2), overwrite=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(gpt2_tokenizer_dir / name, directory / name)
-    return directory
+    return _model_dir(tmp_path_factory, gpt2_tokenizer_dir, "long-context-gpt2", config, seed=2)
