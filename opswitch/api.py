@@ -44,12 +44,15 @@ class LanguageModel:
         self.model.to(backend, dtype)
         return self
 
-    def encode(self, text: str) -> list[int]:
+    def _require_tokenizer(self):
         if self.tokenizer is None:
             raise TokenizerError(
                 f"{self.source or 'this model'} has no tokenizer files: pass tokenizer=PATH to load_model"
             )
-        return self.tokenizer.encode(text)
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._require_tokenizer().encode(text)
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -91,7 +94,7 @@ class LanguageModel:
         ids = self._ids(prompt)
         config = self._settings(settings)
         result = result if result is not None else GenerationResult(ids)
-        decoder = self._tokenizer_or_fail().stream_decoder()
+        decoder = self._require_tokenizer().stream_decoder()
         for token in stream_ids(self.model, ids, config, result):
             piece = decoder.push(token)
             if piece:
@@ -99,11 +102,6 @@ class LanguageModel:
         tail = decoder.flush()
         if tail:
             yield tail
-
-    def _tokenizer_or_fail(self):
-        if self.tokenizer is None:
-            self.encode("")  # raises the explanatory error
-        return self.tokenizer
 
     @staticmethod
     def _settings(settings: dict) -> GenerationConfig:
