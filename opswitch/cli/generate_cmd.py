@@ -192,17 +192,14 @@ def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -
 
 
 def check_fits(lm, prompt: str | None, config: GenerationConfig) -> None:
-    """Settings that depend on the model: the stop token and the prompt's length."""
-    from opswitch.generation.loop import resolve_stop_token
+    """Settings that depend on the model (stop token, prompt length), checked before
+    anything is printed; the REPL's later prompts are checked as they come."""
+    from opswitch.generation.loop import check_request, resolve_stop_token
 
-    resolve_stop_token(lm.model, config)
-    n_ctx = lm.config.n_positions
     if prompt:
-        n_prompt = len(lm.encode(prompt))
-        if n_prompt > n_ctx:
-            raise OpswitchError(
-                f"the prompt is {n_prompt} tokens but the model's context is {n_ctx}: shorten it"
-            )
+        check_request(lm.model, lm.encode(prompt), config)
+    else:
+        resolve_stop_token(lm.model, config)
 
 
 def run(args: argparse.Namespace) -> int:

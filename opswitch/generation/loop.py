@@ -46,6 +46,19 @@ def resolve_stop_token(model: GPT2, config: GenerationConfig) -> int | None:
     return int(config.stop_token)
 
 
+def check_request(model: GPT2, prompt_ids: Sequence[int], config: GenerationConfig) -> int | None:
+    """What must hold before generating: a non-empty prompt that fits the context,
+    and a stop token the model can produce (returned, resolved)."""
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty: give at least one token of text")
+    n_ctx = model.config.n_positions
+    if len(prompt_ids) > n_ctx:
+        raise GenerationError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is {n_ctx}: shorten it"
+        )
+    return resolve_stop_token(model, config)
+
+
 def stream_ids(
     model: GPT2, prompt_ids: Sequence[int], config: GenerationConfig, result: GenerationResult | None = None
 ) -> Iterator[int]:
@@ -58,14 +71,8 @@ def stream_ids(
     """
     result = result if result is not None else GenerationResult(list(prompt_ids))
     prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise GenerationError("the prompt is empty: give at least one token of text")
+    stop = check_request(model, prompt, config)
     n_ctx = model.config.n_positions
-    if len(prompt) > n_ctx:
-        raise GenerationError(
-            f"the prompt is {len(prompt)} tokens but the model's context is {n_ctx}: shorten it"
-        )
-    stop = resolve_stop_token(model, config)
     rng = np.random.default_rng(config.seed)
     cache = model.new_cache() if config.use_kv_cache else None
     sequence, pending = list(prompt), list(prompt)
