@@ -5,31 +5,66 @@
     >>> lm.generate("The meaning of life is", max_new_tokens=20, temperature=0)
     >>> for piece in lm.stream("Once upon a time", seed=1):
     ...     print(piece, end="", flush=True)
+
+``load_model`` is the one way to get a model: the CLI, the REPL, the server
+and batch jobs all call it, so every check lives here once.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from opswitch.core.backend import Backend
-from opswitch.core.errors import TokenizerError
-from opswitch.generation import GenerationConfig, GenerationResult, generate_ids, stream_ids
-from opswitch.model.gpt2 import GPT2
+from opswitch.core.errors import GenerationError, ModelInputError, OpswitchError, TokenizerError
+from opswitch.core.registry import get_registry
+from opswitch.generation import GenerationConfig, GenerationResult, generate_batch, generate_ids, stream_ids
+from opswitch.model.gpt2 import GPT2, as_ids
 from opswitch.model.hub import resolve_model
 from opswitch.model.weights import load_gpt2
 from opswitch.tokenizer import load_tokenizer
 
 
 class LanguageModel:
-    """A GPT-2 on a backend, with its tokenizer: text in, text out."""
+    """A GPT-2 on a backend, with its tokenizer: text in, text out.
 
-    def __init__(self, model: GPT2, tokenizer=None, source: str = "") -> None:
+    Safe to share between threads for generation; ``to()`` refuses while
+    generations are running rather than pulling weights from under them.
+    """
+
+    def __init__(self, model: GPT2, tokenizer=None, source: str = "", selection_reason: str = "") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        self.selection_reason = selection_reason or f"{model.backend.spec}: given"
+        self.notes: list[str] = []  # things the user should know once (e.g. a padded vocabulary)
+        self.load_seconds = 0.0
+        self._active = 0
+        self._lock = threading.Lock()
+        self.n_vocab_allowed = self._check_tokenizer()
+
+    def _check_tokenizer(self) -> int | None:
+        """The tokenizer must fit the model; a larger (padded) model vocabulary is masked."""
+        if self.tokenizer is None:
+            return None
+        n_tok, n_model = self.tokenizer.vocab_size, self.config.vocab_size
+        if n_tok > n_model:
+            raise TokenizerError(
+                f"the tokenizer has {n_tok} tokens but the model only {n_model}:"
+                " pass the model's own tokenizer (tokenizer=PATH, --tokenizer PATH)"
+            )
+        if n_tok < n_model:
+            self.notes.append(
+                f"the model's vocabulary ({n_model}) is larger than its tokenizer's ({n_tok}):"
+                f" ids {n_tok}..{n_model - 1} have no text and are never sampled"
+            )
+            return n_tok
+        return None
 
     @property
     def config(self):
@@ -39,12 +74,30 @@ class LanguageModel:
     def backend(self) -> Backend:
         return self.model.backend
 
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        return self.model.fallbacks
+
     def to(self, backend: str | Backend | None, dtype: str = "float32") -> LanguageModel:
         """Rebind the loaded weights to another backend (files are not re-read)."""
-        self.model.to(backend, dtype)
+        chosen, reason = _select(backend, dtype)
+        with self._lock:
+            if self._active:
+                raise OpswitchError(
+                    f"cannot move the model while {self._active} generation(s) are running on it;"
+                    " wait for them to finish"
+                )
+            self._active = -1  # moving: generations wait for nothing, they are refused
+        try:
+            self.model.bind(chosen)
+            self.selection_reason = reason
+        finally:
+            with self._lock:
+                self._active = 0
         return self
 
-    def _require_tokenizer(self):
+    # -- text ----------------------------------------------------------------
+    def require_tokenizer(self):
         if self.tokenizer is None:
             raise TokenizerError(
                 f"{self.source or 'this model'} has no tokenizer files: pass tokenizer=PATH to load_model"
@@ -52,14 +105,23 @@ class LanguageModel:
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return self._require_tokenizer().encode(text)
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes text (str), got {type(text).__name__}")
+        return self.require_tokenizer().encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.require_tokenizer().decode([int(i) for i in as_ids(ids, self.config.vocab_size)])
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        return [int(t) for t in as_ids(prompt, self.config.vocab_size)]
 
+    # -- scoring ---------------------------------------------------------------
     def forward(self, prompt: str | Sequence[int]) -> np.ndarray:
         """Logits for every position: float32 ``[n_seq, n_vocab]``."""
-        return self.model.forward(self._ids(prompt))
+        with self._using():
+            return self.model.forward(self._ids(prompt))
 
     def loss(self, text: str | Sequence[int]) -> float:
         """Mean next-token cross-entropy (nats/token) of ``text`` under the model.
@@ -69,8 +131,8 @@ class LanguageModel:
         """
         ids = self._ids(text)
         if len(ids) < 2:
-            raise TokenizerError("the loss needs at least two tokens of text")
-        logits = self.model.forward(ids[:-1]).astype(np.float64)
+            raise ModelInputError("the loss needs at least two tokens")
+        logits = self.forward(ids[:-1]).astype(np.float64)
         shifted = logits - logits.max(axis=-1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
         return float(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean())
@@ -78,35 +140,101 @@ class LanguageModel:
     def perplexity(self, text: str | Sequence[int]) -> float:
         return float(np.exp(self.loss(text)))
 
-    def generate_ids(self, prompt: str | Sequence[int], **settings) -> GenerationResult:
+    # -- generation ------------------------------------------------------------
+    def generate_ids(self, prompt: str | Sequence[int], **settings: Any) -> GenerationResult:
         """Generate and return the ids with the stop reason and timings."""
-        return generate_ids(self.model, self._ids(prompt), self._settings(settings))
+        config = self.settings(**settings)
+        ids = self._ids(prompt)
+        with self._using():
+            return generate_ids(self.model, ids, config, self.n_vocab_allowed)
 
-    def generate(self, prompt: str | Sequence[int], **settings) -> str:
+    def generate(self, prompt: str | Sequence[int], **settings: Any) -> str:
         """The generated continuation (without the prompt) as text."""
         return "".join(self.stream(prompt, **settings))
 
+    def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        settings: Sequence[dict] | dict | None = None,
+        **common: Any,
+    ) -> list[GenerationResult]:
+        """Generate for several prompts in one batched loop: the same ids as one by one.
+
+        ``settings`` is one dict per prompt (or one for all), merged over ``common``."""
+        if isinstance(settings, dict) or settings is None:
+            settings = [settings or {}] * len(prompts)
+        if len(settings) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts but {len(settings)} settings")
+        configs = [self.settings(**{**common, **s}) for s in settings]
+        ids = [self._ids(p) for p in prompts]
+        with self._using():
+            return generate_batch(self.model, ids, configs, n_vocab_allowed=self.n_vocab_allowed)
+
     def stream(
-        self, prompt: str | Sequence[int], result: GenerationResult | None = None, **settings
+        self, prompt: str | Sequence[int], result: GenerationResult | None = None, **settings: Any
     ) -> Iterator[str]:
         """Yield text as tokens are generated (a character split across tokens
         is held back until complete).  Pass ``result`` to read timings after."""
+        config = self.settings(**settings)
         ids = self._ids(prompt)
-        config = self._settings(settings)
-        result = result if result is not None else GenerationResult(ids)
-        decoder = self._require_tokenizer().stream_decoder()
-        for token in stream_ids(self.model, ids, config, result):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
+        decoder = self.require_tokenizer().stream_decoder()
+        with self._using():
+            for token in stream_ids(self.model, ids, config, result, self.n_vocab_allowed):
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
         tail = decoder.flush()
         if tail:
             yield tail
 
     @staticmethod
-    def _settings(settings: dict) -> GenerationConfig:
-        config = settings.pop("config", None) or GenerationConfig()
-        return config.replace(**settings) if settings else config
+    def settings(config: GenerationConfig | None = None, **changes: Any) -> GenerationConfig:
+        """A validated GenerationConfig: ``config`` (or the defaults) with ``changes``."""
+        base = config or GenerationConfig()
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        unknown = sorted(set(changes) - set(GenerationConfig.__dataclass_fields__))
+        if unknown:
+            raise GenerationError(
+                f"unknown generation setting {unknown[0]!r}; settings are:"
+                f" {', '.join(GenerationConfig.__dataclass_fields__)}"
+            )
+        return base.replace(**changes) if changes else base
+
+    def _using(self) -> _Using:
+        return _Using(self)
+
+
+class _Using:
+    """Counts a running generation, so ``to()`` can refuse to move the weights meanwhile."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+
+    def __enter__(self) -> None:
+        with self.lm._lock:
+            if self.lm._active < 0:
+                raise OpswitchError("the model is being moved to another backend; try again when it is done")
+            self.lm._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lm._lock:
+            self.lm._active -= 1
+
+
+def _select(backend: str | Backend | None, dtype: str) -> tuple[Backend, str]:
+    """The backend to bind (selection happens here, in the registry) and why."""
+    if isinstance(backend, Backend):
+        return backend, f"{backend.spec}: given"
+    if backend is not None and not isinstance(backend, str):
+        raise OpswitchError(
+            f"backend must be a name such as 'blas' or 'opencl:1', a comma list, 'auto' or a Backend,"
+            f" got {type(backend).__name__} {backend!r}"
+        )
+    if not isinstance(dtype, str):
+        raise OpswitchError(f"dtype must be a string such as 'float32', got {dtype!r}")
+    selection = get_registry().select(backend, dtype)
+    return selection.backend, selection.reason
 
 
 def load_model(
@@ -116,17 +244,27 @@ def load_model(
     tokenizer: str | Path | None = None,
     revision: str | None = None,
     dtype: str = "float32",
+    weights: str = "f32",
 ) -> LanguageModel:
     """Load a GPT-2 from a directory or a Hugging Face hub id (cache first).
 
     ``None`` loads the small demo model shipped with opswitch.  ``backend`` is
-    a name, a comma list, ``auto`` (default: $OPSWITCH_BACKEND or auto).
+    a spec ``name[:device][:dtype]``, a comma list or ``auto`` (default:
+    $OPSWITCH_BACKEND or auto).  ``weights`` is the storage format of the
+    matrices on the backend (``f32``, ``f16``, ``bf16``, ``int8``), apart
+    from ``dtype``, the precision the backend computes in.
     """
+    started = time.perf_counter()
+    from opswitch.core.formats import check_format
+
+    check_format(weights)
+    chosen, reason = _select(backend, dtype)  # fail fast, before reading weights
     directory = resolve_model(path_or_id, revision=revision)
     config, params = load_gpt2(directory)
     tok = load_tokenizer(tokenizer or directory) if tokenizer or _has_tokenizer(directory) else None
-    model = GPT2(config, params, backend, dtype)
-    return LanguageModel(model, tok, str(directory))
+    lm = LanguageModel(GPT2(config, params, chosen, weights), tok, str(directory), reason)
+    lm.load_seconds = time.perf_counter() - started
+    return lm
 
 
 def _has_tokenizer(directory: Path) -> bool:

@@ -1,10 +1,11 @@
 """``blas``: the CPU backend, calling BLAS directly through scipy.
 
-Why not just ``x @ w + b``?  Three costs numpy pays that we need not:
-the bias add is a second pass over the output (we fold it into the GEMM by
-pre-filling the output and using beta=1), single-token decode goes through
-GEMM although GEMV is the right kernel, and the KV cache would be copied
-every step (we grow it in place inside a preallocated buffer).
+Why not just ``x @ w + b``?  Two costs numpy pays that we need not: the
+bias add is a second pass over the output (we fold it into the GEMM by
+pre-filling the output and using beta=1), and single-token decode goes
+through GEMM although GEMV is the right kernel.  Attention reads the
+caller's head-major cache in place: one head's keys are a contiguous
+``[n_kv, head_dim]`` matrix, so no step copies the cache.
 
 Arrays are C-ordered numpy; a C-ordered ``[m, n]`` is a Fortran ``[n, m]``,
 so ``y = x @ w`` is computed as the Fortran ``yᵀ = wᵀ xᵀ`` with no copies.
@@ -22,43 +23,19 @@ from opswitch.core import Backend, Probe, hookimpl
 ENV_THREADS = "OPSWITCH_NUM_THREADS"
 
 
-class _KVView(np.ndarray):
-    """The filled rows of a larger cache buffer, so appends can stay in place.
-
-    ``_kv_state`` is ``[buffer, rows_filled]``, shared by every view of one
-    buffer: if a caller passes an older view again (rows_filled moved on),
-    we copy instead of overwriting rows a newer view still shows.
-    """
-
-
-def _grow(past: np.ndarray | None, new: np.ndarray) -> np.ndarray:
-    """Append ``new`` rows after ``past``, in place when its buffer has room."""
-    n_past = 0 if past is None else past.shape[0]
-    n_total = n_past + new.shape[0]
-    state = getattr(past, "_kv_state", None)
-    if state is None or state[1] != n_past or state[0].shape[0] < n_total:
-        capacity = max(64, 1 << math.ceil(math.log2(n_total)))
-        state = [np.empty((capacity, new.shape[1]), dtype=new.dtype), n_past]
-        if n_past:
-            state[0][:n_past] = past
-    state[0][n_past:n_total] = new
-    state[1] = n_total
-    view = state[0][:n_total].view(_KVView)
-    view._kv_state = state
-    return view
-
-
 class BlasBackend(Backend):
     name = "blas"
     priority = 50
-    description = "scipy.linalg.blas GEMM/GEMV with fused bias, in-place KV cache"
+    description = "scipy.linalg.blas GEMM/GEMV with fused bias; attention over the cache in place"
     dtypes = ("float32", "float64")
 
-    def __init__(self, dtype: str = "float32") -> None:
-        super().__init__(dtype)
+    def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
+        super().__init__(dtype, device)
         self.threads: int | None = None
 
     def _probe_impl(self) -> Probe:
+        if not super()._probe_impl().available:
+            return super()._probe_impl()
         try:
             from scipy.linalg import blas
             from threadpoolctl import threadpool_info, threadpool_limits
@@ -130,27 +107,44 @@ class BlasBackend(Backend):
         e /= e.sum(axis=-1, keepdims=True)
         return e
 
-    def attention(self, qkv, n_head, past_k=None, past_v=None):
-        n_seq, n_embd = qkv.shape[0], qkv.shape[1] // 3
-        d = n_embd // n_head
-        k = _grow(past_k, qkv[:, n_embd : 2 * n_embd])
-        v = _grow(past_v, qkv[:, 2 * n_embd :])
-        n_kv = k.shape[0]
-        # head-major contiguous copies: np.matmul on strided views skips BLAS entirely
-        q = np.ascontiguousarray(qkv[:, :n_embd].reshape(n_seq, n_head, d).transpose(1, 0, 2))
-        kh = np.ascontiguousarray(np.asarray(k).reshape(n_kv, n_head, d).transpose(1, 2, 0))
-        vh = np.ascontiguousarray(np.asarray(v).reshape(n_kv, n_head, d).transpose(1, 0, 2))
-        scores = np.matmul(q, kh)
+    def attention(self, qkv, n_head, k_cache, v_cache, start, out=None):
+        """[n_new, 3*n_embd] -> [n_new, n_embd]; caches [n_head, capacity, d], written at start.."""
+        n_new, n_embd = qkv.shape[0], qkv.shape[1] // 3
+        d, end = n_embd // n_head, start + n_new
+        heads = lambda t: t.reshape(n_new, n_head, d).transpose(1, 0, 2)  # noqa: E731
+        k_cache[:, start:end] = heads(qkv[:, n_embd : 2 * n_embd])
+        v_cache[:, start:end] = heads(qkv[:, 2 * n_embd :])
+        scores = np.matmul(heads(qkv[:, :n_embd]), k_cache[:, :end].transpose(0, 2, 1))  # [h, n_new, end]
         scores *= 1.0 / math.sqrt(d)
-        probs = self.softmax(scores, causal=n_seq > 1)
-        out = np.matmul(probs, vh)  # [h, n_seq, d]
-        return out.transpose(1, 0, 2).reshape(n_seq, n_embd), k, v
+        if n_new > 1:  # query i (position start + i) sees keys 0 .. start + i
+            scores[:, np.triu(np.ones((n_new, end), bool), k=start + 1)] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
+        if out is None:
+            out = np.empty((n_new, n_embd), dtype=self.dtype)
+        np.matmul(scores, v_cache[:, :end], out=out.reshape(n_new, n_head, d).transpose(1, 0, 2))
+        return out
+
+    def attention_batch(self, qkv, n_head, caches, starts, counts):
+        out = np.empty((qkv.shape[0], qkv.shape[1] // 3), dtype=self.dtype)
+        row = 0
+        for (k_cache, v_cache), start, count in zip(caches, starts, counts):
+            self.attention(qkv[row : row + count], n_head, k_cache, v_cache, start, out[row : row + count])
+            row += count
+        return out
 
     def embedding(self, table, ids):
         return table[np.asarray(ids)]
 
+    def take_rows(self, x, rows):
+        return x[np.asarray(rows)]
+
     def slice_rows(self, x, start, stop):
         return x[start:stop]
+
+    def concat_rows(self, parts):
+        return np.concatenate(parts)
 
 
 @hookimpl

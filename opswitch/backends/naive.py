@@ -1,7 +1,8 @@
 """``naive``: the catalogue's numpy references, run as a backend.
 
 Slow and obvious on purpose: it is what every other backend is compared
-with, and the only one that computes in float64 on request.
+with.  It computes in float32 or float64 (``naive:float64``), and runs any
+weight format by decoding it to the values the format stands for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ class NaiveBackend(Backend):
     dtypes = ("float32", "float64")
 
     def _probe_impl(self) -> Probe:
+        base = super()._probe_impl()
+        if not base.available:
+            return base
         return Probe.ok(f"host CPU ({platform.machine() or 'unknown'}), numpy {self.dtype.name}")
 
     matmul = staticmethod(reference.matmul)
@@ -28,8 +32,11 @@ class NaiveBackend(Backend):
     gelu = staticmethod(reference.gelu)
     softmax = staticmethod(reference.softmax)
     attention = staticmethod(reference.attention)
+    attention_batch = staticmethod(reference.attention_batch)
     embedding = staticmethod(reference.embedding)
+    take_rows = staticmethod(reference.take_rows)
     slice_rows = staticmethod(reference.slice_rows)
+    concat_rows = staticmethod(reference.concat_rows)
 
 
 @hookimpl

@@ -2,14 +2,19 @@
 
 Device choice, in order:
 
-- ``OPSWITCH_OPENCL_DEVICE``: ``"P:D"`` (platform index, device index, as
-  ``opswitch backends`` lists them), ``"P"`` (that platform's first device),
-  or a case-insensitive substring of the platform or device name
-  (``"nvidia"``, ``"pthread"``).  A value that matches nothing makes the
-  backend unavailable, with the list of devices in the reason.
+- the spec: ``opencl:N`` is the N-th device of every platform, counted in
+  the order ``opswitch backends`` lists them.
+- ``OPSWITCH_OPENCL_DEVICE``: ``"N"`` (the same index), ``"P:D"`` (platform
+  index, device index), or a case-insensitive substring of the platform or
+  device name (``"nvidia"``, ``"pthread"``).  A value that matches nothing
+  makes the backend unavailable, with the list of devices in the reason.
 - ``PYOPENCL_CTX``: pyopencl's own selector, honoured when the above is unset.
 - otherwise the first GPU, else the first other device (e.g. PoCL's CPU
   device from ``pip install pocl-binary-distribution``).
+
+The probe only finds the device (cheap: a ``blas`` run never compiles
+OpenCL kernels); ``prepare()`` builds the kernels once the backend has been
+chosen, and whatever the compiler prints stays out of the user's terminal.
 
 ``OPSWITCH_OPENCL_TUNING=cpu|gpu`` overrides which kernel shapes are built
 (normally chosen by the device's type), e.g. for an accelerator that is
@@ -29,13 +34,14 @@ Why the shape of things here:
   ``x @ wᵀ`` for many rows transposes ``w`` once and runs the plain GEMM).
 - On PoCL, ``vloadN``/``vstoreN``/``mad`` are out-of-line calls that stop
   vectorisation (3x slower GEMM); ``common.cl`` replaces them there.
-- ``attention`` grows the KV cache in place inside a capacity buffer, as the
-  ``blas`` backend does, and returns views of the filled rows.
+- ``attention`` writes into and reads the caller's head-major KV cache
+  (``alloc``'d here); ``attention_batch`` runs the same two kernels per
+  sequence with row offsets into one qkv/out buffer, so nothing is copied.
 
 ``priority`` is 40 on a CPU device, below ``blas`` (50): there BLAS is faster
 at prefill.  On a GPU the probe raises it to ``GPU_PRIORITY`` (80), so
 ``auto`` prefers the GPU.  Ops are not thread-safe (kernels hold their
-arguments).
+arguments): ``thread_safe = False`` makes the model layer serialise them.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from opswitch.core import Backend, Probe, hookimpl
+from opswitch.core import Backend, BackendError, Device, Probe, hookimpl
 
 ENV_DEVICE = "OPSWITCH_OPENCL_DEVICE"
 GPU_PRIORITY = 80  # above blas: a GPU decodes faster than the host's BLAS
@@ -101,10 +107,10 @@ KERNEL_ARGS: dict[str, list] = {  # scalar argument types, so calls can pass Pyt
     "add_bcast": [_BUF] * 3 + [_I] * 2,
     "gelu": [_BUF] * 2 + [_I],
     "embedding": [_BUF] * 3 + [_I],
-    "kv_append": [_BUF] * 3 + [_I] * 2,
+    "kv_write": [_BUF] * 3 + [_I] * 5,
     "layernorm": [_BUF] * 4 + [_I, _F],
     "softmax": [_BUF] * 2 + [_I] * 3,
-    "attention": [_BUF] * 5 + [_I] * 4 + [_F],
+    "attention": [_BUF] * 5 + [_I] * 6 + [_F],
     "transpose": [_BUF] * 2 + [_I] * 2,
 }
 
@@ -157,7 +163,8 @@ def build_options(device: Any, tune: dict[str, int]) -> tuple[str, ...]:
 
 
 def list_devices(cl: Any) -> list[tuple[str, Any]]:
-    """Every OpenCL device as ("P:D", device); empty when no platform is installed."""
+    """Every OpenCL device as ("P:D", device), in the order their flat index
+    (``opencl:N``) counts them; empty when no platform is installed."""
     try:
         platforms = cl.get_platforms()
     except cl.Error:  # the ICD loader found no platform at all
@@ -190,7 +197,7 @@ def describe_device(device: Any) -> str:
 
 
 def _device_list(devices: list[tuple[str, Any]]) -> str:
-    return "; ".join(f"{key} {describe_device(device)}" for key, device in devices)
+    return "; ".join(f"opencl:{n} {describe_device(device)}" for n, (_, device) in enumerate(devices))
 
 
 def _match_device(spec: str, devices: list[tuple[str, Any]]) -> Any | None:
@@ -200,7 +207,7 @@ def _match_device(spec: str, devices: list[tuple[str, Any]]) -> Any | None:
     if spec in by_key:
         return by_key[spec]
     if spec.isdigit():
-        return next((dev for key, dev in devices if key.split(":")[0] == spec), None)
+        return devices[int(spec)][1] if int(spec) < len(devices) else None
     needle = spec.lower()
     for _, device in devices:
         if needle in f"{device.platform.name} {device.name}".lower():
@@ -208,8 +215,14 @@ def _match_device(spec: str, devices: list[tuple[str, Any]]) -> Any | None:
     return None
 
 
-def _pick_device(cl: Any, devices: list[tuple[str, Any]]) -> tuple[Any, str]:
-    """(device, "") or (None, why not): OPSWITCH_OPENCL_DEVICE, PYOPENCL_CTX, GPU, any."""
+def _pick_device(cl: Any, devices: list[tuple[str, Any]], index: str | None) -> tuple[Any, str]:
+    """(device, "") or (None, why not): the spec's index, OPSWITCH_OPENCL_DEVICE,
+    PYOPENCL_CTX, the first GPU, any."""
+    if index is not None:
+        device = _match_device(index, devices) if index.isdigit() else None
+        if device is None:
+            return None, f"there is no OpenCL device {index!r}; devices: {_device_list(devices)}"
+        return device, ""
     spec = os.environ.get(ENV_DEVICE, "").strip()
     if spec:
         device = _match_device(spec, devices)
@@ -244,16 +257,29 @@ def _round_up(n: int, multiple: int) -> int:
 class OpenCLBackend(Backend):
     name = "opencl"
     priority = 40
+    max_priority = GPU_PRIORITY
     description = "own OpenCL kernels via PyOpenCL (GPU, or CPU through PoCL)"
     dtypes = ("float32",)
+    thread_safe = False
 
-    def __init__(self, dtype: str = "float32") -> None:
-        super().__init__(dtype)
+    def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
+        super().__init__(dtype, device)
         self.device: Any = None
         self.context: Any = None
         self.queue: Any = None
 
-    # -- probing ---------------------------------------------------------
+    # -- devices and probing ---------------------------------------------
+    @classmethod
+    def list_devices(cls) -> list[Device]:
+        try:
+            import pyopencl as cl
+        except ImportError:
+            return []
+        return [
+            Device(str(n), describe_device(dev), int(dev.global_mem_size))
+            for n, (_, dev) in enumerate(list_devices(cl))
+        ]
+
     def _probe_impl(self) -> Probe:
         try:
             import pyopencl as cl
@@ -262,7 +288,7 @@ class OpenCLBackend(Backend):
         devices = list_devices(cl)
         if not devices:
             return Probe.missing(NO_PLATFORM)
-        device, why_not = _pick_device(cl, devices)
+        device, why_not = _pick_device(cl, devices, self.device_id)
         if device is None:
             return Probe.missing(why_not)
         try:
@@ -276,24 +302,29 @@ class OpenCLBackend(Backend):
                 f"{describe_device(device)} allows work-groups of {device.max_work_group_size}, "
                 f"the {kind} kernels need {need}; set {ENV_TUNING} or {ENV_DEVICE}"
             )
-        try:
-            self._open(cl, device, tune)
-        except cl.Error as exc:
-            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            return Probe.missing(f"our OpenCL kernels failed to build on {device.name.strip()}: {first}")
+        self._cl, self.device, self._tune = cl, device, tune
         is_gpu = bool(device.type & cl.device_type.GPU)
         return Probe.ok(describe_device(device), priority=GPU_PRIORITY if is_gpu else None)
 
+    def _prepare_impl(self) -> None:
+        """Context, queue, memory pool and our kernels on the probed device."""
+        cl = self._cl
+        try:
+            self._open(cl, self.device, self._tune)
+        except cl.Error as exc:
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            where = self.device.name.strip()
+            raise BackendError(f"our OpenCL kernels failed to build on {where}: {first}") from exc
+
     def _open(self, cl: Any, device: Any, tune: dict[str, int]) -> None:
-        """Context, queue, memory pool and our kernels on ``device``."""
         import pyopencl.array as cl_array
         import pyopencl.tools as cl_tools
 
         options = build_options(device, tune)
         context = cl.Context([device])
         program = build_program(context, options)
-        self._cl, self._cl_array = cl, cl_array
-        self.device, self.context, self.options = device, context, options
+        self._cl_array = cl_array
+        self.context, self.options = context, options
         self.queue = cl.CommandQueue(context)
         self._pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
         self._t = SimpleNamespace(**tune)
@@ -319,6 +350,13 @@ class OpenCLBackend(Backend):
         if hasattr(x, "get"):
             return x.get(queue=self.queue)
         return np.asarray(x)
+
+    def alloc(self, shape: tuple[int, ...]) -> Any:
+        """A zeroed device array (KV-cache buffers: not from the pool, they live long)."""
+        return self._cl_array.zeros(self.queue, shape, np.float32)
+
+    def store(self, dst: Any, src: np.ndarray) -> None:
+        dst.set(np.ascontiguousarray(src, dtype=np.float32), queue=self.queue)
 
     def synchronize(self) -> None:
         self.queue.finish()
@@ -417,55 +455,39 @@ class OpenCLBackend(Backend):
         self._k.softmax(self.queue, (rows * local,), (local,), x.data, out.data, n_k, n_q, int(bool(causal)))
         return out
 
-    def attention(self, qkv, n_head, past_k=None, past_v=None):
-        """[n_seq, 3*n_embd] -> (out [n_seq, n_embd], k_all, v_all), cache grown in place."""
-        n_seq, n_embd = qkv.shape[0], qkv.shape[1] // 3
-        d = n_embd // n_head
-        n_past = 0 if past_k is None else past_k.shape[0]
-        k_state = self._reserve(past_k, n_past + n_seq, n_embd)
-        v_state = self._reserve(past_v, n_past + n_seq, n_embd)
+    def attention(self, qkv, n_head, k_cache, v_cache, start):
+        """[n_new, 3*n_embd] -> [n_new, n_embd]; caches [n_head, capacity, d], written at start.."""
+        out = self._empty((qkv.shape[0], qkv.shape[1] // 3))
+        self._attend(qkv, n_head, k_cache, v_cache, start, 0, qkv.shape[0], out)
+        return out
+
+    def attention_batch(self, qkv, n_head, caches, starts, counts):
+        out = self._empty((qkv.shape[0], qkv.shape[1] // 3))
+        row0 = 0
+        for (k_cache, v_cache), start, count in zip(caches, starts, counts):
+            self._attend(qkv, n_head, k_cache, v_cache, start, row0, count, out)
+            row0 += count
+        return out
+
+    def _attend(self, qkv, n_head, k_cache, v_cache, start, row0, n_new, out) -> None:
+        """Write rows row0.. of qkv into the caches at start.., then attend them into out."""
+        if not n_new:
+            return
+        n_embd = qkv.shape[1] // 3
+        d, capacity = n_embd // n_head, k_cache.shape[1]
+        n_kv = start + n_new
         local = self._t.EW_L
-        self._k.kv_append(
-            self.queue, (_round_up(n_embd, local), n_seq), (local, 1),
-            qkv.data, k_state[0].data, v_state[0].data, n_embd, n_past,
+        self._k.kv_write(
+            self.queue, (_round_up(n_embd, local), n_new), (local, 1),
+            qkv.data, k_cache.data, v_cache.data, n_embd, d, capacity, start, row0,
         )  # fmt: skip
-        k, v = self._filled(k_state, n_past + n_seq), self._filled(v_state, n_past + n_seq)
-        n_kv = n_past + n_seq
-        scores = self._empty((n_head, n_seq, n_kv))
-        out = self._empty((n_seq, n_embd))
+        scores = self._empty((n_head, n_new, n_kv))
         local = self._t.ATT_L
         self._k.attention(
-            self.queue, (n_seq * local, n_head), (local, 1),
-            qkv.data, k.data, v.data, scores.data, out.data, n_seq, n_kv, n_embd, d, 1.0 / math.sqrt(d),
+            self.queue, (n_new * local, n_head), (local, 1),
+            qkv.data, k_cache.data, v_cache.data, scores.data, out.data, n_new, n_kv, n_embd, d, capacity,
+            row0, 1.0 / math.sqrt(d),
         )  # fmt: skip
-        return out, k, v
-
-    def _reserve(self, past, n_total: int, n_embd: int) -> list:
-        """The cache state ``[buffer, rows_filled]`` to append to, with room for ``n_total`` rows.
-
-        Appends go in place when ``past`` is the newest view of a buffer with
-        room; an older view (its buffer has moved on), a full buffer or a
-        foreign array get a new buffer with ``past``'s rows copied in, so no
-        row any earlier view shows is ever written.
-        """
-        n_past = 0 if past is None else past.shape[0]
-        state = getattr(past, "_kv_state", None)
-        if state is not None and state[1] == n_past and state[0].shape[0] >= n_total:
-            return state
-        capacity = max(64, 1 << math.ceil(math.log2(n_total)))
-        buf = self._empty((capacity, n_embd))
-        if n_past:
-            self._cl.enqueue_copy(
-                self.queue, buf.base_data, past.base_data,
-                byte_count=past.nbytes, src_offset=past.offset, dst_offset=buf.offset,
-            )  # fmt: skip
-        return [buf, n_past]
-
-    def _filled(self, state: list, n_total: int):
-        state[1] = n_total
-        view = state[0][:n_total]
-        view._kv_state = state
-        return view
 
     def embedding(self, table, ids):  # [n_vocab, n], int [n_seq] -> [n_seq, n]
         ids = np.asarray(ids)
@@ -483,6 +505,21 @@ class OpenCLBackend(Backend):
                 self.queue, (_round_up(n, local), flat.size), (local, 1),
                 table.data, ids_dev.data, out.data, n,
             )  # fmt: skip
+        return out
+
+    def take_rows(self, x, rows):  # [n_rows, n], int [k] -> [k, n]
+        return self.embedding(x, rows)
+
+    def concat_rows(self, parts):  # list of [n_i, n] -> [sum n_i, n]  (device copies)
+        out = self._empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+        offset = out.offset
+        for part in parts:
+            if part.nbytes:
+                self._cl.enqueue_copy(
+                    self.queue, out.base_data, part.base_data, byte_count=part.nbytes,
+                    src_offset=part.offset, dst_offset=offset,
+                )  # fmt: skip
+            offset += part.nbytes
         return out
 
     def slice_rows(self, x, start, stop):  # [n_seq, n] -> [stop - start, n]  (a device copy)

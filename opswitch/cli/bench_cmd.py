@@ -47,7 +47,7 @@ def _backends(spec: str | None):
 
 
 def _load(args):
-    from opswitch.bench import random_gpt2_params
+    from opswitch.cli.benchmark import random_gpt2_params
     from opswitch.model.config import PRESETS
     from opswitch.model.hub import resolve_model
     from opswitch.model.weights import load_gpt2
@@ -70,7 +70,7 @@ def _torch_available() -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.bench import (
+    from opswitch.cli.benchmark import (
         Quiet,
         bench_model_ours,
         bench_model_torch,

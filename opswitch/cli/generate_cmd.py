@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
-from opswitch.core.errors import OpswitchError
-from opswitch.generation import GenerationConfig, GenerationResult
+from opswitch.cli.session import Console, generate_once, model_summary, show_settings
+from opswitch.core.errors import GenerationError
+from opswitch.core.formats import FORMATS
+from opswitch.generation import GenerationConfig
+from opswitch.generation.loop import EMPTY_PROMPT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,11 +41,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-token", type=int, metavar="ID",
                    help="stop at this token id; -1 = never (default: <|endoftext|>)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--backend", metavar="NAME[,NAME...]",
-                   help="auto, naive, blas, opencl, cuda or a plugin's name; a comma list tries in order"
+    p.add_argument("--backend", metavar="SPEC[,SPEC...]",
+                   help=f"auto, or NAME[:DEVICE][:DTYPE] with NAME one of {backend_names()}"
+                   " (e.g. opencl:1, naive:float64); a comma list tries in order"
                    " (default: $OPSWITCH_BACKEND or auto)")
+    p.add_argument("--weights", default="f32", choices=FORMATS,
+                   help="storage format of the weight matrices on the backend (default f32)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
     p.set_defaults(run=run)
+
+
+def backend_names() -> str:
+    """The registered backends, for --help (what is installed, not what we wish were)."""
+    from opswitch.core.registry import get_registry
+
+    return ", ".join(get_registry().names()) or "none"
 
 
 def settings_from(args: argparse.Namespace) -> GenerationConfig:
@@ -57,24 +69,6 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
         stop_token="eos" if args.stop_token is None else args.stop_token,
         use_kv_cache=not args.no_kv_cache,
     )
-
-
-class Console:
-    """Where output goes: text to stdout, the rest to stderr unless quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def info(self, line: str = "") -> None:
-        if not self.quiet:
-            print(line, file=sys.stderr, flush=True)
-
-    def error(self, message: str) -> None:
-        print(f"opswitch: error: {message}", file=sys.stderr, flush=True)
-
-    def text(self, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
 
 
 def read_prompt(args: argparse.Namespace) -> str | None:
@@ -93,102 +87,21 @@ def read_prompt(args: argparse.Namespace) -> str | None:
 
 
 def load(args: argparse.Namespace):
-    """Select the backend first (fast failure), then load weights and tokenizer.
+    """Load through ``opswitch.load_model`` (the one load path), with progress on a TTY.
 
     Returns the model and its summary lines, printed by the caller once every
     check has passed, so that any failure is exactly one line on stderr.
     """
-    from opswitch.api import LanguageModel
+    from opswitch.api import load_model
     from opswitch.cli.progress import Progress
-    from opswitch.core.registry import get_registry
-    from opswitch.model.gpt2 import GPT2
-    from opswitch.model.hub import resolve_model
-    from opswitch.model.weights import load_gpt2
-    from opswitch.tokenizer import load_tokenizer
 
-    selection = get_registry().select(args.backend)
-    # Nothing is printed until loading succeeds, so a failure is exactly one line.
-    with Progress("Loading model") as progress:
-        directory = resolve_model(args.model, revision=args.revision)
-        config, params = load_gpt2(directory)
-        tokenizer = load_tokenizer(args.tokenizer or directory)
-        model = GPT2(config, params, selection.backend)
-    model.selection_reason = selection.reason
-    if tokenizer.vocab_size > config.vocab_size:
-        raise OpswitchError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}:"
-            " pass the model's own tokenizer with --tokenizer"
-        )
-    label = args.model or "the built-in demo model"
-    same = args.model and Path(args.model).expanduser().resolve() == Path(directory).resolve()
-    summary = [
-        f"Model: {directory}" if same else f"Model: {label} ({directory})",
-        f"✓ Model loaded (vocab={config.vocab_size}, dim={config.n_embd}, layers={config.n_layer}, "
-        f"heads={config.n_head}, context={config.n_positions}, params={_millions(config.n_params)}) "
-        f"in {progress.elapsed:.2f}s",
-        f"✓ Backend: {selection.reason}",
-    ]
-    if model.fallbacks:
-        summary.append(f"  ops computed by the host reference (fallback): {', '.join(model.fallbacks)}")
-    summary.append(f"✓ Tokenizer loaded (vocab size={tokenizer.vocab_size})")
-    return LanguageModel(model, tokenizer, str(directory)), summary
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
-
-
-def show_settings(console: Console, config: GenerationConfig) -> None:
-    console.info()
-    console.info("Generation settings:")
-    for line in describe_settings(config):
-        console.info(f"  {line}")
-    console.info()
-
-
-def describe_settings(config: GenerationConfig) -> list[str]:
-    stop = "<|endoftext|>" if config.stop_token == "eos" else (
-        "none" if config.stop_token == -1 else str(config.stop_token))
-    return [
-        f"Max tokens:  {config.max_new_tokens}",
-        f"Temperature: {config.temperature:.2f}" + ("  (greedy)" if config.greedy else ""),
-        f"Top-k:       {config.top_k}" + ("  (off)" if config.top_k == 0 else ""),
-        f"Top-p:       {config.top_p:.2f}" + ("  (off)" if config.top_p in (0, 1) else ""),
-        f"Seed:        {config.seed}",
-        f"Stop token:  {stop}",
-        f"KV cache:    {'on' if config.use_kv_cache else 'off'}",
-    ]
-
-
-def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -> GenerationResult:
-    """Stream one completion; Ctrl-C stops it cleanly, keeping what was printed."""
-    ids = lm.encode(prompt)
-    console.info(f"Prompt: {prompt}")
-    console.info(f"Encoded to {len(ids)} tokens: {ids}")
-    console.info()
-    result = GenerationResult(ids)
-    if not console.quiet:
-        console.text(prompt)
-    started = time.perf_counter()
-    try:
-        for piece in lm.stream(ids, result=result, config=config):
-            console.text(piece)
-    except KeyboardInterrupt:
-        result.stop_reason = "interrupted"
-    console.text("\n")
-    total = time.perf_counter() - started
-    why = {
-        "stop_token": "stopped at the stop token",
-        "context_full": f"stopped: the model's context of {lm.config.n_positions} tokens is full",
-        "interrupted": "interrupted",
-        "length": "reached max tokens",
-    }[result.stop_reason]
-    console.info()
-    console.info(
-        f"Generated {len(result.new_ids)} tokens in {total:.2f}s ({why}); "
-        f"prefill {result.prefill_seconds * 1000:.0f} ms, decode {result.tokens_per_second:.1f} tokens/s"
-    )
-    return result
+    with Progress("Loading model"):
+        lm = load_model(args.model, args.backend, tokenizer=args.tokenizer or None, revision=args.revision,
+                        weights=args.weights)
+    lm.require_tokenizer()  # text in, text out: the CLI needs one
+    same = args.model and Path(args.model).expanduser().resolve() == Path(lm.source).resolve()
+    label = None if same else (args.model or "the built-in demo model")
+    return lm, model_summary(lm, label)
 
 
 def check_fits(lm, prompt: str | None, config: GenerationConfig) -> None:
@@ -207,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
     config = settings_from(args)
     prompt = read_prompt(args)
     if not args.interactive and not prompt:
-        from opswitch.cli.main import UsageError
-
-        raise UsageError("the prompt is empty: give some text to continue")
+        raise GenerationError(EMPTY_PROMPT)
     lm, summary = load(args)
     check_fits(lm, prompt, config)
     for line in summary:

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from opswitch.cli.session import describe_settings, generate_once
 from opswitch.core.errors import OpswitchError
 from opswitch.generation import GenerationConfig
 
@@ -98,8 +99,6 @@ class Repl:
         return 0
 
     def generate(self, prompt: str) -> None:
-        from opswitch.cli.generate_cmd import generate_once
-
         try:
             generate_once(self.lm, prompt, self.config, self.console)
         except OpswitchError as exc:
@@ -117,9 +116,7 @@ class Repl:
                 self.switch_backend(rest)
             elif name == "/config":
                 self.console.info("Current settings:")
-                from opswitch.cli.generate_cmd import describe_settings
-
-                for entry in [*describe_settings(self.config), f"Backend:     {self.lm.backend.name}"]:
+                for entry in [*describe_settings(self.config), f"Backend:     {self.lm.backend.spec}"]:
                     self.console.info(f"  {entry}")
             elif name == "/help":
                 self.console.info(HELP)
@@ -144,6 +141,6 @@ class Repl:
         if len(rest) != 1:
             raise OpswitchError("usage: /backend <name>  (see `opswitch backends`)")
         self.lm.to(rest[0])  # on failure the model stays where it was
-        self.console.info(f"Backend: {self.lm.model.selection_reason}")
-        if self.lm.model.fallbacks:
-            self.console.info(f"  fallback ops: {', '.join(self.lm.model.fallbacks)}")
+        self.console.info(f"Backend: {self.lm.selection_reason}")
+        if self.lm.model.ops.describe_fallbacks():
+            self.console.info(f"  fallback ops: {self.lm.model.ops.describe_fallbacks()}")

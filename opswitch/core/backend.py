@@ -1,20 +1,27 @@
-"""The contract a backend fulfils: identity, probing, array movement, ops.
+"""The contract a backend fulfils: identity, devices, probing, memory, ops.
 
-A backend is a class.  Constructing it must be cheap and must not fail (so a
-listing never breaks); ``probe()`` does the real work of finding hardware and
-libraries, and says in words why the backend cannot run when it cannot.  Ops
-are ordinary methods named after the catalogue (``opswitch.core.ops``); any
-the class lacks are filled in by the registry with the reference.
+A backend is a class; an instance belongs to one (backend, device, dtype).
+Constructing it must be cheap and must not fail (so a listing never
+breaks); ``probe()`` finds hardware and libraries cheaply and says in words
+why the backend cannot run when it cannot; ``prepare()`` does the heavy
+set-up (building kernels) once the backend has been chosen.  Ops are
+ordinary methods named after the catalogue (``opswitch.core.ops``); any the
+class lacks are filled in by the registry with the reference.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from opswitch.core import formats
+from opswitch.core.errors import BackendError
 from opswitch.core.ops import OP_NAMES
+
+DTYPES = ("float16", "float32", "float64")  # the compute dtypes a spec may name
 
 
 @dataclass(frozen=True)
@@ -35,32 +42,63 @@ class Probe:
         return cls(False, reason=reason)
 
 
+@dataclass(frozen=True)
+class Device:
+    """One device a backend can run on: ``id`` is what follows ``name:`` in a spec."""
+
+    id: str
+    description: str
+    memory_bytes: int | None = None
+
+
 class Backend:
     """Base class for backends.  Subclasses set the ClassVars and add ops.
 
     ``to_device``/``to_host`` move arrays across the boundary; the model
-    uploads weights once with ``to_device`` and reads only logits back with
-    ``to_host``.  Host arrays are numpy; device arrays are whatever the
-    backend likes, and nothing above the core looks inside them.
+    uploads weights once (``upload_weight``), allocates its KV caches with
+    ``alloc``, and reads only logits back with ``to_host``.  Host arrays are
+    numpy; device arrays are whatever the backend likes, and nothing above
+    the core looks inside them.
     """
 
     name: ClassVar[str] = ""
     priority: ClassVar[int] = 0  # auto picks the highest available
+    # the highest priority a probe may report (a GPU found): auto probes in this order
+    max_priority: ClassVar[int | None] = None
     description: ClassVar[str] = ""
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    # storage formats kept natively (opswitch.core.formats); others arrive decoded as f32
+    weight_formats: ClassVar[tuple[str, ...]] = ("f32",)
+    # may two threads call ops at once?  If not, the model layer serialises calls.
+    thread_safe: ClassVar[bool] = True
 
-    def __init__(self, dtype: str = "float32") -> None:
+    def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         if dtype not in self.dtypes:
-            from opswitch.core.errors import BackendError
-
-            raise BackendError(
-                f"backend {self.name!r} computes in {', '.join(self.dtypes)}, not {dtype}"
-            )
+            raise BackendError(f"backend {self.name!r} computes in {', '.join(self.dtypes)}, not {dtype}")
         self.dtype = np.dtype(dtype)
+        self.device_id = device
+        self.lock = threading.RLock()
         self._probe: Probe | None = None
+        self._prepared = False
+
+    @property
+    def spec(self) -> str:
+        """How to name this instance: ``name[:device][:dtype]``."""
+        parts = [self.name]
+        if self.device_id is not None:
+            parts.append(self.device_id)
+        if str(self.dtype) != "float32":
+            parts.append(str(self.dtype))
+        return ":".join(parts)
+
+    # -- devices and probing ----------------------------------------------
+    @classmethod
+    def list_devices(cls) -> list[Device]:
+        """The devices this backend could run on here (one host device by default)."""
+        return [Device("0", "host CPU")]
 
     def probe(self) -> Probe:
-        """Find out (once) whether this backend can run here."""
+        """Find out (once) whether this backend can run here; cheap and quiet."""
         if self._probe is None:
             try:
                 self._probe = self._probe_impl()
@@ -69,8 +107,20 @@ class Backend:
         return self._probe
 
     def _probe_impl(self) -> Probe:
+        if self.device_id not in (None, "0"):
+            return Probe.missing(f"{self.name} has one device, '0'; there is no device {self.device_id!r}")
         return Probe.ok("host CPU")
 
+    def prepare(self) -> None:
+        """Heavy set-up once chosen (e.g. building kernels); raise BackendError on failure."""
+        if not self._prepared:
+            self._prepare_impl()
+            self._prepared = True
+
+    def _prepare_impl(self) -> None:
+        pass
+
+    # -- memory ------------------------------------------------------------
     def to_device(self, x: Any) -> Any:
         """Host numpy array -> backend array, in the backend's compute dtype."""
         return np.ascontiguousarray(x, dtype=self.dtype)
@@ -78,6 +128,20 @@ class Backend:
     def to_host(self, x: Any) -> np.ndarray:
         """Backend array -> host numpy array."""
         return np.asarray(x)
+
+    def alloc(self, shape: tuple[int, ...]) -> Any:
+        """A zeroed backend array in the compute dtype (KV-cache buffers)."""
+        return self.to_device(np.zeros(shape, dtype=np.float32))
+
+    def store(self, dst: Any, src: np.ndarray) -> None:
+        """Overwrite all of ``dst`` with host ``src`` (how fallbacks write caches back)."""
+        if src is not dst:
+            dst[...] = src
+
+    def upload_weight(self, stored: formats.Stored) -> Any:
+        """A weight, once, at bind time.  Only formats in ``weight_formats`` arrive
+        here undecoded; the default keeps the float32 values."""
+        return self.to_device(formats.decode(stored))
 
     def synchronize(self) -> None:
         """Wait for queued work (for timing); host backends have none."""

@@ -38,3 +38,7 @@ class GenerationError(OpswitchError):
 
 class ModelNotFoundError(OpswitchError):
     """A model name or path resolves to nothing locally or on the hub."""
+
+
+class ModelInputError(OpswitchError):
+    """Token ids or positions a model cannot take (not integers, out of range, too many)."""

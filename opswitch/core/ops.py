@@ -2,20 +2,31 @@
 
 Each reference is plain numpy, written to be read, and computes in the dtype
 of its inputs (float64 in, float64 out), which is what makes it the yardstick
-for every backend.  Shapes follow picoGPT: one sequence at a time, activations
-are ``[n_seq, n_embd]``; weights use the GPT-2 checkpoint layout (``Conv1D``:
-``w`` is ``[n_in, n_out]``).
+for every backend.  Shapes follow picoGPT: activations are ``[n_rows,
+n_embd]``; weights use the GPT-2 checkpoint layout (``Conv1D``: ``w`` is
+``[n_in, n_out]``).
+
+Rows may belong to several sequences (a *ragged batch*): the row-wise ops
+never care, and ``attention_batch`` splits the rows by ``counts``, each
+sequence attending over its own cache.  One sequence is the batch of one.
+
+The KV cache belongs to the caller: per layer a key and a value buffer of
+shape ``[n_head, capacity, head_dim]`` (head-major, so one head's keys are
+contiguous), allocated with ``Backend.alloc``.  ``attention`` writes the new
+keys and values at ``start ..`` and reads rows ``0 .. start + n_new``; no op
+keeps hidden state between calls.
 
 A backend implements any subset of these names as methods with the same
 signature; the registry falls back to the function here for the rest.
 Arrays in and out of a backend's ops are the backend's own (opaque to the
-model); index arrays (``ids``) and scalars always arrive as host values.
+model); index arrays (``ids``, ``rows``) and scalars always arrive as host
+values.  Ops listed in ``OpSpec.writes`` change those arguments in place.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +38,7 @@ def matmul(a, b, transpose_b=False):  # [m, k] @ [k, n] (or [n, k]ᵀ) -> [m, n]
     return a @ (b.T if transpose_b else b)
 
 
-def linear(x, w, b=None):  # [n_seq, n_in], [n_in, n_out], [n_out] -> [n_seq, n_out]
+def linear(x, w, b=None):  # [n_rows, n_in], [n_in, n_out], [n_out] -> [n_rows, n_out]
     y = x @ w
     return y if b is None else y + b
 
@@ -36,7 +47,7 @@ def add(a, b):  # [...], [...] -> [...]   (residual connection)
     return a + b
 
 
-def layernorm(x, g, b, eps=1e-5):  # [n_seq, n], [n], [n] -> [n_seq, n]
+def layernorm(x, g, b, eps=1e-5):  # [n_rows, n], [n], [n] -> [n_rows, n]
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
     return g * (x - mean) / np.sqrt(var + eps) + b
@@ -60,42 +71,66 @@ def softmax(x, causal=False):  # [..., n_q, n_k] -> [..., n_q, n_k]
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(qkv, n_head, past_k=None, past_v=None):
-    """Causal multi-head attention over the fused GPT-2 ``c_attn`` output.
+def attention(qkv, n_head, k_cache, v_cache, start):
+    """Causal multi-head attention of one sequence over its cache.
 
-    qkv: [n_seq, 3 * n_embd]; past_k, past_v: [n_past, n_embd] or None.
-    Returns (out [n_seq, n_embd], k [n_past + n_seq, n_embd], v [...]): the
-    returned k/v are the cache to pass as ``past_*`` on the next call.  A
-    backend may grow the cache in place beyond the visible end of ``past_*``
-    (so callers must not reuse an old ``past_*`` after passing it on), but
-    must never change the elements ``past_*`` shows.
+    qkv: [n_new, 3 * n_embd], the fused ``c_attn`` output of the sequence's
+    new tokens, at positions ``start .. start + n_new``.  k_cache, v_cache:
+    [n_head, capacity, head_dim]; rows ``0 .. start`` hold the past.  Writes
+    this call's keys and values into rows ``start .. start + n_new`` (in
+    place), then returns out: [n_new, n_embd].
     """
-    n_seq, n_embd = qkv.shape[0], qkv.shape[1] // 3
-    q, k, v = qkv[:, :n_embd], qkv[:, n_embd : 2 * n_embd], qkv[:, 2 * n_embd :]
-    if past_k is not None:
-        k, v = np.concatenate([past_k, k]), np.concatenate([past_v, v])
+    n_new, n_embd = qkv.shape[0], qkv.shape[1] // 3
     d = n_embd // n_head
-    heads = lambda t: t.reshape(t.shape[0], n_head, d).transpose(1, 0, 2)  # noqa: E731
-    scores = heads(q) @ heads(k).transpose(0, 2, 1) / math.sqrt(d)  # [n_head, n_seq, n_kv]
-    out = softmax(scores, causal=True) @ heads(v)  # [n_head, n_seq, d]
-    return out.transpose(1, 0, 2).reshape(n_seq, n_embd), k, v
+    heads = lambda t: t.reshape(n_new, n_head, d).transpose(1, 0, 2)  # noqa: E731  [n_head, n_new, d]
+    q, k, v = (heads(qkv[:, i * n_embd : (i + 1) * n_embd]) for i in range(3))
+    end = start + n_new
+    k_cache[:, start:end], v_cache[:, start:end] = k, v
+    scores = q @ k_cache[:, :end].transpose(0, 2, 1) / math.sqrt(d)  # [n_head, n_new, end]
+    out = softmax(scores, causal=True) @ v_cache[:, :end]  # [n_head, n_new, d]
+    return out.transpose(1, 0, 2).reshape(n_new, n_embd)
 
 
-def embedding(table, ids):  # [n_vocab, n], int [n_seq] -> [n_seq, n]
+def attention_batch(qkv, n_head, caches, starts, counts):
+    """``attention`` for a ragged batch: rows of sequence ``i`` are the next
+    ``counts[i]`` rows of qkv [sum(counts), 3 * n_embd]; ``caches[i]`` is its
+    ``(k_cache, v_cache)`` and ``starts[i]`` its first new position.
+    Returns out: [sum(counts), n_embd], rows in the order of qkv."""
+    outs, row = [], 0
+    for (k_cache, v_cache), start, count in zip(caches, starts, counts):
+        outs.append(attention(qkv[row : row + count], n_head, k_cache, v_cache, start))
+        row += count
+    return np.concatenate(outs)
+
+
+def embedding(table, ids):  # [n_vocab, n], int [n_rows] -> [n_rows, n]
     return table[np.asarray(ids)]
 
 
-def slice_rows(x, start, stop):  # [n_seq, n] -> [stop - start, n]   (e.g. the last position)
+def take_rows(x, rows):  # [n_rows, n], int [k] -> [k, n]   (e.g. each sequence's last row)
+    return x[np.asarray(rows)]
+
+
+def slice_rows(x, start, stop):  # [n_rows, n] -> [stop - start, n]
     return x[start:stop]
+
+
+def concat_rows(parts):  # list of [n_i, n] -> [sum n_i, n]
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One catalogue entry: the op's name, its reference, and what it does."""
+    """One catalogue entry: the op's name, its reference, and what it does.
+
+    ``writes`` names the arguments (by position) the op changes in place: a
+    fallback copies them back to the device after running the reference.
+    """
 
     name: str
     reference: Callable
     summary: str
+    writes: tuple[int, ...] = ()
 
 
 CATALOGUE: dict[str, OpSpec] = {
@@ -107,9 +142,23 @@ CATALOGUE: dict[str, OpSpec] = {
         OpSpec("layernorm", layernorm, "layer normalisation over the last axis"),
         OpSpec("gelu", gelu, "GELU, tanh approximation"),
         OpSpec("softmax", softmax, "stable softmax over the last axis, optional causal mask"),
-        OpSpec("attention", attention, "causal multi-head attention with KV-cache append"),
+        OpSpec("attention", attention, "causal attention of one sequence over its caller-owned cache",
+               writes=(2, 3)),
+        OpSpec("attention_batch", attention_batch, "attention for a ragged batch of sequences",
+               writes=(2,)),
         OpSpec("embedding", embedding, "row gather from an embedding table"),
+        OpSpec("take_rows", take_rows, "gather rows by index (each sequence's last row)"),
         OpSpec("slice_rows", slice_rows, "rows start:stop of a 2-D array"),
+        OpSpec("concat_rows", concat_rows, "stack 2-D arrays along rows"),
     )
 }
 OP_NAMES: tuple[str, ...] = tuple(CATALOGUE)
+
+
+def row_counts(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """(first row, row after the last) of each sequence in a ragged batch."""
+    bounds, row = [], 0
+    for count in counts:
+        bounds.append((row, row + count))
+        row += count
+    return bounds

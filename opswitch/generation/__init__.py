@@ -1,7 +1,23 @@
 """Sampling and the generation loop, above the model and the tokenizer."""
 
 from opswitch.generation.config import GenerationConfig
-from opswitch.generation.loop import GenerationResult, generate_ids, stream_ids
+from opswitch.generation.loop import (
+    BatchGenerator,
+    GenerationResult,
+    check_request,
+    generate_batch,
+    generate_ids,
+    stream_ids,
+)
 from opswitch.generation.sampling import sample_next
 
-__all__ = ["GenerationConfig", "GenerationResult", "generate_ids", "sample_next", "stream_ids"]
+__all__ = [
+    "BatchGenerator",
+    "GenerationConfig",
+    "GenerationResult",
+    "check_request",
+    "generate_batch",
+    "generate_ids",
+    "sample_next",
+    "stream_ids",
+]

@@ -4,108 +4,135 @@ Like picoGPT, each function is one screen at most, carries its shapes, and
 takes weights as dicts named like the checkpoint (``c_attn``, ``ln_1``...).
 ``ops`` is the backend's resolved op table and every array here is the
 backend's own, so the same code runs on numpy, BLAS, OpenCL or a plugin.
+
+One forward advances a *ragged batch*: any number of sequences, each with
+its own new tokens (a prompt, or one token) and its own KV cache.  The
+row-wise ops see all rows at once; attention runs per sequence over its
+cache.  One sequence is simply the batch of one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from opswitch.core import formats
 from opswitch.core.backend import Backend
-from opswitch.core.errors import GenerationError
-from opswitch.core.registry import get_registry
+from opswitch.core.errors import ModelInputError
+from opswitch.core.registry import OpTable, get_registry
 from opswitch.model.config import GPT2Config
+from opswitch.model.kvcache import CachePool, KVCache, new_cache
 
 
-def linear(ops, x, p):  # [n_seq, n_in] -> [n_seq, n_out]
+def linear(ops, x, p):  # [n_rows, n_in] -> [n_rows, n_out]
     return ops.linear(x, p["weight"], p["bias"])
 
 
-def layernorm(ops, x, p, eps):  # [n_seq, n_embd] -> [n_seq, n_embd]
+def layernorm(ops, x, p, eps):  # [n_rows, n_embd] -> [n_rows, n_embd]
     return ops.layernorm(x, p["weight"], p["bias"], eps)
 
 
-def mlp(ops, x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
+def mlp(ops, x, c_fc, c_proj):  # [n_rows, n_embd] -> [n_rows, n_embd]
     return linear(ops, ops.gelu(linear(ops, x, c_fc)), c_proj)
 
 
-def mha(ops, x, c_attn, c_proj, n_head, past):  # [n_seq, n_embd] -> [n_seq, n_embd], (k, v)
-    out, k, v = ops.attention(linear(ops, x, c_attn), n_head, *past)
-    return linear(ops, out, c_proj), (k, v)
+def mha(ops, x, c_attn, c_proj, *, n_head, kv, starts, counts):  # [n_rows, n_embd] -> [n_rows, n_embd]
+    return linear(ops, ops.attention_batch(linear(ops, x, c_attn), n_head, kv, starts, counts), c_proj)
 
 
-def transformer_block(ops, x, ln_1, attn, ln_2, mlp_, *, n_head, eps, past):
-    # [n_seq, n_embd] -> [n_seq, n_embd], (k, v) for this layer's cache
-    a, kv = mha(ops, layernorm(ops, x, ln_1, eps), **attn, n_head=n_head, past=past)
-    x = ops.add(x, a)
-    x = ops.add(x, mlp(ops, layernorm(ops, x, ln_2, eps), **mlp_))
-    return x, kv
+def transformer_block(ops, x, ln_1, attn, ln_2, mlp_, *, n_head, eps, kv, starts, counts):
+    # [n_rows, n_embd] -> [n_rows, n_embd]; kv: this layer's (k, v) cache of each sequence
+    x = ops.add(x, mha(ops, layernorm(ops, x, ln_1, eps), **attn, n_head=n_head, kv=kv, starts=starts,
+                       counts=counts))
+    return ops.add(x, mlp(ops, layernorm(ops, x, ln_2, eps), **mlp_))
 
 
-def gpt2(ops, params, ids, *, start, past, n_head, eps, last_only):
-    # int [n_seq] -> logits [n_seq or 1, n_vocab], new per-layer (k, v)
-    positions = np.arange(start, start + len(ids))
+def gpt2(ops, params, ids, positions, caches, starts, counts, *, n_head, eps, rows=None):
+    # int [n_rows] (all sequences' new tokens, in order) -> logits [n_rows or len(rows), n_vocab]
     x = ops.add(ops.embedding(params["wte"], ids), ops.embedding(params["wpe"], positions))
-    new_past = []
-    for block, layer_past in zip(params["h"], past):
-        x, kv = transformer_block(
-            ops, x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
-            n_head=n_head, eps=eps, past=layer_past,
-        )
-        new_past.append(kv)
+    for layer, block in enumerate(params["h"]):
+        kv = [cache.layers[layer] for cache in caches]
+        x = transformer_block(ops, x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
+                              n_head=n_head, eps=eps, kv=kv, starts=starts, counts=counts)
     x = layernorm(ops, x, params["ln_f"], eps)
-    if last_only:
-        x = ops.slice_rows(x, len(ids) - 1, len(ids))
-    return ops.matmul(x, params.get("lm_head", params["wte"]), transpose_b=True), new_past
+    if rows is not None:
+        x = ops.take_rows(x, rows)
+    return ops.matmul(x, params.get("lm_head", params["wte"]), transpose_b=True)
 
 
-@dataclass
-class KVCache:
-    """Per-layer keys and values (backend arrays) for the tokens seen so far."""
+def weight_role(path: str) -> str:
+    """The role of a checkpoint weight (``h.3.attn.c_attn.weight`` -> ``linear``)."""
+    if path == "wte":
+        return "embedding"  # also the tied lm_head
+    if path == "lm_head":
+        return "lm_head"
+    if path.endswith(".weight") and (".attn." in path or ".mlp." in path):
+        return "linear"
+    return "vector"  # biases, layernorm gains, position embeddings: always float32
 
-    n_layer: int
-    layers: list[tuple[Any, Any]] = field(default_factory=list)
-    length: int = 0
 
-    def past(self) -> list[tuple[Any, Any]]:
-        return self.layers or [(None, None)] * self.n_layer
+def _upload(backend: Backend, params: Any, fmt: str, path: str = "") -> Any:
+    """Every weight to ``backend`` once, in ``fmt`` where the backend keeps it natively,
+    else as the float32 values the format stands for (so all backends agree)."""
+    if isinstance(params, dict):
+        return {k: _upload(backend, v, fmt, f"{path}.{k}".lstrip(".")) for k, v in params.items()}
+    if isinstance(params, list):
+        return [_upload(backend, v, fmt, f"{path}.{i}") for i, v in enumerate(params)]
+    stored = formats.encode(params, fmt, weight_role(path))
+    if stored.fmt != "f32" and stored.fmt not in backend.weight_formats:
+        stored = formats.Stored("f32", stored.role, formats.decode(stored))
+    return backend.upload_weight(stored)
 
 
-def _tree_map(fn, tree):
-    if isinstance(tree, dict):
-        return {k: _tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_tree_map(fn, v) for v in tree]
-    return fn(tree)
+def as_ids(ids: Any, n_vocab: int, what: str = "token ids") -> np.ndarray:
+    """``ids`` as int64 [n], checked: integers (Python or numpy), each in 0..n_vocab-1."""
+    array = np.asarray(ids)
+    if array.dtype == object or array.dtype.kind not in "iu" or array.ndim > 1:
+        if array.ndim == 0 and array.dtype.kind in "iu":
+            array = array.reshape(1)
+        else:
+            raise ModelInputError(
+                f"{what} must be a sequence of integers, got {_describe(ids)}"
+            )
+    array = array.reshape(-1).astype(np.int64, copy=False)
+    if array.size and (array.min() < 0 or array.max() >= n_vocab):
+        bad = int(array[(array < 0) | (array >= n_vocab)][0])
+        raise ModelInputError(
+            f"token id {bad} is outside the model's vocabulary (0..{n_vocab - 1}):"
+            " is the tokenizer the model's own?"
+        )
+    return array
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (list, tuple)) and x:
+        return f"a {type(x).__name__} holding {type(x[0]).__name__} ({x[0]!r})"
+    return f"{type(x).__name__} {x!r}"[:120]
 
 
 class GPT2:
     """GPT-2 weights bound to a backend: uploaded once, ops resolved once.
 
     The host weights are kept (memory-mapped where the file allows), so
-    ``to()`` moves the model to another backend without re-reading files.
+    ``bind()`` moves the model to another backend without re-reading files.
+    Selection (which backend, and why) is the registry's business: this
+    class is given a backend instance.
     """
 
-    def __init__(
-        self, config: GPT2Config, params: dict, backend: str | Backend | None = None, dtype: str = "float32"
-    ) -> None:
+    def __init__(self, config: GPT2Config, params: dict, backend: Backend, weights: str = "f32") -> None:
         self.config = config
         self.host_params = params
-        self.selection_reason = ""
-        self.to(backend, dtype)
+        self.weights = formats.check_format(weights)
+        self.bind(backend)
 
-    def to(self, backend: str | Backend | None = None, dtype: str = "float32") -> GPT2:
-        """Bind to ``backend`` (a name, ``a,b,c`` list, ``auto``, or an instance)."""
-        if isinstance(backend, Backend):
-            chosen, self.selection_reason = backend, f"{backend.name}: given"
-        else:
-            selection = get_registry().select(backend, dtype)
-            chosen, self.selection_reason = selection.backend, selection.reason
-        ops = get_registry().bind(chosen)
-        self.params = _tree_map(chosen.to_device, self.host_params)
-        self.backend, self.ops = chosen, ops
+    def bind(self, backend: Backend) -> GPT2:
+        """Upload the weights to ``backend`` and resolve its op table."""
+        ops: OpTable = get_registry().bind(backend)
+        with backend.lock:
+            params = _upload(backend, self.host_params, self.weights)
+        self.params, self.backend, self.ops = params, backend, ops
         return self
 
     @property
@@ -113,47 +140,74 @@ class GPT2:
         """Ops this backend lacks, computed by the host reference instead."""
         return self.ops.fallbacks
 
-    def _check(self, ids, start: int) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise GenerationError("no input tokens: the prompt is empty")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
-            raise GenerationError(
-                f"token id {bad} is outside the model's vocabulary (0..{self.config.vocab_size - 1}):"
-                " is the tokenizer the model's own?"
-            )
-        if start + ids.size > self.config.n_positions:
-            raise GenerationError(
-                f"{start + ids.size} tokens exceed the model's context of {self.config.n_positions}"
-                " positions: shorten the prompt or generate fewer tokens"
-            )
-        return ids
+    # -- caches ------------------------------------------------------------
+    def new_cache(self, n_tokens: int | None = None) -> KVCache:
+        """A cache for one sequence of up to ``n_tokens`` (default: the whole context)."""
+        c = self.config
+        capacity = c.n_positions if n_tokens is None else min(max(int(n_tokens), 1), c.n_positions)
+        return new_cache(self.backend, c.n_layer, c.n_head, c.head_dim, capacity)
 
-    def forward(self, ids) -> np.ndarray:
-        """Logits for every position of ``ids``: float32 ``[n_seq, n_vocab]`` on the host."""
-        ids = self._check(ids, 0)
-        logits, _ = self._run(ids, 0, KVCache(self.config.n_layer), last_only=False)
-        return self.backend.to_host(logits).astype(np.float32, copy=False)
+    def cache_pool(self, budget_bytes: int) -> CachePool:
+        """Caches for many sequences within ``budget_bytes`` of backend memory."""
+        c = self.config
+        return CachePool(self.backend, c.n_layer, c.n_head, c.head_dim, c.n_positions, budget_bytes)
 
-    def next_logits(self, ids, cache: KVCache | None = None) -> np.ndarray:
-        """Logits after the last of ``ids`` ([n_vocab], host), extending ``cache``.
+    # -- forward -----------------------------------------------------------
+    def step(self, batch: Sequence[tuple[Any, KVCache]], all_rows: bool = False) -> np.ndarray:
+        """Advance each ``(new_ids, cache)`` of ``batch`` by its new tokens.
 
-        With a cache, ``ids`` are the tokens not yet seen (the prompt, then
-        one token per step); without one, the whole sequence each time.
+        Returns float32 host logits: each sequence's last position
+        (``[len(batch), n_vocab]``), or every new position in order with
+        ``all_rows``.  Each cache's length grows by its number of new ids.
         """
-        start = cache.length if cache is not None else 0
-        ids = self._check(ids, start)
-        logits, new_past = self._run(ids, start, cache or KVCache(self.config.n_layer), last_only=True)
-        if cache is not None:
-            cache.layers, cache.length = new_past, start + ids.size
-        return self.backend.to_host(logits)[0]
+        if not batch:
+            raise ModelInputError("a forward step needs at least one sequence")
+        ids, positions, caches, starts, counts = [], [], [], [], []
+        for new_ids, cache in batch:
+            new = as_ids(new_ids, self.config.vocab_size)
+            if new.size == 0:
+                raise ModelInputError("no input tokens: a sequence in the step has none")
+            if cache.length + new.size > cache.capacity:
+                raise ModelInputError(
+                    f"{cache.length + new.size} positions exceed the cache's capacity of {cache.capacity}"
+                    f" (the model's context is {self.config.n_positions})"
+                )
+            ids.append(new)
+            positions.append(np.arange(cache.length, cache.length + new.size))
+            caches.append(cache)
+            starts.append(cache.length)
+            counts.append(int(new.size))
+        if len({id(c) for c in caches}) < len(caches):
+            raise ModelInputError("one cache appears twice in a step: each sequence needs its own")
+        rows = None if all_rows else list(np.cumsum(counts) - 1)
+        if self.backend.thread_safe:
+            logits = self._run(ids, positions, caches, starts, counts, rows)
+        else:
+            with self.backend.lock:
+                logits = self._run(ids, positions, caches, starts, counts, rows)
+        for cache, count in zip(caches, counts):
+            cache.length += count
+        return logits
 
-    def _run(self, ids, start, cache, last_only):
-        return gpt2(
-            self.ops, self.params, ids, start=start, past=cache.past(),
-            n_head=self.config.n_head, eps=self.config.layer_norm_epsilon, last_only=last_only,
-        )
+    def _run(self, ids, positions, caches, starts, counts, rows) -> np.ndarray:
+        c = self.config
+        logits = gpt2(
+            self.ops, self.params, np.concatenate(ids), np.concatenate(positions), caches, starts, counts,
+            n_head=c.n_head, eps=c.layer_norm_epsilon, rows=rows,
+        )  # fmt: skip
+        return np.asarray(self.backend.to_host(logits), dtype=np.float32)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer)
+    def forward(self, ids: Any) -> np.ndarray:
+        """Logits for every position of ``ids``: float32 ``[n, n_vocab]`` on the host."""
+        ids = as_ids(ids, self.config.vocab_size)
+        if ids.size == 0:
+            raise ModelInputError("no input tokens: give at least one token id")
+        if ids.size > self.config.n_positions:
+            raise ModelInputError(
+                f"{ids.size} tokens exceed the model's context of {self.config.n_positions} positions"
+            )
+        return self.step([(ids, self.new_cache(ids.size))], all_rows=True)
+
+    def next_logits(self, ids: Any, cache: KVCache) -> np.ndarray:
+        """Logits after the last of ``ids`` ([n_vocab], host), extending ``cache``."""
+        return self.step([(ids, cache)])[0]

@@ -48,15 +48,17 @@ void embedding(__global const float *table, __global const int *ids, __global fl
     if (c < n) out[(size_t)r * n + c] = table[(size_t)ids[r] * n + c];
 }
 
-/* The KV-cache append: rows i of qkv's k and v thirds go to row n_past + i
- * of the cache buffers.  Global (n_embd, n_seq). */
+/* The KV-cache write: rows row0 + i of qkv's k and v thirds go to position
+ * start + i of the head-major caches [n_head, capacity, d].
+ * Global (n_embd, n_new). */
 __kernel __attribute__((reqd_work_group_size(EW_L, 1, 1)))
-void kv_append(__global const float *qkv, __global float *k, __global float *v,
-               const int n_embd, const int n_past)
+void kv_write(__global const float *qkv, __global float *k, __global float *v,
+              const int n_embd, const int d, const int capacity, const int start, const int row0)
 {
     const int c = get_global_id(0), i = get_global_id(1);
     if (c >= n_embd) return;
-    const __global float *row = qkv + (size_t)i * 3 * n_embd;
-    k[(size_t)(n_past + i) * n_embd + c] = row[n_embd + c];
-    v[(size_t)(n_past + i) * n_embd + c] = row[2 * n_embd + c];
+    const __global float *row = qkv + (size_t)(row0 + i) * 3 * n_embd;
+    const size_t at = ((size_t)(c / d) * capacity + start + i) * d + c % d;
+    k[at] = row[n_embd + c];
+    v[at] = row[2 * n_embd + c];
 }
