@@ -9,6 +9,25 @@ from opswitch.model.config import GPT2Config
 from opswitch.model.weights import nest_params
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fail at once in CI when a backend the matrices must cover is unavailable."""
+    from support import REQUIRED_BACKENDS
+
+    if not REQUIRED_BACKENDS:
+        return
+    from opswitch.core.registry import get_registry
+
+    registry = get_registry()
+    missing = []
+    for name in REQUIRED_BACKENDS:
+        try:
+            registry.bind(registry.backend(name))
+        except Exception as exc:
+            missing.append(f"{name}: {exc}")
+    if missing:
+        raise pytest.UsageError("required backends are unavailable: " + "; ".join(missing))
+
+
 def random_params(config: GPT2Config, seed: int = 0, scale: float = 0.3) -> dict:
     """Random weights of the config's shapes; gains near 1, non-zero biases."""
     rng = np.random.default_rng(seed)

@@ -54,6 +54,8 @@ def test_seed_makes_sampling_reproducible(tiny_model_dir):
     args = ["generate", "--model", tiny_model_dir, "--prompt", "A", "--max-tokens", "12", "-q"]
     a, b = opswitch(*args, "--seed", "5").stdout, opswitch(*args, "--seed", "5").stdout
     assert a == b
+    others = {opswitch(*args, "--seed", str(seed)).stdout for seed in (6, 7)}
+    assert others - {a}, "different seeds gave the same sampled text: is --seed used?"
     r = opswitch("generate", "--model", tiny_model_dir, "--prompt", "A", "--max-tokens", "2")
     assert "Seed:" in r.stderr  # an unseeded run prints the seed it drew, to reproduce it
 

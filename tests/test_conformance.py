@@ -1,11 +1,11 @@
 """Our backends through the same conformance suite a plugin author runs.
 
-Parametrized over every available backend (and naive in float64), so a new
-backend is covered the day it is registered.
+Parametrized over every available backend (and naive/blas in float64), so a
+new backend is covered the day it is registered.
 """
 
 from opswitch.testing.test_conformance import (  # noqa: F401  (collected by pytest)
-    test_attention_cache_grows_consistently,
+    test_a_batch_equals_each_sequence_alone,
+    test_decoding_through_the_cache_equals_attending_at_once,
     test_op_matches_reference,
-    test_reusing_an_old_cache_does_not_corrupt_the_new_one,
 )

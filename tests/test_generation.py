@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from opswitch.api import LanguageModel
-from opswitch.core.errors import GenerationError
+from opswitch.core.errors import GenerationError, ModelInputError
+from opswitch.core.registry import get_registry
 from opswitch.generation import GenerationConfig, generate_ids, sample_next, stream_ids
 from opswitch.model.gpt2 import GPT2
 from opswitch.tokenizer import CharTokenizer
@@ -16,7 +17,7 @@ from opswitch.tokenizer import CharTokenizer
 
 @pytest.fixture(scope="module")
 def model(tiny_config, tiny_params) -> GPT2:
-    return GPT2(tiny_config, tiny_params, "blas")
+    return GPT2(tiny_config, tiny_params, get_registry().backend("blas"))
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_prompt_longer_than_context_is_an_error(model, tiny_config):
 def test_empty_prompt_and_bad_ids_are_errors(model):
     with pytest.raises(GenerationError, match="empty"):
         list(stream_ids(model, [], GenerationConfig()))
-    with pytest.raises(GenerationError, match="outside the model's vocabulary"):
+    with pytest.raises(ModelInputError, match="outside the model's vocabulary"):
         model.forward([1, 61])
 
 
@@ -135,7 +136,7 @@ def test_streaming_yields_each_token_as_it_is_made(model):
 def test_text_api_streams_and_moves_between_backends(tiny_config, tiny_params):
     tokenizer = CharTokenizer.from_text(string.ascii_letters + "012345678")
     assert tokenizer.vocab_size == tiny_config.vocab_size
-    lm = LanguageModel(GPT2(tiny_config, tiny_params, "naive"), tokenizer)
+    lm = LanguageModel(GPT2(tiny_config, tiny_params, get_registry().backend("naive")), tokenizer)
     pieces = list(lm.stream("abc", max_new_tokens=12, temperature=0, stop_token=-1))
     text = lm.generate("abc", max_new_tokens=12, temperature=0, stop_token=-1)
     assert "".join(pieces) == text and len(pieces) > 1
@@ -144,3 +145,35 @@ def test_text_api_streams_and_moves_between_backends(tiny_config, tiny_params):
     assert lm.generate("abc", max_new_tokens=12, temperature=0, stop_token=-1) == text
     with pytest.raises(GenerationError):
         lm.generate("abc", temperature=-1)
+
+
+def test_the_default_stop_is_the_models_end_of_text(tiny_config, tiny_params):
+    """A model whose every next token is <|endoftext|> stops at once with the defaults."""
+    import copy
+
+    params = copy.deepcopy(tiny_params)
+    eos = tiny_config.eos_token_id
+    params["ln_f"]["weight"][:] = 0.0  # the final hidden state is ln_f's bias ...
+    params["wte"][eos] = 50.0 * params["ln_f"]["bias"]  # ... which points at eos
+    model = GPT2(tiny_config, params, get_registry().backend("naive"))
+    result = generate_ids(model, [1, 2], GenerationConfig(temperature=0))
+    assert result.stop_reason == "stop_token" and result.new_ids == []
+    never = GenerationConfig(temperature=0, stop_token=-1, max_new_tokens=3)
+    explicit_off = generate_ids(model, [1, 2], never)
+    assert explicit_off.new_ids == [eos] * 3
+
+
+def test_streamed_text_keeps_a_character_cut_at_the_end(tiny_model_dir, monkeypatch):
+    """Generation that ends inside a multi-byte character still yields its bytes (the
+    decoder's final flush), so the streamed text equals decoding all the ids."""
+    import opswitch
+    from opswitch import api
+    from opswitch.tokenizer.bytes_to_unicode import BYTE_TO_UNICODE
+
+    lm = opswitch.load_model(tiny_model_dir, "naive")
+    euro = "€".encode()  # three bytes; generation stops after two of them
+    ids = lm.encode(" price") + [lm.tokenizer.token_to_id(BYTE_TO_UNICODE[b]) for b in euro[:2]]
+    monkeypatch.setattr(api, "stream_ids", lambda *args, **kwargs: iter(ids))
+    streamed = "".join(lm.stream("x"))
+    assert streamed == lm.tokenizer.decode(ids) and streamed.startswith(" price")
+    assert len(streamed) > len(" price")  # the cut character is not dropped

@@ -1,7 +1,7 @@
 """The opencl backend's own paths (the conformance suite covers op semantics).
 
 Device choice and probe reasons, the program cache, the GEMV/GEMM switch,
-the in-place KV cache, and that activations never visit the host.  Skips
+the caller-owned KV cache, and that activations never visit the host.  Skips
 with the probe's reason where OpenCL is unavailable.
 """
 
@@ -24,6 +24,7 @@ def be() -> opencl.OpenCLBackend:
     probe = backend.probe()
     if not probe.available:
         pytest.skip(probe.reason)
+    backend.prepare()
     return backend
 
 
@@ -183,14 +184,16 @@ def test_other_devices_kernel_shapes_compute_the_same(be, monkeypatch, shapes):
     other = opencl.OpenCLBackend()
     if not other.probe().available:
         pytest.skip(other.probe().reason)
+    other.prepare()
     for m, k, n in [(1, 67, 33), (1, 768, 2305), (5, 130, 67), (33, 300, 129)]:
         x, w, b = randn(m, k), randn(k, n, seed=1), randn(n, seed=2)
         close(other.to_host(other.linear(*map(other.to_device, (x, w, b)))), ref.linear(x, w, b), k)
         wt = other.to_device(w.T)
         close(other.to_host(other.matmul(other.to_device(x), wt, True)), ref.matmul(x, w), k)
     qkv = randn(9, 3 * 40)
-    out, _, _ = other.attention(other.to_device(qkv), 5)
-    close(other.to_host(out), ref.attention(qkv, 5)[0])
+    caches = [other.alloc((5, 12, 8)) for _ in range(2)]
+    out = other.attention(other.to_device(qkv), 5, *caches, 0)
+    close(other.to_host(out), ref.attention(qkv, 5, np.zeros((5, 12, 8)), np.zeros((5, 12, 8)), 0))
     s = randn(3, 7, 300) * 1e4
     close(other.to_host(other.softmax(other.to_device(s), causal=True)), ref.softmax(s, causal=True))
     g, bias = randn(300, seed=5), randn(300, seed=6)
@@ -224,39 +227,18 @@ def test_embedding_checks_ids_on_the_host(be):
 # -- KV cache --------------------------------------------------------------
 
 
-def test_kv_cache_grows_in_place_across_capacity_boundaries(be):
-    n_head, n_embd, n_prompt, n_total = 2, 16, 62, 131  # capacities 64 -> 128 -> 256
-    qkv = randn(n_total, 3 * n_embd)
-    full_out, full_k, full_v = ref.attention(qkv, n_head)
-    out, k, v = be.attention(be.to_device(qkv[:n_prompt]), n_head)
-    outs, buffers, snapshots = [be.to_host(out)], [], []
-    for t in range(n_prompt, n_total):
-        out, k, v = be.attention(be.to_device(qkv[t : t + 1]), n_head, k, v)
-        outs.append(be.to_host(out))
-        buffers.append(k._kv_state[0])
-        if t in (63, 64, 127, 128):  # views just before and after each boundary
-            snapshots.append((k, be.to_host(k).copy()))
-    close(np.concatenate(outs), full_out)
-    np.testing.assert_array_equal(be.to_host(k), full_k.astype(np.float32))
-    np.testing.assert_array_equal(be.to_host(v), full_v.astype(np.float32))
-    assert [b.shape[0] for b in buffers[:2]] == [64, 64] and buffers[-1].shape[0] == 256
-    assert len({id(b) for b in buffers}) == 3  # reallocated twice, otherwise appended in place
-    for view, seen in snapshots:  # no later append changed what an earlier view shows
-        np.testing.assert_array_equal(be.to_host(view), seen)
-
-
-def test_an_old_past_view_is_copied_not_overwritten(be):
-    n_head, n_embd = 3, 24
-    qkv = randn(6, 3 * n_embd)
-    _, k, v = be.attention(be.to_device(qkv[:4]), n_head)
-    out_a, k_a, _ = be.attention(be.to_device(qkv[4:5]), n_head, k, v)
-    kept = be.to_host(k_a).copy()
-    out_b, k_b, _ = be.attention(be.to_device(qkv[5:6]), n_head, k, v)  # k is now an old view
-    assert k_b._kv_state[0] is not k_a._kv_state[0]
-    np.testing.assert_array_equal(be.to_host(k_a), kept)
-    branch = np.concatenate([qkv[:4], qkv[5:6]])
-    close(be.to_host(out_b), ref.attention(branch, n_head)[0][-1:])
-    close(be.to_host(out_a), ref.attention(qkv[:5], n_head)[0][-1:])
+def test_attention_writes_the_callers_cache_in_place(be):
+    """The cache buffers are the caller's: written where the positions say, never replaced."""
+    n_head, d, capacity = 2, 8, 20
+    qkv = randn(7, 3 * n_head * d)
+    k_cache, v_cache = be.alloc((n_head, capacity, d)), be.alloc((n_head, capacity, d))
+    k_ptr = k_cache.data.int_ptr
+    be.attention(be.to_device(qkv[:4]), n_head, k_cache, v_cache, 0)
+    be.attention_batch(be.to_device(qkv[4:7]), n_head, [(k_cache, v_cache)], [4], [3])
+    assert k_cache.data.int_ptr == k_ptr
+    want_k = np.zeros((n_head, capacity, d))
+    want_k[:, :7] = qkv[:, n_head * d : 2 * n_head * d].reshape(7, n_head, d).transpose(1, 0, 2)
+    np.testing.assert_array_equal(be.to_host(k_cache), want_k.astype(np.float32))
 
 
 # -- activations stay on the device ----------------------------------------
@@ -276,16 +258,16 @@ def test_a_transformer_block_never_reads_back_to_the_host(be, monkeypatch):
     p = {name: be.to_device(a) for name, a in host.items()}
     ids = np.arange(n_seq) * 13 % n_vocab
 
-    def forward(ops, p, ids, past):  # a one-block GPT-2, written against ops only
+    def forward(ops, p, ids, cache, start):  # a one-block GPT-2, written against ops only
         x = ops.add(ops.embedding(p["wte"], ids), ops.embedding(p["wpe"], np.arange(len(ids))))
-        a, k, v = ops.attention(
-            ops.linear(ops.layernorm(x, p["g"], p["b"]), p["w_attn"], p["b_attn"]), n_head, *past
+        a = ops.attention(
+            ops.linear(ops.layernorm(x, p["g"], p["b"]), p["w_attn"], p["b_attn"]), n_head, *cache, start
         )
         x = ops.add(x, ops.linear(a, p["w_proj"], p["b"]))
         h = ops.gelu(ops.linear(ops.layernorm(x, p["g"], p["b"], 1e-5), p["w_fc"]))
         x = ops.add(x, ops.linear(h, p["w_out"]))
         x = ops.slice_rows(x, len(ids) - 1, len(ids))
-        return ops.matmul(x, p["wte"], transpose_b=True), k, v
+        return ops.matmul(x, p["wte"], transpose_b=True)
 
     real_copy = cl.enqueue_copy
 
@@ -293,11 +275,13 @@ def test_a_transformer_block_never_reads_back_to_the_host(be, monkeypatch):
         assert not isinstance(dest, np.ndarray), "an op copied device memory to the host"
         return real_copy(queue, dest, src, **kw)
 
+    cache = (be.alloc((n_head, 16, e // n_head)), be.alloc((n_head, 16, e // n_head)))
     monkeypatch.setattr(cl, "enqueue_copy", no_download)
     monkeypatch.setattr(cl_array.Array, "get", lambda *a, **k: pytest.fail("an op called Array.get"))
-    logits, k, v = forward(be, p, ids, (None, None))
-    step, _, _ = forward(be, p, ids[-1:], (k, v))  # a decode step through the cache (wrong positions: fine)
-    assert all(isinstance(a, cl_array.Array) for a in (logits, k, v, step))
+    logits = forward(be, p, ids, cache, 0)
+    step = forward(be, p, ids[-1:], cache, n_seq)  # a decode step through the cache (wrong positions: fine)
+    assert all(isinstance(a, cl_array.Array) for a in (logits, step))
     monkeypatch.undo()
-    want, _, _ = forward(ref, host, ids, (None, None))
+    ref_cache = (np.zeros((n_head, 16, e // n_head)), np.zeros((n_head, 16, e // n_head)))
+    want = forward(ref, host, ids, ref_cache, 0)
     close(be.to_host(logits), want, 4 * e)

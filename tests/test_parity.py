@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from opswitch.api import LanguageModel  # noqa: E402
 from opswitch.model.gpt2 import GPT2  # noqa: E402
@@ -26,6 +27,9 @@ SHAPES = {
     "inner200-64x4-v517": dict(n_layer=3, n_embd=64, n_head=4, vocab_size=517, n_positions=96, n_inner=200),
     # GPT-2's real vocabulary size: the tied lm_head is a 50257-row matrix
     "gpt2vocab-128x2": dict(n_layer=1, n_embd=128, n_head=2, vocab_size=50257, n_positions=80),
+    # an untied lm_head (its own matrix), and an epsilon that is not the default
+    "untied-eps1e-6-48x2": dict(n_layer=2, n_embd=48, n_head=2, vocab_size=333, n_positions=96,
+                                tie_word_embeddings=False, layer_norm_epsilon=1e-6),
 }
 # float32 logits are sums over n_embd products after a dozen ops, each carrying
 # ~1e-7 relative error; HF's own float32 result has the same order of error, so
@@ -44,6 +48,13 @@ def _perturbed_hf_model(shape: dict, seed: int):
                 p.normal_(0.0, 0.2)
             elif ".ln_" in name or "ln_f" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        if not config.tie_word_embeddings:
+            model.lm_head.weight.normal_(0.0, 0.1)
+            assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+        if config.layer_norm_epsilon < 1e-5:  # small-variance rows, where epsilon matters
+            model.transformer.h[0].mlp.c_proj.weight.mul_(1e-3)
+            model.transformer.wpe.weight.mul_(1e-3)
+            model.transformer.wte.weight.mul_(1e-3)
     return model
 
 
@@ -136,3 +147,47 @@ def test_loss_matches_transformers(hf_model_dir, loaded, opswitch_backend):
         expected = float(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
     got = _ours(loaded, opswitch_backend).loss(ids)
     assert abs(got - expected) < 1e-4 * max(1.0, abs(expected))
+
+
+def test_chunked_prefill_equals_one_prefill(loaded, opswitch_backend):
+    """A prompt fed through the cache in chunks (prefill with a past) gives the logits
+    of feeding it at once."""
+    model = _ours(loaded, opswitch_backend).model
+    ids = _prompt(model.config.vocab_size, 21)
+    full = model.forward(ids)
+    cache = model.new_cache(len(ids))
+    chunks = [ids[:5], ids[5:6], ids[6:15], ids[15:]]
+    got = np.concatenate([model.step([(chunk, cache)], all_rows=True) for chunk in chunks])
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    assert cache.length == len(ids)
+
+
+def test_a_batched_step_equals_each_sequence_alone(loaded, opswitch_backend):
+    """Sequences of different lengths and pasts through one ragged step: each row's
+    logits equal stepping that sequence alone (the same ops, so bit for bit on
+    backends whose kernels do not depend on the batch's row count)."""
+    model = _ours(loaded, opswitch_backend).model
+    prompts = [_prompt(model.config.vocab_size, n)[:n] for n in (7, 1, 12, 3)]
+    solo = [model.new_cache(20) for _ in prompts]
+    together = [model.new_cache(20) for _ in prompts]
+    alone = np.stack([model.step([(p, c)])[0] for p, c in zip(prompts, solo)])
+    batched = model.step(list(zip(prompts, together)))
+    scale = np.abs(alone).max()
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5 * scale)
+    nxt = [[int(np.argmax(row))] for row in alone]
+    np.testing.assert_allclose(
+        model.step(list(zip(nxt, together))), np.stack([model.step([(n, c)])[0] for n, c in zip(nxt, solo)]),
+        rtol=1e-5, atol=1e-5 * scale,
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_generate_batch_equals_one_by_one(loaded, opswitch_backend, temperature):
+    lm = _ours(loaded, opswitch_backend)
+    prompts = [_prompt(lm.config.vocab_size, n) for n in (3, 9, 1, 5)]
+    settings = [dict(seed=s, max_new_tokens=m) for s, m in zip((1, 2, 3, 4), (12, 5, 9, 1))]
+    batched = lm.generate_batch(prompts, settings, temperature=temperature, stop_token=-1)
+    alone = [
+        lm.generate_ids(p, temperature=temperature, stop_token=-1, **s) for p, s in zip(prompts, settings)
+    ]
+    assert [r.new_ids for r in batched] == [r.new_ids for r in alone]

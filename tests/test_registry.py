@@ -166,6 +166,7 @@ def test_a_probe_can_raise_its_priority_for_what_it_found():
     class FoundGPU(Backend):
         name = "found-gpu"
         priority = 1
+        max_priority = 200  # declared, so auto probes it before blas (50)
 
         def _probe_impl(self):
             return Probe.ok("a GPU", priority=200)

@@ -29,7 +29,7 @@ import pluggy
 from opswitch.core import formats, hookspecs
 from opswitch.core.backend import DTYPES, Backend, Probe
 from opswitch.core.containment import contained
-from opswitch.core.errors import BackendError, OpswitchError
+from opswitch.core.errors import BackendError
 from opswitch.core.ops import CATALOGUE, OP_NAMES, row_counts
 
 ENTRY_POINT_GROUP = "opswitch"
@@ -170,24 +170,6 @@ def _attention_per_sequence(table: OpTable) -> Callable:
     return run
 
 
-def _guarded(backend: Backend, name: str, fn: Callable) -> Callable:
-    """``fn``, with any non-opswitch exception turned into a BackendError naming the
-    backend and the op: a plugin's bug is reported as the plugin's, not ours."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except OpswitchError:
-            raise
-        except Exception as exc:
-            raise BackendError(
-                f"backend {backend.spec!r} failed in op {name!r}: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    run.__name__ = name
-    return run
-
-
 class OpTable:
     """A backend's ops resolved to plain callables, plus what fell back.
 
@@ -203,7 +185,7 @@ class OpTable:
         native = backend.native_ops()
         for name in OP_NAMES:
             impl = getattr(backend, name) if name in native else None
-            setattr(self, name, _guarded(backend, name, impl or _fallback(backend, name)))
+            setattr(self, name, impl or _fallback(backend, name))
         self.per_sequence = "attention_batch" not in native and "attention" in native
         if self.per_sequence:
             self.attention_batch = _attention_per_sequence(self)
@@ -437,6 +419,7 @@ class Registry:
                     skipped.append((backend.spec, failure))
                     continue
                 rank = probe.priority if isinstance(probe.priority, int) else cls.priority
+                rank = min(rank, max(ceiling, cls.priority))  # a probe may not outrank its declared ceiling
                 if parsed is not None:
                     return Selection(backend, _why(choice, backend, i, skipped, probe), skipped)
                 if best is None or rank > best[0]:
@@ -487,6 +470,17 @@ class Registry:
         if failure:
             raise BackendError(f"backend {backend.spec!r} {failure}")
         return OpTable(backend)
+
+
+def failing_op(exc: BaseException) -> str | None:
+    """The catalogue op in whose implementation ``exc`` was raised, from its traceback."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_name
+        if name in CATALOGUE or name.removeprefix("fallback_") in CATALOGUE:
+            found = name.removeprefix("fallback_")
+        tb = tb.tb_next
+    return found
 
 
 def contract_problem(cls: Any) -> str | None:

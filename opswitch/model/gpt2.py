@@ -20,8 +20,8 @@ import numpy as np
 
 from opswitch.core import formats
 from opswitch.core.backend import Backend
-from opswitch.core.errors import ModelInputError
-from opswitch.core.registry import OpTable, get_registry
+from opswitch.core.errors import BackendError, ModelInputError, OpswitchError
+from opswitch.core.registry import OpTable, failing_op, get_registry
 from opswitch.model.config import GPT2Config
 from opswitch.model.kvcache import CachePool, KVCache, new_cache
 
@@ -89,6 +89,8 @@ def _upload(backend: Backend, params: Any, fmt: str, path: str = "") -> Any:
 def as_ids(ids: Any, n_vocab: int, what: str = "token ids") -> np.ndarray:
     """``ids`` as int64 [n], checked: integers (Python or numpy), each in 0..n_vocab-1."""
     array = np.asarray(ids)
+    if array.size == 0 and array.ndim == 1:
+        return np.zeros(0, dtype=np.int64)
     if array.dtype == object or array.dtype.kind not in "iu" or array.ndim > 1:
         if array.ndim == 0 and array.dtype.kind in "iu":
             array = array.reshape(1)
@@ -191,11 +193,20 @@ class GPT2:
 
     def _run(self, ids, positions, caches, starts, counts, rows) -> np.ndarray:
         c = self.config
-        logits = gpt2(
-            self.ops, self.params, np.concatenate(ids), np.concatenate(positions), caches, starts, counts,
-            n_head=c.n_head, eps=c.layer_norm_epsilon, rows=rows,
-        )  # fmt: skip
-        return np.asarray(self.backend.to_host(logits), dtype=np.float32)
+        try:
+            logits = gpt2(
+                self.ops, self.params, np.concatenate(ids), np.concatenate(positions), caches, starts, counts,
+                n_head=c.n_head, eps=c.layer_norm_epsilon, rows=rows,
+            )  # fmt: skip
+            return np.asarray(self.backend.to_host(logits), dtype=np.float32)
+        except OpswitchError:
+            raise
+        except Exception as exc:  # a backend's bug is reported as the backend's, naming the op
+            op = failing_op(exc)
+            where = f"in op {op!r}" if op else "while computing"
+            raise BackendError(
+                f"backend {self.backend.spec!r} failed {where}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def forward(self, ids: Any) -> np.ndarray:
         """Logits for every position of ``ids``: float32 ``[n, n_vocab]`` on the host."""

@@ -1,5 +1,11 @@
 """pytest plugin (entry point ``pytest11``): the ``--opswitch-backend`` option
-and the ``opswitch_backend`` fixture the conformance tests are parametrized by."""
+and the ``opswitch_backend`` fixture the conformance tests are parametrized by.
+
+A backend named with ``--opswitch-backend`` must be usable: if its probe says
+it is unavailable, every test fails with the probe's reason (a plugin's CI
+must not go green on a backend that cannot run).  ``--opswitch-allow-unavailable``
+turns that into skips, for CI matrices that run where some hardware is absent.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--opswitch-backend",
         action="append",
         default=[],
-        metavar="NAME[:DTYPE]",
-        help="backend(s) to check, e.g. blas or naive:float64 (default: every available one)",
+        metavar="NAME[:DEVICE][:DTYPE]",
+        help="backend(s) to check, e.g. blas, opencl:1 or naive:float64 (default: every available one)",
+    )
+    group.addoption(
+        "--opswitch-allow-unavailable",
+        action="store_true",
+        help="skip, instead of failing, the tests of a named backend that is unavailable here",
     )
 
 
@@ -27,7 +38,7 @@ def backend_specs(config: pytest.Config) -> list[str]:
     registry = get_registry()
     specs = []
     for name in registry.available():
-        for dtype in type(registry.backend(name)).dtypes:
+        for dtype in registry.backend_class(name).dtypes:
             specs.append(name if dtype == "float32" else f"{name}:{dtype}")
     return specs
 
@@ -39,16 +50,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def opswitch_backend(request: pytest.FixtureRequest):
-    """A probed, available backend instance for ``name[:dtype]``; skips with the reason if not."""
+    """A probed, prepared backend instance for ``name[:device][:dtype]``."""
     from opswitch.core.errors import BackendError
 
-    name, _, dtype = request.param.partition(":")
     registry = get_registry()
     try:
-        backend = registry.backend(name, dtype or "float32")
+        backend = registry.backend(request.param)
+        registry.bind(backend)  # probe and prepare: unavailable is an error with the reason
     except BackendError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    probe = backend.probe()
-    if not probe.available:
-        pytest.skip(f"backend {name!r} unavailable: {probe.reason}")
+        if request.config.getoption("opswitch_allow_unavailable"):
+            pytest.skip(str(exc))
+        pytest.fail(f"{exc} (pass --opswitch-allow-unavailable to skip instead)", pytrace=False)
     return backend
