@@ -29,7 +29,23 @@ def _row(status: BackendStatus) -> dict:
         "description": status.description,
         "native_ops": list(status.native_ops),
         "fallback_ops": list(status.fallback_ops),
+        "per_sequence_ops": ["attention_batch"] if _per_sequence(status) else [],
+        "dtypes": list(status.dtypes),
+        "devices": list(status.devices),
+        "weight_formats": list(status.weight_formats),
+        "thread_safe": status.thread_safe,
     }
+
+
+def _per_sequence(status: BackendStatus) -> bool:
+    """attention_batch driven one sequence at a time through the backend's attention."""
+    return "attention" in status.native_ops and "attention_batch" not in status.native_ops
+
+
+def _coverage(status: BackendStatus, op: str) -> str:
+    if op in status.native_ops:
+        return "native"
+    return "per sequence" if op == "attention_batch" and _per_sequence(status) else "fallback"
 
 
 def _auto_choice(registry) -> tuple[str | None, str]:
@@ -37,7 +53,7 @@ def _auto_choice(registry) -> tuple[str | None, str]:
         selection = registry.select("auto")
     except BackendError as exc:
         return None, str(exc)
-    return selection.backend.name, selection.reason
+    return selection.backend.spec, selection.reason
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -65,11 +81,17 @@ def run(args: argparse.Namespace) -> int:
         json.dump(payload, sys.stdout, indent=2)
         print()
         return 0
-    rows = [["NAME", "AVAILABLE", "PRIORITY", "SOURCE", "DEVICE / REASON"]]
+    rows = [["NAME", "AVAILABLE", "PRIORITY", "DTYPES", "WEIGHTS", "SOURCE", "DEVICE / REASON"]]
     for s in statuses:
         detail = s.probe.device if s.probe.available else s.probe.reason
-        rows.append([s.name, "yes" if s.probe.available else "no", str(s.priority), s.source, detail])
+        rows.append([s.name, "yes" if s.probe.available else "no", str(s.priority), ",".join(s.dtypes),
+                     ",".join(s.weight_formats), s.source, detail])
     print(_table(rows))
+    devices = [d for s in statuses for d in s.devices if not d.endswith(" host CPU")]
+    if devices:
+        print("\ndevices (name them as NAME:N):")
+        for device in devices:
+            print(f"  {device}")
     for b in broken:
         print(f"{b.name}  BROKEN  ({b.source}): {b.error}")
     print()
@@ -78,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         print()
         ops_rows = [["OP", *[s.name for s in statuses]]]
         for op in OP_NAMES:
-            ops_rows.append([op, *["native" if op in s.native_ops else "fallback" for s in statuses]])
+            ops_rows.append([op, *[_coverage(s, op) for s in statuses]])
         print(_table(ops_rows))
-        print("\nfallback = computed by the numpy reference on the host, copied to and from the backend")
+        print("\nfallback = computed by the numpy reference on the host, copied to and from the backend;"
+              " per sequence = a batch is attended one sequence at a time through the backend's attention")
     return 0
