@@ -377,7 +377,7 @@ class StepGraphs:
             return a.item()
         if isinstance(a, (list, tuple)):
             return ("slots", len(a)) if slot else tuple(self._arg(v, False) for v in a)
-        if isinstance(a, np.ndarray):
+        if isinstance(a, np.ndarray) and a.dtype.kind in "iub":  # host integers (ids, rows)
             return ("slots", a.shape) if slot else ("host", a.shape, a.dtype.str, a.tobytes())
         i = self.produced.get(id(a))
         if i is not None:
@@ -627,11 +627,16 @@ class CudaBackend(Backend):
             text, _ = describe_device(rt, self.index)
         except rt.CUDARuntimeError as exc:
             return Probe.missing(_runtime_error_reason(exc))
-        for lib, what in (("cublas", "cuBLAS"), ("nvrtc", "NVRTC (the CUDA runtime compiler)")):
-            try:
-                __import__(f"cupy_backends.cuda.libs.{lib}")
-            except Exception as exc:
-                return Probe.missing(f"{what} cannot be loaded ({exc}): {LIBS_HINT}")
+        try:  # attribute-style imports: CuPy 14 finds pip-installed CUDA libraries this way
+            from cupy_backends.cuda.libs import cublas  # noqa: F401
+        except Exception as exc:
+            return Probe.missing(f"cuBLAS cannot be loaded ({exc}): {LIBS_HINT}")
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            nvrtc.getVersion()  # NVRTC is loaded on first use
+        except Exception as exc:
+            return Probe.missing(f"NVRTC (the CUDA runtime compiler) cannot be loaded ({exc}): {LIBS_HINT}")
         try:  # a round trip through the device: a context and memory work
             with cupy.cuda.Device(self.index):
                 back = cupy.asarray(np.arange(4, dtype=np.float32)).get()
