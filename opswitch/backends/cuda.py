@@ -670,7 +670,6 @@ class CudaBackend(Backend):
         self._stream = cupy.cuda.Stream(non_blocking=True)
         self._scope = _Scope(self._rt, self.index, self._stream)
         self._handle = cupy.cuda.device.get_cublas_handle()
-        self._scalars = np.array([0.0, 1.0], dtype=np.float32)  # host pointers for alpha/beta
         self._k: dict[str, Any] = {}
         for name, kernels in KERNELS.items():
             module = cupy.RawModule(code=kernel_source(name), options=compile_options(name))
@@ -819,7 +818,12 @@ class CudaBackend(Backend):
 
     # -- impls: host work first (checks, arena slots), then `launch` the kernels ---
     def _contiguous(self, x: Any) -> Any:
-        return x if x.flags.c_contiguous else self._cp.ascontiguousarray(x)
+        """``x``, or a C-ordered copy from our allocator (a graph's pool while capturing)."""
+        if x.flags.c_contiguous:
+            return x
+        out = self._empty(x.shape)
+        out[...] = x
+        return out
 
     def _ew(self, kernel: str, n: int, args: tuple) -> None:
         self._k[kernel]((elementwise_grid(n),), (EW_THREADS,), args)
