@@ -37,6 +37,7 @@ BUILTIN_PLUGINS = (
     "opswitch.backends.naive",
     "opswitch.backends.blas",
     "opswitch.backends.opencl",
+    "opswitch.backends.cuda",
 )
 ENV_BACKEND = "OPSWITCH_BACKEND"
 ENV_NO_AUTOLOAD = "OPSWITCH_DISABLE_PLUGIN_AUTOLOAD"

@@ -1,0 +1,66 @@
+/* Shared helpers, prepended to every .cu file (NVRTC needs no include path).
+ *
+ * Every kernel is extern "C" so CuPy's RawModule and the NVRTC compile
+ * check find it by its plain name; templates are instantiated through
+ * extern "C" wrappers, one per weight format.  No header is included:
+ * float16 is widened with one PTX instruction, bfloat16 with a shift. */
+
+#define FULL_MASK 0xffffffffu
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+/* Sum (or max) over the block; every thread gets the result.  `red` is
+ * shared scratch of 32 floats; blockDim.x is a multiple of 32. */
+__device__ float block_sum(float v, float *red)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  /* red may still be read by a previous call */
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? red[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float *red)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? red[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+/* Weight storage formats (opswitch.core.formats), widened to float32 as read. */
+__device__ __forceinline__ float wload(const float *w, long long i) { return w[i]; }
+
+__device__ __forceinline__ float wload(const unsigned short *w, long long i)  /* bf16 bits */
+{
+    return __uint_as_float(((unsigned int)w[i]) << 16);
+}
+
+struct f16_t { unsigned short bits; };  /* float16 bits: a distinct type for overloading */
+
+__device__ __forceinline__ float wload(const f16_t *w, long long i)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(w[i].bits));
+    return f;
+}
+
+__device__ __forceinline__ float wload(const signed char *w, long long i) { return (float)w[i]; }

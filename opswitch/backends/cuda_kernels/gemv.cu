@@ -1,0 +1,96 @@
+/* Products with weights kept in a reduced storage format (f16, bf16, int8),
+ * widened to float32 as they are read, with float32 accumulation.  float32
+ * weights go to cuBLAS instead; so do reduced ones for more than GEMV_MAX_M
+ * rows, after `widen` makes a float32 copy.
+ *
+ * gemv_n: y [m, n] = x [m, k] @ w [k, n] * scale[n] + bias[n]   (GPT-2 Conv1D)
+ *   block (32, GEMV_WARPS): a warp's lanes take 32 neighbouring columns, so
+ *   each row of w is read coalesced; the warps split k and add up in shared memory.
+ * gemv_t: y [m, n] = x [m, k] @ w[n, k]^T * scale[n]             (tied lm_head)
+ *   one warp per output column: lanes stride along that row of w.
+ * Each weight is read once for all m rows (m <= GEMV_MAX_M: small decode batches). */
+
+#ifndef GEMV_WARPS
+#error "GEMV_WARPS must be defined"
+#endif
+#ifndef GEMV_MAX_M
+#error "GEMV_MAX_M must be defined"
+#endif
+
+template <typename W>
+__device__ void gemv_n(const float *x, const W *w, const float *scale, const float *bias, float *y,
+                       int m, int k, int n)
+{
+    __shared__ float red[GEMV_MAX_M][GEMV_WARPS][32];
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    float acc[GEMV_MAX_M];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_M; ++r) acc[r] = 0.0f;
+    if (j < n) {
+        for (int i = threadIdx.y; i < k; i += GEMV_WARPS) {
+            const float wij = wload(w, (long long)i * n + j);
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_M; ++r)
+                if (r < m) acc[r] += x[(long long)r * k + i] * wij;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_M; ++r) red[r][threadIdx.y][threadIdx.x] = acc[r];
+    __syncthreads();
+    if (threadIdx.y == 0 && j < n) {
+        const float s = scale ? scale[j] : 1.0f, b = bias ? bias[j] : 0.0f;
+        for (int r = 0; r < m; ++r) {
+            float t = 0.0f;
+            for (int g = 0; g < GEMV_WARPS; ++g) t += red[r][g][threadIdx.x];
+            y[(long long)r * n + j] = t * s + b;
+        }
+    }
+}
+
+template <typename W>
+__device__ void gemv_t(const float *x, const W *w, const float *scale, float *y, int m, int k, int n)
+{
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= n) return;  /* whole warps leave together */
+    const W *wj = w + (long long)j * k;
+    float acc[GEMV_MAX_M];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_M; ++r) acc[r] = 0.0f;
+    for (int i = lane; i < k; i += 32) {
+        const float wji = wload(wj, i);
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_M; ++r)
+            if (r < m) acc[r] += x[(long long)r * k + i] * wji;
+    }
+    const float s = scale ? scale[j] : 1.0f;
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_M; ++r) {
+        const float t = warp_sum(acc[r]);
+        if (r < m && lane == 0) y[(long long)r * n + j] = t * s;
+    }
+}
+
+/* out [rows, cols] = w * scale, the scale running along `axis` (1: per column, 0: per row) */
+template <typename W>
+__device__ void widen(const W *w, const float *scale, float *out, long long rows, long long cols, int axis)
+{
+    const long long n = rows * cols;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = wload(w, i) * (scale ? scale[axis ? i % cols : i / cols] : 1.0f);
+}
+
+#define FORMAT_KERNELS(NAME, W)                                                                      \
+    extern "C" __global__ void gemv_n_##NAME(const float *x, const W *w, const float *scale,       \
+                                             const float *bias, float *y, int m, int k, int n)     \
+    { gemv_n(x, w, scale, bias, y, m, k, n); }                                                     \
+    extern "C" __global__ void gemv_t_##NAME(const float *x, const W *w, const float *scale,       \
+                                             float *y, int m, int k, int n)                        \
+    { gemv_t(x, w, scale, y, m, k, n); }                                                           \
+    extern "C" __global__ void widen_##NAME(const W *w, const float *scale, float *out,            \
+                                            long long rows, long long cols, int axis)              \
+    { widen(w, scale, out, rows, cols, axis); }
+
+FORMAT_KERNELS(f16, f16_t)
+FORMAT_KERNELS(bf16, unsigned short)
+FORMAT_KERNELS(int8, signed char)

@@ -1,0 +1,520 @@
+"""The cuda backend without a GPU: its probe's reasons, its registration, and the
+plain array logic it launches with, run under numpy.
+
+What needs a GPU (the kernels' numerics, cuBLAS, graph capture itself) is
+not checked here; ``test_cuda_compile.py`` compiles the kernels with NVRTC,
+and the conformance suite runs them where a GPU is (``--opswitch-backend=cuda``).
+The probe is tested against stand-in CuPy modules, one per situation a user
+meets, and against whatever CuPy is installed (none in CI, which keeps the
+136 MB wheel out of the test extra).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from opswitch.backends import cuda
+from opswitch.core import OP_NAMES, BackendError, Registry, formats, ops
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape)
+
+
+# -- the probe --------------------------------------------------------------------
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+INSUFFICIENT = "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+PROPS = {"name": b"NVIDIA H100 80GB HBM3", "totalGlobalMem": 85 * 2**30, "major": 9, "minor": 0}
+
+
+def fake_cupy(monkeypatch, count=1, error=None, libs_ok=True, round_trip=True):
+    """Install a stand-in CuPy: ``count`` devices, or ``error`` from the driver."""
+    rt = types.SimpleNamespace(
+        CUDARuntimeError=CUDARuntimeError,
+        runtimeGetVersion=lambda: 12090,
+        driverGetVersion=lambda: 12080,
+        getDeviceProperties=lambda i: PROPS,
+    )
+
+    def get_count():
+        if error:
+            raise CUDARuntimeError(error)
+        return count
+
+    rt.getDeviceCount = get_count
+
+    class FakeDevice:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def asarray(x):
+        if not round_trip:
+            raise CUDARuntimeError("cudaErrorLaunchFailure: unspecified launch failure")
+        return types.SimpleNamespace(get=lambda: np.array(x))
+
+    module = types.ModuleType("cupy")
+    module.cuda = types.SimpleNamespace(runtime=rt, Device=FakeDevice)
+    module.asarray = asarray
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    for lib in ("cublas", "nvrtc"):
+        fake = types.ModuleType(f"cupy_backends.cuda.libs.{lib}") if libs_ok else None
+        if fake:
+            fake.getVersion = lambda: (12, 9)
+        monkeypatch.setitem(sys.modules, f"cupy_backends.cuda.libs.{lib}", fake)
+    if libs_ok:  # parents, so `import cupy_backends.cuda.libs.x` finds the stand-ins
+        for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+
+
+def probe(device=None):
+    return cuda.CudaBackend(device=device).probe()
+
+
+def test_without_cupy_the_reason_is_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    got = probe()
+    assert not got.available and got.reason == "CuPy is not installed: pip install 'opswitch[cuda]'"
+
+
+def test_without_a_driver_the_reason_says_so_and_what_to_do(monkeypatch):
+    fake_cupy(monkeypatch, error=INSUFFICIENT)
+    got = probe()
+    assert not got.available
+    assert "no usable NVIDIA driver (cudaErrorInsufficientDriver)" in got.reason
+    assert "CUDA 12.9" in got.reason and "install or update the driver" in got.reason
+
+
+def test_no_device_and_a_wrong_device_are_reasons(monkeypatch):
+    fake_cupy(monkeypatch, count=0)
+    assert probe().reason == "no CUDA device found"
+    fake_cupy(monkeypatch, error="cudaErrorNoDevice: no CUDA-capable device is detected")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert probe().reason == "no CUDA device found (CUDA_VISIBLE_DEVICES='') (cudaErrorNoDevice)"
+    fake_cupy(monkeypatch, count=1)
+    reason = probe("3").reason
+    assert reason.startswith("there is no CUDA device '3'; devices: cuda:0 NVIDIA H100")
+
+
+def test_missing_libraries_and_a_failing_device_are_reasons(monkeypatch):
+    fake_cupy(monkeypatch, libs_ok=False)
+    reason = probe().reason
+    assert reason.startswith("cuBLAS cannot be loaded") and "pip install 'opswitch[cuda]'" in reason
+    fake_cupy(monkeypatch, round_trip=False)
+    assert "cudaErrorLaunchFailure" in probe().reason
+
+
+def test_a_working_gpu_is_described(monkeypatch):
+    fake_cupy(monkeypatch, count=2)
+    got = probe("1")
+    assert got.available
+    assert got.device == (
+        "NVIDIA H100 80GB HBM3 (compute capability 9.0, 85.0 GiB, CUDA runtime 12.9, driver 12.8)"
+    )
+    devices = cuda.CudaBackend.list_devices()
+    assert [d.id for d in devices] == ["0", "1"] and devices[0].memory_bytes == 85 * 2**30
+
+
+def test_the_installed_cupy_if_any_gets_an_honest_answer():
+    """No stand-ins: without CuPy the install command, on a machine without a GPU
+    the driver reason, on a GPU machine the GPU."""
+    got = probe()
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert got.reason == cuda.INSTALL_HINT
+        return
+    if got.available:
+        assert "compute capability" in got.device
+    else:
+        assert got.reason.startswith(("no usable NVIDIA driver", "no CUDA device", "cuBLAS", "NVRTC"))
+
+
+def test_registered_above_every_cpu_backend_with_every_op_native(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    registry = Registry(autoload=False)
+    assert "cuda" in registry.names()
+    assert set(cuda.CudaBackend.native_ops()) == set(OP_NAMES)
+    cpu = [registry.backend_class(n).max_priority or registry.backend_class(n).priority
+           for n in ("naive", "blas")]  # fmt: skip
+    assert cuda.CudaBackend.priority > max(cpu)
+    assert cuda.CudaBackend.priority >= registry.backend_class("opencl").max_priority
+    with pytest.raises(BackendError, match="pip install 'opswitch\\[cuda\\]'"):
+        registry.select("cuda")
+    assert registry.select("auto").backend.name != "cuda"
+    assert registry.select("cuda,naive").backend.name == "naive"
+
+
+# -- cuBLAS calls, emulated on flat numpy buffers -----------------------------------
+def colmajor(buf, offset, rows, cols, ld):
+    """The column-major [rows, cols] matrix with leading dimension ld at ``offset``."""
+    s = buf.itemsize
+    return np.lib.stride_tricks.as_strided(buf[offset:], shape=(rows, cols), strides=(s, s * ld))
+
+
+def run_gemm(g: cuda.Gemm, a, b, c, alpha=1.0, beta=0.0):
+    """cublasSgemm(StridedBatched) semantics over flat arrays a, b, c (beta = 0: C is not read)."""
+    for i in range(g.batch):
+        ar, ac = (g.m, g.k) if g.transa == cuda.CUBLAS_OP_N else (g.k, g.m)
+        br, bc = (g.k, g.n) if g.transb == cuda.CUBLAS_OP_N else (g.n, g.k)
+        A = colmajor(a, g.a_off + i * g.stride_a, ar, ac, g.lda)
+        B = colmajor(b, g.b_off + i * g.stride_b, br, bc, g.ldb)
+        A = A if g.transa == cuda.CUBLAS_OP_N else A.T
+        B = B if g.transb == cuda.CUBLAS_OP_N else B.T
+        C = colmajor(c, g.c_off + i * g.stride_c, g.m, g.n, g.ldc)
+        C[...] = alpha * (A @ B) + (beta * C if beta else 0.0)
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 7, 3), (5, 65, 127), (33, 96, 97)])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_products_map_onto_one_sgemm_without_copies(m, k, n, transpose_b):
+    a, b, bias = randn(m, k), randn(n, k) if transpose_b else randn(k, n), randn(n)
+    out = np.tile(bias, (m, 1))  # what fill_rows leaves for beta = 1
+    run_gemm(cuda.product_gemm(m, n, k, transpose_b), b.reshape(-1), a.reshape(-1), out.reshape(-1), beta=1.0)
+    np.testing.assert_allclose(out, ops.matmul(a, b, transpose_b) + bias, rtol=1e-12, atol=1e-12)
+
+
+def kv_write(qkv, caches, plan, n_head):
+    """attention.cu's kv_write, from the plan's rows."""
+    n_embd = qkv.shape[1] // 3
+    d = n_embd // n_head
+    for s, pos, row in plan.rows:
+        k, v = caches[s]
+        k[:, pos] = qkv[row, n_embd : 2 * n_embd].reshape(n_head, d)
+        v[:, pos] = qkv[row, 2 * n_embd :].reshape(n_head, d)
+
+
+def split_attention(qkv, caches, plan, n_head, out):
+    """attn_split + attn_combine: each short sequence's rows, keys in ATT_CHUNK splits."""
+    n_embd = qkv.shape[1] // 3
+    d = n_embd // n_head
+    for s, pos, row in plan.split_rows:
+        k, v = caches[s]
+        for h in range(n_head):
+            q = qkv[row, h * d : (h + 1) * d] / math.sqrt(d)
+            parts = []
+            for split in range(plan.n_splits):
+                j0, j1 = split * cuda.ATT_CHUNK, min((split + 1) * cuda.ATT_CHUNK, pos + 1)
+                if j0 >= j1:
+                    parts.append((np.zeros(d), -np.inf, 0.0))
+                    continue
+                p = k[h, j0:j1] @ q
+                m = p.max()
+                e = np.exp(p - m)
+                parts.append((e @ v[h, j0:j1], m, e.sum()))
+            top = max(m for _, m, _ in parts)
+            weights = [math.exp(m - top) if total > 0 else 0.0 for _, m, total in parts]
+            total = sum(w * t for w, (_, _, t) in zip(weights, parts))
+            out[row, h * d : (h + 1) * d] = sum(w * acc for w, (acc, _, _) in zip(weights, parts)) / total
+
+
+def prompt_attention(qkv, caches, plan, n_head, out):
+    """The SGEMM path: scores, causal softmax (norm.cu's, scaled), values."""
+    n_embd = qkv.shape[1] // 3
+    d = n_embd // n_head
+    for s, row0, start, count in plan.prompts:
+        k, v = caches[s]
+        n_kv = start + count
+        scores = np.zeros(n_head * count * n_kv)
+        g_scores, g_values = cuda.prefill_gemms(count, n_kv, d, n_head, k.shape[1], row0)
+        run_gemm(g_scores, k.reshape(-1), qkv.reshape(-1), scores)
+        p = ops.softmax(scores.reshape(n_head, count, n_kv) / math.sqrt(d), causal=True)
+        run_gemm(g_values, v.reshape(-1), p.reshape(-1).copy(), out.reshape(-1))
+
+
+def test_the_attention_launch_plan_computes_the_reference_for_a_ragged_batch():
+    """Decode rows, a short chunk, and prompts (one over several key splits)
+    in one batch: the plan's kv_write, split and SGEMM paths give ops.attention."""
+    n_head, d, capacity = 3, 8, 600
+    n_embd = n_head * d
+    starts, counts = [0, 5, 300, 0, 280], [1, 1, 20, 7, 300]
+    caches = [(np.zeros((n_head, capacity, d)), np.zeros((n_head, capacity, d))) for _ in counts]
+    for (k, v), start in zip(caches, starts):
+        k[:, :start], v[:, :start] = randn(n_head, start, d), randn(n_head, start, d)
+    want_caches = [(k.copy(), v.copy()) for k, v in caches]
+    qkv = randn(sum(counts), 3 * n_embd)
+    want = ops.attention_batch(qkv, n_head, want_caches, starts, counts)
+
+    addresses = [(id(k), id(v)) for k, v in caches]
+    plan = cuda.attention_plan(addresses, [capacity] * len(counts), starts, counts)
+    assert [p[0] for p in plan.prompts] == [2, 4] and plan.n_splits == cuda.split_count(capacity)
+    assert len(plan.split_rows) == 1 + 1 + 7
+    out = np.full((sum(counts), n_embd), np.nan)
+    kv_write(qkv, caches, plan, n_head)
+    split_attention(qkv, caches, plan, n_head, out)
+    prompt_attention(qkv, caches, plan, n_head, out)
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+    for (k, v), (wk, wv) in zip(caches, want_caches):
+        np.testing.assert_array_equal(k, wk)
+        np.testing.assert_array_equal(v, wv)
+
+
+def test_the_attention_plan_checks_the_batch():
+    with pytest.raises(ValueError, match="do not fit a cache of capacity 8"):
+        cuda.attention_plan([(1, 2)], [8], [5], [4])
+    with pytest.raises(ValueError, match="differ in length"):
+        cuda.attention_plan([(1, 2)], [8], [0, 1], [1])
+    plan = cuda.attention_plan([(10, 20), (30, 40)], [64, 1024], [3, 9], [1, 2])
+    assert plan.seqs.tolist() == [[10, 20, 64, 0], [30, 40, 1024, 0]]
+    assert plan.rows.tolist() == [[0, 3, 0], [1, 9, 1], [1, 10, 2]]
+    assert plan.split_rows.tolist() == plan.rows.tolist() and plan.prompts == []
+    assert plan.n_splits == 1024 // cuda.ATT_CHUNK
+
+
+def test_graph_stable_geometry_and_small_helpers():
+    assert [cuda.split_count(c) for c in (0, 1, cuda.ATT_CHUNK, cuda.ATT_CHUNK + 1)] == [1, 1, 1, 2]
+    assert cuda.elementwise_grid(0) == 1 and cuda.elementwise_grid(cuda.EW_THREADS + 1) == 2
+    assert cuda.elementwise_grid(10**12) == cuda.EW_MAX_BLOCKS
+    assert cuda.check_ids([0, -1, 4], 5).tolist() == [0, 4, 4]
+    with pytest.raises(IndexError):
+        cuda.check_ids([5], 5)
+    qkv = np.zeros((1, 6))
+    assert cuda.slot_args("embedding", (None, [1])) == {1}
+    assert cuda.slot_args("attention_batch", (qkv, 1, [], [7], [1])) == {3}
+    assert cuda.slot_args("attention_batch", (qkv, 1, [], [7], [cuda.PREFILL_GEMM_MIN])) == set()
+    assert cuda.slot_args("attention", (qkv, 1, None, None, 3)) == {4}
+    assert cuda.slot_args("linear", (qkv, None, None)) == set()
+
+
+def test_packed_weights_say_which_products_the_gemv_kernels_take():
+    w = randn(6, 4)
+    lin = formats.encode(w, "int8", "linear")  # per-column scales
+    table = formats.encode(w, "int8", "embedding")  # per-row scales
+    pack = lambda s: cuda.Packed(s.fmt, s.data, s.scale, formats.channel_axis(s.role), s)  # noqa: E731
+    assert pack(lin).fits_gemv(False) and not pack(lin).fits_gemv(True)
+    assert pack(table).fits_gemv(True) and not pack(table).fits_gemv(False)
+    half = formats.encode(w, "f16", "linear")
+    assert pack(half).fits_gemv(True) and pack(half).fits_gemv(False) and pack(half).shape == (6, 4)
+
+
+# -- the slot arena and the graph recorder, on a numpy "device" ------------------
+class FakeRuntime:
+    """A stream that records launches while capturing; a graph is the list."""
+
+    def __init__(self, fail_capture_of=None):
+        self.capturing = None
+        self.fail_capture_of = fail_capture_of
+        self.launched = 0
+
+    def run(self, name, fn):
+        if self.capturing is None:
+            fn()
+        elif name == self.fail_capture_of:
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+        else:
+            self.capturing.append(fn)
+
+    def begin_capture(self):
+        self.capturing = []
+
+    def end_capture(self):
+        graph, self.capturing = self.capturing, None
+        return graph
+
+    def launch(self, graph):
+        self.launched += 1
+        for fn in graph:
+            fn()
+
+    def capture_pool(self, on):
+        pass
+
+
+class FakeBackend:
+    """The cuda backend's shape (impls with out/launch, integers through the
+    arena, kernels reading the arena when they run), on numpy."""
+
+    def __init__(self, graphs=True, max_graphs=2, **runtime):
+        self.rt = FakeRuntime(**runtime)
+        self.device_slots = np.zeros(64, dtype=np.int64)
+        self.uploads = []
+
+        def upload(a, b):
+            self.uploads.append((a, b))
+            host = self.arena.host[a:b].copy()  # a copy queued now, as cudaMemcpyAsync from pinned memory
+            self.rt.run("upload", lambda: self.device_slots.__setitem__(slice(a, b), host))
+
+        self.arena = cuda.SlotArena(np.zeros(64, dtype=np.int64), upload, drain=lambda: None)
+        self.graphs = None
+        if graphs:
+            self.graphs = cuda.StepGraphs(self.rt, self.arena, cuda.slot_args, max_graphs=max_graphs)
+
+    def _call(self, name, impl, args):
+        return impl(*args) if self.graphs is None else self.graphs.call(name, impl, args)
+
+    def to_host(self, x):
+        if self.graphs is not None:
+            self.graphs.finish()
+        self.arena.reset()
+        return x.copy()
+
+    def to_device(self, x):
+        if self.graphs is not None:
+            self.graphs.interrupt()
+        return np.array(x, dtype=float)
+
+    # ops
+    def embedding(self, table, ids):
+        return self._call("embedding", self._embedding, (table, ids))
+
+    def add(self, a, b):
+        return self._call("add", self._add, (a, b))
+
+    def attention_batch(self, qkv, n_head, caches, starts, counts):
+        return self._call("attention_batch", self._attend, (qkv, n_head, caches, starts, counts))
+
+    def _embedding(self, table, ids, out=None, launch=True):
+        slot, n = self.arena.put(ids), len(ids)
+        out = np.empty((n, table.shape[1])) if out is None else out
+        if launch:
+            ids = lambda: self.device_slots[slot : slot + n]  # noqa: E731  read when the kernel runs
+            self.rt.run("embedding", lambda: np.take(table, ids(), axis=0, out=out))
+        return out
+
+    def _add(self, a, b, out=None, launch=True):
+        out = np.empty(a.shape) if out is None else out
+        if launch:
+            self.rt.run("add", lambda: np.add(a, b, out=out))
+        return out
+
+    def _attend(self, x, n_head, caches, starts, counts, out=None, launch=True):
+        """A toy attention: write x's rows into the cache at the start (read from
+        the arena when it runs), return the running mean over the cache."""
+        slot = self.arena.put(starts)
+        out = np.empty(x.shape) if out is None else out
+        if launch:
+            def kernel():
+                row = 0
+                for i, ((k, _), count) in enumerate(zip(caches, counts)):
+                    start = int(self.device_slots[slot + i])
+                    k[start : start + count] = x[row : row + count]
+                    for j in range(count):
+                        out[row + j] = k[: start + j + 1].mean(axis=0)
+                    row += count
+            self.rt.run("attention", kernel)
+        return out
+
+
+TABLE, WPE = randn(10, 3), randn(40, 3)
+
+
+def decode(be, caches, tokens, positions, counts=None):
+    """A model-shaped step: embeddings, add, attention, the logits back."""
+    counts = counts or [1] * len(caches)
+    x = be.add(be.embedding(TABLE, tokens), be.embedding(WPE, positions))
+    starts, row = [], 0
+    for c in counts:
+        starts.append(positions[row])
+        row += c
+    return be.to_host(be.attention_batch(x, 1, [(c, c) for c in caches], starts, counts))
+
+
+def run_both(steps, **kwargs):
+    """Run the same steps on an eager and a graph-recording fake; results must match."""
+    eager, graphed = FakeBackend(graphs=False), FakeBackend(**kwargs)
+    caches = {name: (np.zeros((40, 3)), np.zeros((40, 3))) for name in "ab"}
+    for names, tokens, positions, *counts in steps:
+        want = decode(eager, [caches[n][0] for n in names], tokens, positions, *counts)
+        got = decode(graphed, [caches[n][1] for n in names], tokens, positions, *counts)
+        np.testing.assert_array_equal(got, want)
+    return graphed
+
+
+def test_a_repeating_step_is_captured_then_replayed_with_new_positions():
+    steps = [("a", [3, 4], [0, 1], [2])] + [("a", [t % 10], [t]) for t in range(2, 12)]
+    be = run_both(steps)
+    # the prompt and the first two decode steps run eagerly, the third is captured
+    assert be.graphs.counts == {"eager": 3, "captured": 1, "replayed": 7}
+    assert be.rt.launched == 8 and len(be.graphs.tapes) == 1
+
+
+def test_another_batch_falls_back_mid_step_and_stays_correct():
+    decode_a = [("a", [t % 10], [t]) for t in range(6)]
+    both = [("ab", [1, 2], [6, 0]), ("ab", [3, 4], [7, 1])]
+    back = [("a", [t % 10], [t]) for t in range(8, 12)]
+    be = run_both(decode_a + both + back + both[:1])
+    assert be.graphs.counts["fallbacks"] >= 1
+    assert be.graphs.counts["replayed"] >= 4
+
+
+def test_an_upload_mid_step_ends_the_graph_for_that_step():
+    outs, caches = {}, {}
+    for graphs in (False, True):
+        be, cache = FakeBackend(graphs=graphs), np.zeros((40, 3))
+        for t in range(6):
+            x = be.add(be.embedding(TABLE, [t]), be.embedding(WPE, [t]))
+            if t == 5:  # replaying by now: the upload ends the graph for this step
+                x = be.add(x, be.to_device(np.ones((1, 3))))
+            out = be.attention_batch(x, 1, [(cache, cache)], [t], [1])
+            outs.setdefault(graphs, []).append(be.to_host(out))
+        caches[graphs] = cache
+    np.testing.assert_array_equal(outs[True], outs[False])
+    np.testing.assert_array_equal(caches[True], caches[False])
+    assert be.graphs.counts["replayed"] == 2 and be.graphs.counts["fallbacks"] == 1
+    assert be.graphs.streak == 1  # the interrupted step's key is its own
+
+
+def test_a_capture_that_fails_switches_graphs_off_and_the_step_still_runs():
+    steps = [("a", [t % 10], [t]) for t in range(6)]
+    be = run_both(steps, fail_capture_of="attention")
+    assert not be.graphs.enabled
+    assert "capturing attention_batch failed" in be.graphs.disabled_reason
+    assert "captured" not in be.graphs.counts and not be.graphs.tapes
+
+
+def test_a_genuine_op_error_is_raised_and_graphs_stay_on():
+    be, cache = FakeBackend(), np.zeros((40, 3))
+    for t in range(2):
+        decode(be, [cache], [t], [t])
+    x = be.embedding(TABLE, [2])  # the third step is being captured
+    assert be.graphs.mode == cuda.CAPTURE
+
+    def bad(*args, out=None, launch=True):
+        raise ValueError("add: cannot broadcast shapes")
+
+    with pytest.raises(ValueError, match="cannot broadcast"):  # raised again by the op run eagerly
+        be.graphs.call("add", bad, (x, x))
+    assert be.graphs.enabled and be.graphs.mode == cuda.EAGER
+    np.testing.assert_array_equal(be.to_host(x), TABLE[[2]])  # the captured part was run for real
+
+
+def test_least_recently_used_graphs_are_dropped():
+    a = [("a", [t], [t]) for t in range(4)]
+    b = [("b", [t], [t]) for t in range(4)]
+    be = run_both(a + b, max_graphs=1)
+    assert be.graphs.counts["captured"] == 2 and len(be.graphs.tapes) == 1
+    assert be.graphs.last_key in be.graphs.tapes  # b's, the most recent
+    # back to a: the step after b's falls back, the next one replays a's kept graph
+    be = run_both(a + b + [("a", [9], [4]), ("a", [8], [5])], max_graphs=2)
+    assert len(be.graphs.tapes) == 2 and be.graphs.counts["captured"] == 2
+    assert be.graphs.counts["replayed"] == 3 and be.graphs.counts["fallbacks"] == 2
+
+
+def test_the_arena_copies_at_once_or_when_flushed():
+    uploads, drained = [], []
+    arena = cuda.SlotArena(np.zeros(8, dtype=np.int64), lambda a, b: uploads.append((a, b)),
+                           lambda: drained.append(1))
+    assert arena.put([1, 2, 3]) == 0 and uploads == [(0, 3)]
+    arena.deferred = True
+    assert arena.put([4]) == 3 and arena.put([5, 6]) == 4 and uploads == [(0, 3)]
+    arena.flush()
+    assert uploads[-1] == (3, 6) and arena.host[:6].tolist() == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(cuda.SlotArenaFull):  # a capture cannot wait for the device
+        arena.put(range(5))
+    arena.deferred = False
+    assert arena.put(range(5)) == 0 and drained == [1]  # eager: drain, then start over
