@@ -89,8 +89,17 @@ def test_unknown_device_lists_the_devices_there_are(be, clean_env, spec):
     probe = fresh_probe()
     assert not probe.available
     assert opencl.ENV_DEVICE in probe.reason and repr(spec) in probe.reason
-    for key, device in opencl.list_devices(cl):
-        assert key in probe.reason and device.name.strip() in probe.reason
+    for index, (_, device) in enumerate(opencl.list_devices(cl)):
+        assert f"opencl:{index}" in probe.reason and device.name.strip() in probe.reason
+
+
+def test_a_spec_names_a_device_by_index(be, clean_env):
+    import pyopencl as cl
+
+    n = len(opencl.list_devices(cl))
+    assert opencl.OpenCLBackend(device="0").probe().available
+    missing = opencl.OpenCLBackend(device=str(n)).probe()
+    assert not missing.available and f"no OpenCL device '{n}'" in missing.reason
 
 
 def test_pyopencl_ctx_is_honoured(be, clean_env):

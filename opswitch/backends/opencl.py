@@ -228,7 +228,7 @@ def _pick_device(cl: Any, devices: list[tuple[str, Any]], index: str | None) -> 
         device = _match_device(spec, devices)
         if device is None:
             return None, (
-                f"{ENV_DEVICE}={spec!r} matches no OpenCL device; use 'P:D' or a name substring"
+                f"{ENV_DEVICE}={spec!r} matches no OpenCL device; use 'N', 'P:D' or a name substring"
                 f" of one of: {_device_list(devices)}"
             )
         return device, ""
