@@ -1,9 +1,12 @@
 """An example third-party backend, installed like any plugin distribution.
 
 It implements only ``add``, ``gelu`` and ``layernorm`` (with float32 numpy
-written in its own way); every other op falls back to opswitch's reference,
-which ``opswitch backends --ops`` shows.  Copy this directory to start a
-backend of your own.
+written in its own way); every other op — attention over the caller-owned
+KV cache included — falls back to opswitch's reference, which ``opswitch
+backends --ops`` shows.  It keeps no state, so its ops are thread-safe (the
+default), and it has one device, ``example:0`` (the default
+``list_devices``).  Copy this directory to start a backend of your own; the
+README's "Write a backend" lists what else a backend may declare.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ class ExampleBackend(Backend):
     name = "example"
     priority = 5  # below the built-ins: auto never prefers an example
     description = "example plugin: add, gelu and layernorm; the rest falls back"
+    dtypes = ("float32",)
+    thread_safe = True
 
     def _probe_impl(self) -> Probe:
         return Probe.ok(f"host CPU, numpy {np.__version__}")
