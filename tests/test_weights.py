@@ -266,7 +266,7 @@ def test_config_does_not_fit_weights(tmp_path: Path, flat: dict, key: str, value
 
 def test_missing_config(tmp_path: Path, hf_dir: Path) -> None:
     shutil.copy(hf_dir / "model.safetensors", tmp_path)
-    with pytest.raises(ConfigError, match=r"config\.json not found"):
+    with pytest.raises(ConfigError, match=r"config\.json does not exist"):
         load_gpt2(tmp_path)
 
 

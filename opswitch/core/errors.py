@@ -38,3 +38,15 @@ class GenerationError(OpswitchError):
 
 class ModelNotFoundError(OpswitchError):
     """A model name or path resolves to nothing locally or on the hub."""
+
+
+class TextTooLongError(TokenizerError):
+    """A text has more tokens than the caller allows (``encode(text, max_tokens=N)``)."""
+
+
+class NonFiniteLogitsError(GenerationError):
+    """The model produced NaN or infinite logits: no token can be chosen from them."""
+
+
+class OpswitchWarning(UserWarning):
+    """Something works but not as the user likely expects (the CLI prints it as one line)."""

@@ -7,7 +7,6 @@ as it is read, with errors that name the file and the key to fix.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from opswitch.core.errors import ConfigError
+from opswitch.core.files import CONFIG_LIMIT, read_json
 
 # Both names mean the tanh approximation of GELU; HF's plain "gelu" is the erf one.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -130,15 +130,10 @@ class GPT2Config:
     @classmethod
     def from_json(cls, path: str | Path) -> GPT2Config:
         """Read ``config.json``; a missing or unparsable file is a ConfigError naming it."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found; a model needs the config.json it was saved with") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-save the config") from None
+        d = read_json(
+            path, what="config", limit=CONFIG_LIMIT, error=ConfigError,
+            missing="a model needs the config.json it was saved with",
+        )
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ deep in the forward pass.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from opswitch.core.errors import ConfigError, ModelNotFoundError, WeightsError
+from opswitch.core.files import INDEX_LIMIT, read_json
 from opswitch.model.config import GPT2Config
 from opswitch.model.safetensors import (
     FLOAT_DTYPES,
@@ -196,14 +198,14 @@ def param_count(params: Mapping[str, Any]) -> int:
 def _weight_files(directory: Path) -> tuple[dict[Path, list[str] | None], Path]:
     """({shard: tensor names it must hold, None meaning all}, file to blame for missing tensors)."""
     single = directory / WEIGHTS_NAME
-    if single.is_file():
+    if os.path.lexists(single):  # a FIFO or dangling link here is refused by the reader, not skipped
         return {single: None}, single
     index = directory / INDEX_NAME
-    if index.is_file():
+    if os.path.lexists(index):
         shards: dict[Path, list[str] | None] = {}
         for name, shard in _read_index(index).items():
             shards.setdefault(directory / shard, []).append(name)  # type: ignore[union-attr]
-        absent = sorted(p.name for p in shards if not p.is_file())
+        absent = sorted(p.name for p in shards if not os.path.lexists(p))
         if absent:
             raise WeightsError(
                 f"{index} lists {len(absent)} shard(s) not in {directory}: {_few(absent)}; download them"
@@ -219,10 +221,8 @@ def _weight_files(directory: Path) -> tuple[dict[Path, list[str] | None], Path]:
 
 def _read_index(index: Path) -> dict[str, str]:
     """The validated weight_map of a sharded checkpoint: {tensor name: shard file name}."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
-        raise WeightsError(f"{index} is not a valid index ({e}); re-download or re-save the model") from None
+    data = read_json(index, what="index", limit=INDEX_LIMIT, error=WeightsError, missing="re-save the model")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsError(f"{index} has no weight_map object; re-download or re-save the model")
     for name, shard in weight_map.items():

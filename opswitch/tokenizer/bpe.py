@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import heapq
 import itertools
-import json
 import operator
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from opswitch.core.errors import TokenizerError
+from opswitch.core.files import TOKENIZER_LIMIT, read_json, read_text
 from opswitch.tokenizer import unicode_classes as uc
 from opswitch.tokenizer.bytes_to_unicode import LATIN1_TO_VOCAB, UNICODE_TO_BYTE
 
@@ -170,8 +170,8 @@ class BPETokenizer:
     ) -> BPETokenizer:
         """Load GPT-2's ``vocab.json`` + ``merges.txt`` (``<|endoftext|>`` is special)."""
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
-        vocab = _check_vocab(_read_json(vocab_path, "vocabulary file"), str(vocab_path))
-        merges, lines = _parse_merges_txt(_read_text(merges_path, "merges file"), merges_path)
+        vocab = _check_vocab(_read_json(vocab_path, "vocab.json"), str(vocab_path))
+        merges, lines = _parse_merges_txt(_read_text(merges_path, "merges.txt"), merges_path)
         bad = _find_bad_merge(merges, vocab)
         if bad is not None:
             index, missing = bad
@@ -187,7 +187,7 @@ class BPETokenizer:
     def from_tokenizer_json(cls, path: str | os.PathLike[str]) -> BPETokenizer:
         """Load a Hugging Face ``tokenizer.json`` holding a byte-level BPE model."""
         path = Path(path)
-        return cls._from_tokenizer_data(_read_json(path, "tokenizer file"), path)
+        return cls._from_tokenizer_data(_read_json(path, "tokenizer.json"), path)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> BPETokenizer:
@@ -200,14 +200,14 @@ class BPETokenizer:
             directory / "merges.txt",
             directory / "tokenizer.json",
         )
-        if vocab.is_file() and merges.is_file():
+        if present(vocab) and present(merges):
             return cls.from_files(vocab, merges)
-        if tok_json.is_file():
+        if present(tok_json):
             return cls.from_tokenizer_json(tok_json)
         hint = ""
-        if vocab.is_file() != merges.is_file():
-            present, absent = (vocab, merges) if vocab.is_file() else (merges, vocab)
-            hint = f" ({present.name} is there but {absent.name} is missing)"
+        if present(vocab) != present(merges):
+            there, absent = (vocab, merges) if present(vocab) else (merges, vocab)
+            hint = f" ({there.name} is there but {absent.name} is missing)"
         raise TokenizerError(
             f"no BPE tokenizer in {directory}: looked for vocab.json + merges.txt and "
             f"tokenizer.json{hint}; copy the model's tokenizer files there"
@@ -487,6 +487,12 @@ def _newest_half(cache: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]
 # ---------------------------------------------------------- parsing and checks
 
 
+def present(path: Path) -> bool:
+    """Whether anything is at ``path``: a FIFO or a dangling link where a tokenizer file
+    belongs is chosen, then refused with a message saying what it is, not skipped."""
+    return os.path.lexists(path)
+
+
 def _as_id(value: object) -> int | None:
     """Return value as a non-negative int id, or None (bools and floats are not ids)."""
     if isinstance(value, bool):
@@ -510,33 +516,16 @@ def _token_to_bytes(token: str) -> bytes:
 
 
 def _read_text(path: Path, what: str) -> str:
-    """Read a UTF-8 file, turning every OS problem into a one-line TokenizerError."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise TokenizerError(
-            f"{what} {path} does not exist; check the path or re-download the tokenizer files"
-        ) from exc
-    except IsADirectoryError as exc:
-        raise TokenizerError(f"{what} {path} is a directory; pass the file inside it") from exc
-    except UnicodeDecodeError as exc:
-        raise TokenizerError(
-            f"{what} {path} is not UTF-8 text (bad byte at offset {exc.start}); re-download it"
-        ) from exc
-    except OSError as exc:
-        raise TokenizerError(f"cannot read {what} {path}: {exc.strerror}; check its permissions") from exc
+    """Read a UTF-8 tokenizer file (regular, size-capped); every problem is a one-line TokenizerError."""
+    return read_text(path, what=what, limit=TOKENIZER_LIMIT, error=TokenizerError, missing=_MISSING)
 
 
 def _read_json(path: Path, what: str) -> Any:
-    """Read and parse a JSON file; invalid JSON names the file and position."""
-    text = _read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(
-            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} column "
-            f"{exc.colno}); the file is damaged, re-download it"
-        ) from exc
+    """Read and parse a JSON tokenizer file; invalid JSON names the file."""
+    return read_json(path, what=what, limit=TOKENIZER_LIMIT, error=TokenizerError, missing=_MISSING)
+
+
+_MISSING = "check the path or re-download the tokenizer files"
 
 
 def _check_vocab(vocab: Any, source: str, field: str = "vocabulary") -> dict[str, int]:

@@ -51,7 +51,7 @@ class CharTokenizer:
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
         """Read a file written by save()."""
         path = Path(path)
-        return cls._from_data(_read_json(path, "char tokenizer file"), path)
+        return cls._from_data(_read_json(path, "char tokenizer"), path)
 
     @classmethod
     def _from_data(cls, data: Any, path: Path) -> CharTokenizer:

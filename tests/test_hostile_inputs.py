@@ -1,0 +1,168 @@
+"""Hostile files and inputs: each is a one-line OpswitchError naming the file, never a hang,
+an unbounded allocation, a wrong answer or lost data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opswitch.core.errors import (
+    ConfigError,
+    OpswitchError,
+    TokenizerError,
+    WeightsError,
+)
+from opswitch.core.files import CONFIG_LIMIT, not_a_file, read_json
+from opswitch.model.config import GPT2Config
+from opswitch.model.weights import load_gpt2, save_gpt2
+from opswitch.tokenizer import load_tokenizer
+from tests.conftest import random_params
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+
+SMALL = GPT2Config(vocab_size=61, n_positions=16, n_embd=8, n_layer=2, n_head=2,
+                   bos_token_id=0, eos_token_id=60)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A small complete model directory (no tokenizer)."""
+    directory = tmp_path / "model"
+    save_gpt2(directory, SMALL, random_params(SMALL))
+    return directory
+
+
+def one_line(exc: pytest.ExceptionInfo, *words: str) -> str:
+    message = str(exc.value)
+    assert "\n" not in message and len(message) < 1000, message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+# -- not a regular file --------------------------------------------------------------------
+
+def _replace_with(path: Path, kind: str) -> None:
+    """Put a FIFO, a directory, a dangling link or a link to a device where a file was."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "dangling link":
+        path.symlink_to(path.with_name("nowhere"))
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+
+
+KINDS = {"fifo": "a FIFO", "directory": "a directory", "dangling link": "a dangling link",
+         "device": "a character device"}
+
+
+@needs_fifo
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_model_file_that_is_not_a_file(model_dir: Path, name: str, kind: str) -> None:
+    _replace_with(model_dir / name, kind)
+    with pytest.raises(OpswitchError) as exc:
+        load_gpt2(model_dir)
+    one_line(exc, f"{name} is {KINDS[kind]}", "not a file")
+
+
+@needs_fifo
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_that_is_not_a_file(model_dir: Path, kind: str) -> None:
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00001.safetensors")
+    _replace_with(model_dir / "model.safetensors.index.json", kind)
+    with pytest.raises(WeightsError) as exc:
+        load_gpt2(model_dir)
+    one_line(exc, f"index.json is {KINDS[kind]}")
+
+
+@needs_fifo
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer.json"])
+def test_tokenizer_file_that_is_not_a_file(tmp_path: Path, name: str, kind: str) -> None:
+    for other in ("vocab.json", "merges.txt") if name != "tokenizer.json" else ():
+        (tmp_path / other).write_text('{"a": 0}' if other == "vocab.json" else "")
+    _replace_with(tmp_path / name, kind)
+    with pytest.raises(TokenizerError) as exc:
+        load_tokenizer(tmp_path)
+    one_line(exc, f"{name} is {KINDS[kind]}")
+
+
+def test_not_a_file_says_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    assert not_a_file(tmp_path / "f") is None
+    assert not_a_file(tmp_path) == "a directory"
+    assert not_a_file(tmp_path / "nothing") == "missing"
+    (tmp_path / "link").symlink_to(tmp_path / "nothing")
+    assert not_a_file(tmp_path / "link") == "a dangling link"
+
+
+def test_oversized_config_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    with open(path, "wb") as f:
+        f.truncate(CONFIG_LIMIT + 1)  # sparse: costs no disk
+    with pytest.raises(ConfigError) as exc:
+        GPT2Config.from_json(path)
+    one_line(exc, "config.json", "bytes, more than any config file")
+
+
+# -- parser limits -------------------------------------------------------------------------
+
+HOSTILE_JSON = {
+    "deep nesting": "[" * 100_000 + "]" * 100_000,
+    "deep object": '{"a":' * 100_000 + "1" + "}" * 100_000,
+    "5000-digit integer": '{"vocab_size": ' + "9" * 5000 + "}",
+    "NaN": '{"vocab_size": NaN}',
+    "not UTF-8": b'{"a": "\xff"}',
+    "truncated": '{"a": [1, 2',
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("content", HOSTILE_JSON.values(), ids=HOSTILE_JSON.keys())
+@pytest.mark.parametrize(
+    "name", ["config.json", "vocab.json", "tokenizer.json", "model.safetensors.index.json"]
+)
+def test_hostile_json(model_dir: Path, name: str, content: str | bytes) -> None:
+    path = model_dir / name
+    if name == "model.safetensors.index.json":
+        (model_dir / "model.safetensors").unlink()
+    if name == "vocab.json":
+        (model_dir / "merges.txt").write_text("")
+    data = content.encode() if isinstance(content, str) else content
+    path.write_bytes(data)
+    with pytest.raises(OpswitchError) as exc:
+        if name in ("vocab.json", "tokenizer.json"):
+            load_tokenizer(model_dir)
+        else:
+            load_gpt2(model_dir)
+    one_line(exc, name)
+
+
+def test_read_json_names_the_file_and_raises_the_callers_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text("[" * 50_000)
+    with pytest.raises(TokenizerError) as exc:
+        read_json(path, what="test", limit=1 << 20, error=TokenizerError)
+    one_line(exc, str(path), "too deeply")
+
+
+# -- the same model directory, copied, keeps loading -----------------------------------------
+
+def test_regular_files_through_symlinks_still_load(model_dir: Path, tmp_path: Path) -> None:
+    """Hub snapshots are symlinks to blobs: links to regular files are fine."""
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in model_dir.iterdir():
+        (linked / f.name).symlink_to(f)
+    config, params = load_gpt2(linked)
+    assert config == SMALL
+    np.testing.assert_array_equal(params["wte"], load_gpt2(model_dir)[1]["wte"])
+    shutil.rmtree(linked)
