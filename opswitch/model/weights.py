@@ -111,7 +111,11 @@ def save_gpt2(
     (``transformer.h.0...``, ``lm_head.weight`` only when untied).  Params
     with a distinct ``lm_head`` are saved with ``tie_word_embeddings=false``
     so the config tells the truth about them.  Existing model files are
-    replaced only with ``overwrite=True``.
+    replaced only with ``overwrite=True``, each by an atomic rename; an old
+    sharded copy's index and shards (files named ``model-XXXXX-of-XXXXX.safetensors``,
+    nothing else) are deleted after the new files are in place.  Between the
+    two renames (weights, then config) a crash leaves new weights beside the
+    old config: loading then fails with a clear mismatch if their shapes differ.
     """
     directory = Path(path)
     flat = {name: _float32(name, a) for name, a in flatten_params(params).items()}
@@ -124,7 +128,7 @@ def save_gpt2(
             flat["lm_head.weight"] = head
     _check_fit(config, {n: a.shape for n, a in flat.items()}, lambda _: "params", "the config")
 
-    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if (directory / n).exists()]
+    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if os.path.lexists(directory / n)]
     if existing and not overwrite:
         raise WeightsError(
             f"{directory} already holds {', '.join(existing)}; "
@@ -134,17 +138,70 @@ def save_gpt2(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WeightsError(f"cannot create {directory}: {e.strerror or e}") from None
+    stale = _stale_shards(directory) if INDEX_NAME in existing else []
+    _remove(directory, _killed_writers_files(directory))
+    # Each file is replaced by one rename: a crash leaves it old or new, never half-written.
+    # The new model.safetensors wins over an old index from its rename on; the index and
+    # the shards it names are removed only once the new files are in place.
     save_safetensors(
         directory / WEIGHTS_NAME,
         {(n if n == "lm_head.weight" else _PREFIX + n): a for n, a in flat.items()},
         metadata={"format": "pt"},
     )
-    if INDEX_NAME in existing:  # a stale sharded copy would contradict the new file
-        for shard in set(_read_index(directory / INDEX_NAME).values()):
-            (directory / shard).unlink(missing_ok=True)
-        (directory / INDEX_NAME).unlink()
     with atomic_write(directory / CONFIG_NAME) as f:
         f.write((json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8"))
+    _fsync_directory(directory)
+    _remove(directory, [INDEX_NAME, *stale] if INDEX_NAME in existing else [])
+
+
+# HF's shard names (``save_pretrained``'s "model-00001-of-00003.safetensors"): the only
+# files an overwrite deletes besides the index, so an index naming vocab.json or
+# model.safetensors as a shard cannot make a save delete them.
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# What ``atomic_write`` leaves behind when its process is killed mid-write.
+_TEMP = re.compile(rf"\.({re.escape(CONFIG_NAME)}|{re.escape(WEIGHTS_NAME)})\.[0-9a-f]{{12}}\.tmp")
+
+
+def _stale_shards(directory: Path) -> list[str]:
+    """The shard files the directory's old index names, that a save replacing it may delete."""
+    try:
+        named = set(_read_index(directory / INDEX_NAME).values())
+    except WeightsError:  # unreadable: prove nothing, delete nothing but the index
+        return []
+    return sorted(n for n in named if _SHARD.fullmatch(n) and (directory / n).is_file())
+
+
+def _killed_writers_files(directory: Path) -> list[str]:
+    """Temporary files of a save that was killed before its rename (never loaded: hidden names)."""
+    try:
+        return sorted(p.name for p in directory.iterdir() if _TEMP.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def _remove(directory: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            (directory / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise WeightsError(
+                f"saved the model in {directory}, but cannot remove the stale {name}: {e.strerror or e}; "
+                "delete it by hand"
+            ) from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable before anything old is deleted (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _float32(name: str, a: Any) -> np.ndarray:
@@ -230,6 +287,11 @@ def _read_index(index: Path) -> dict[str, str]:
         if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
             raise WeightsError(
                 f"{index}: weight_map[{name!r}] = {shard!r} is not a file name in the model directory; "
+                "re-download or re-save the model"
+            )
+        if not shard.endswith(".safetensors"):  # never vocab.json, nor a killed writer's .tmp file
+            raise WeightsError(
+                f"{index}: weight_map[{name!r}] = {shard!r} is not a .safetensors file; "
                 "re-download or re-save the model"
             )
     return weight_map
