@@ -3,6 +3,7 @@ an unbounded allocation, a wrong answer or lost data."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -166,3 +167,76 @@ def test_regular_files_through_symlinks_still_load(model_dir: Path, tmp_path: Pa
     assert config == SMALL
     np.testing.assert_array_equal(params["wte"], load_gpt2(model_dir)[1]["wte"])
     shutil.rmtree(linked)
+
+
+# -- sizes checked against each other before anything proportional is allocated ------------
+
+def peak_bytes(fn) -> int:
+    """Peak Python allocation while ``fn`` runs (it must raise OpswitchError)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(OpswitchError):
+            fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("n_layer", [3, 10**6, 10**9, 10**18])
+def test_config_claiming_more_layers_than_the_weights_hold(model_dir: Path, n_layer: int) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "n_layer": n_layer}))
+    assert peak_bytes(lambda: load_gpt2(model_dir)) < 20 * 2**20
+    with pytest.raises(ConfigError) as exc:
+        load_gpt2(model_dir)
+    one_line(exc, f"n_layer={n_layer}", "holds 2 layer(s) (h.0 ... h.1)", "config.json")
+
+
+def test_save_with_a_config_claiming_a_billion_layers(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    huge = replace(SMALL, n_layer=10**9)
+    assert peak_bytes(lambda: save_gpt2(tmp_path, huge, random_params(SMALL))) < 20 * 2**20
+
+
+def _gpt2_like_vocab() -> dict[str, int]:
+    from opswitch.tokenizer.bytes_to_unicode import BYTE_TO_UNICODE
+
+    return {char: i for i, char in enumerate(BYTE_TO_UNICODE)}
+
+
+@pytest.mark.parametrize("huge_id", [10**8, 10**9, 2**62])
+def test_vocab_json_with_one_huge_id(tmp_path: Path, huge_id: int) -> None:
+    vocab = {**_gpt2_like_vocab(), "<|endoftext|>": huge_id}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    assert peak_bytes(lambda: load_tokenizer(tmp_path)) < 20 * 2**20
+    with pytest.raises(TokenizerError) as exc:
+        load_tokenizer(tmp_path)
+    one_line(exc, "vocab.json", f"has id {huge_id}", "far beyond the 257 ids")
+
+
+@pytest.mark.parametrize("huge_id", [10**8, 10**9])
+def test_tokenizer_json_added_token_with_a_huge_id(tmp_path: Path, huge_id: int) -> None:
+    data = {
+        "added_tokens": [{"id": huge_id, "content": "<pad>", "special": True}],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "model": {"type": "BPE", "vocab": _gpt2_like_vocab(), "merges": []},
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    assert peak_bytes(lambda: load_tokenizer(tmp_path)) < 20 * 2**20
+    with pytest.raises(TokenizerError) as exc:
+        load_tokenizer(tmp_path)
+    one_line(exc, "tokenizer.json", "'<pad>' has id")
+
+
+def test_small_gaps_in_ids_are_still_fine(tmp_path: Path) -> None:
+    """Padded vocabularies and added tokens at round numbers leave gaps: those load."""
+    vocab = {**_gpt2_like_vocab(), "<|endoftext|>": 512}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == 513 and tok.eot_id == 512

@@ -26,7 +26,7 @@ MiB = 1 << 20
 # is 1 MB and the largest tokenizer.json files on the hub are ~35 MB.
 CONFIG_LIMIT = 1 * MiB
 INDEX_LIMIT = 16 * MiB
-TOKENIZER_LIMIT = 128 * MiB
+TOKENIZER_LIMIT = 64 * MiB
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -95,16 +95,20 @@ def read_bytes(
     path = Path(path)
     with open_regular(path, error, missing) as f:
         size = os.fstat(f.fileno()).st_size
-        try:
-            data = f.read(limit + 1) if size <= limit else b""
+        chunks: list[bytes] = []
+        total = 0
+        try:  # in chunks, not read(limit): that would allocate the whole limit up front
+            while size <= limit and total <= limit and (chunk := f.read(min(MiB, limit + 1 - total))):
+                chunks.append(chunk)
+                total += len(chunk)
         except OSError as exc:
             raise error(f"cannot read {path}: {exc.strerror or exc}") from None
-    if size > limit or len(data) > limit:
+    if size > limit or total > limit:
         raise error(
-            f"{path} is {max(size, len(data)):,} bytes, more than any {what} file "
+            f"{path} is {max(size, total):,} bytes, more than any {what} file "
             f"({limit // MiB} MiB at most); check that it is the right file"
         )
-    return data
+    return b"".join(chunks)
 
 
 def read_text(

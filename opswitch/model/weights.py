@@ -331,7 +331,18 @@ def _fmt(shape: tuple[int, ...]) -> str:
 def _check_fit(
     config: GPT2Config, shapes: Mapping[str, tuple[int, ...]], where: Callable[[str], str], config_src: str
 ) -> None:
-    """Names and shapes against the config: missing, unexpected, mismatched sizes."""
+    """Names and shapes against the config: missing, unexpected, mismatched sizes.
+
+    The layer count comes first: ``param_shapes`` is as long as ``n_layer``
+    says, so a config claiming 10**9 layers must fail before it is built.
+    """
+    layers = {int(m[1]) for name in shapes if (m := _LAYER.match(name))}
+    if config.n_layer > len(layers):
+        holds = f"{len(layers)} layer(s)" + (f" (h.0 ... h.{max(layers)})" if layers else "")
+        raise ConfigError(
+            f"{config_src} says n_layer={config.n_layer}, but {where(next(iter(shapes), ''))} holds {holds}; "
+            "use the config.json that belongs to these weights"
+        )
     want = config.param_shapes()
     optional = {"lm_head.weight": (config.vocab_size, config.n_embd)}
     unexpected = [n for n in shapes if n not in want and n not in optional]

@@ -65,6 +65,9 @@ CACHE_SIZE = 100_000
 #: below it, starting the pool costs more than it saves.
 PARALLEL_MIN_CHARS = 1_000_000
 _CHUNKS_PER_WORKER = 4
+#: Token ids may leave gaps, but the largest must stay below SPREAD * (ids defined) + SLACK.
+MAX_ID_SPREAD = 2
+MAX_ID_SLACK = 1024
 #: Words longer than this use the O(n log n) merge loop instead of the simple one.
 _LONG_WORD = 64
 
@@ -152,7 +155,7 @@ class BPETokenizer:
 
     def _build_id_tables(self) -> None:
         """Precompute id -> token and id -> bytes so decoding is a list lookup."""
-        size = max([*self._vocab.values(), *(t.id for t in self._added.values())]) + 1
+        size = _table_size(self._vocab, self._added.values(), self._source)
         self._tokens: list[str | None] = [None] * size
         for token, i in self._vocab.items():
             self._tokens[i] = token
@@ -552,6 +555,25 @@ def _check_vocab(vocab: Any, source: str, field: str = "vocabulary") -> dict[str
             )
         seen[token_id] = token
     return {token: int(value) for token, value in vocab.items()}
+
+
+def _table_size(vocab: Mapping[str, int], added: Iterable[AddedToken], source: str) -> int:
+    """Largest id + 1, refusing ids far beyond the number of tokens.
+
+    The id tables are as long as the largest id, so one id of 10**8 in a small
+    file would cost gigabytes.  Real vocabularies leave small gaps (padding,
+    added tokens at round numbers), never more unused ids than used ones.
+    """
+    ids = {*vocab.values(), *(t.id for t in added)}
+    top = max(ids)
+    if top >= MAX_ID_SPREAD * len(ids) + MAX_ID_SLACK:
+        token = next((t.content for t in added if t.id == top), None)
+        token = token if token is not None else next(t for t, i in vocab.items() if i == top)
+        raise TokenizerError(
+            f"{source}: token {token[:40]!r} has id {top}, far beyond the {len(ids)} ids the file defines "
+            "(ids must run from 0 with few gaps); the file is damaged, re-download it"
+        )
+    return top + 1
 
 
 def _find_bad_merge(merges: Sequence[tuple[str, str]], vocab: Mapping[str, int]) -> tuple[int, str] | None:
