@@ -240,3 +240,56 @@ def test_small_gaps_in_ids_are_still_fine(tmp_path: Path) -> None:
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     tok = load_tokenizer(tmp_path)
     assert tok.vocab_size == 513 and tok.eot_id == 512
+
+
+# -- a huge prompt costs the work of the context, not of the text ---------------------------
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer(gpt2_tokenizer_dir):
+    return load_tokenizer(gpt2_tokenizer_dir)
+
+
+HUGE_TEXTS = {
+    "prose": "It is a truth universally acknowledged. " * 250_000,
+    "one long word": "a" * 10_000_000,
+    "spaces": " " * 10_000_000,
+    "emoji": "👋" * 2_500_000,
+    "added tokens": "<|endoftext|>" * 800_000,
+}
+
+
+@pytest.mark.parametrize("text", HUGE_TEXTS.values(), ids=HUGE_TEXTS.keys())
+def test_encode_with_max_tokens_stops_early(gpt2_tokenizer, text: str) -> None:
+    import time
+
+    from opswitch.core.errors import TextTooLongError
+
+    start = time.perf_counter()
+    assert peak_bytes(lambda: gpt2_tokenizer.encode(text, max_tokens=1024)) < 50 * 2**20
+    with pytest.raises(TextTooLongError) as exc:
+        gpt2_tokenizer.encode(text, max_tokens=1024)
+    one_line(exc, "more than 1024 tokens")
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("text", ["", "hello world", "a" * 300, "👋 " * 100, "x<|endoftext|>y"])
+def test_encode_with_max_tokens_is_encode_when_the_text_fits(gpt2_tokenizer, text: str) -> None:
+    from opswitch.core.errors import TextTooLongError
+
+    ids = gpt2_tokenizer.encode(text)
+    assert gpt2_tokenizer.encode(text, max_tokens=len(ids)) == ids
+    if ids:
+        with pytest.raises(TextTooLongError):
+            gpt2_tokenizer.encode(text, max_tokens=len(ids) - 1)
+
+
+def test_char_tokenizer_max_tokens() -> None:
+    from opswitch.core.errors import TextTooLongError
+    from opswitch.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("ab")
+    assert tok.encode("abab", max_tokens=4) == [0, 1, 0, 1]
+    with pytest.raises(TextTooLongError):
+        tok.encode("ab" * 5_000_000, max_tokens=4)
+    with pytest.raises(TokenizerError, match="max_tokens"):
+        tok.encode("ab", max_tokens=-1)

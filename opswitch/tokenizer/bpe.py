@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opswitch.core.errors import TokenizerError
+from opswitch.core.errors import TextTooLongError, TokenizerError
 from opswitch.core.files import TOKENIZER_LIMIT, read_json, read_text
 from opswitch.tokenizer import unicode_classes as uc
 from opswitch.tokenizer.bytes_to_unicode import LATIN1_TO_VOCAB, UNICODE_TO_BYTE
@@ -162,6 +162,7 @@ class BPETokenizer:
         for tok in self._added.values():
             self._tokens[tok.id] = tok.content
         self._bytes: list[bytes | None] = [None if t is None else _token_to_bytes(t) for t in self._tokens]
+        self._longest = max((len(b) for b in self._bytes if b is not None), default=1)
         eot = self._added.get(EOT_TOKEN)
         self._eot_id = eot.id if eot is not None else self._vocab.get(EOT_TOKEN)
 
@@ -250,16 +251,24 @@ class BPETokenizer:
 
     # ---------------------------------------------------------------- encoding
 
-    def encode(self, text: str) -> list[int]:
-        """Return the ids of ``text``, without adding BOS/EOS."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Return the ids of ``text``, without adding BOS/EOS.
+
+        With ``max_tokens``, raise TextTooLongError as soon as the text is known
+        to need more ids than that, so a 10 MB prompt for a 1024-token context
+        costs the work of ~1024 tokens, not of the whole text.
+        """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
+        limit = check_max_tokens(max_tokens)
         ids: list[int] = []
         for segment, added_id in self._split_added(text):
             if added_id is None:
-                self._encode_segment(segment, ids)
+                self._encode_segment(segment, ids, limit)
             else:
                 ids.append(added_id)
+            if limit is not None and len(ids) > limit:
+                raise text_too_long(limit)
         return ids
 
     def encode_batch(self, texts: Sequence[str], workers: int | None = None) -> list[list[int]]:
@@ -303,14 +312,23 @@ class BPETokenizer:
         if pos < len(text):
             yield text[pos:], None
 
-    def _encode_segment(self, text: str, out: list[int]) -> None:
-        """Append the ids of text that contains no added token."""
+    def _encode_segment(self, text: str, out: list[int], limit: int | None = None) -> None:
+        """Append the ids of text that contains no added token (at most ``limit`` in ``out``)."""
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
         if self._add_prefix_space and not text.startswith(" "):
             text = " " + text
         cache = self._cache
-        for word in _PRETOKENIZER.findall(text) if self._use_regex else [text]:
+        if not self._use_regex:
+            words: Iterable[str] = [text]
+        elif limit is None:
+            words = _PRETOKENIZER.findall(text)
+        else:  # one word at a time: stop before pre-tokenizing (or merging) what cannot fit
+            words = (m.group() for m in _PRETOKENIZER.finditer(text))
+        for word in words:
+            # Each id covers at most _longest bytes, so a word needs at least this many.
+            if limit is not None and len(out) + -(-len(word) // self._longest) > limit:
+                raise text_too_long(limit)
             ids = cache.get(word)
             if ids is None:
                 ids = self._bpe(word)
@@ -555,6 +573,20 @@ def _check_vocab(vocab: Any, source: str, field: str = "vocabulary") -> dict[str
             )
         seen[token_id] = token
     return {token: int(value) for token, value in vocab.items()}
+
+
+def check_max_tokens(max_tokens: object) -> int | None:
+    """``encode``'s max_tokens: None (no limit) or an int >= 0."""
+    if max_tokens is None:
+        return None
+    limit = _as_id(max_tokens)
+    if limit is None:
+        raise TokenizerError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
+    return limit
+
+
+def text_too_long(limit: int) -> TextTooLongError:
+    return TextTooLongError(f"the text is more than {limit} tokens long; shorten it")
 
 
 def _table_size(vocab: Mapping[str, int], added: Iterable[AddedToken], source: str) -> int:
