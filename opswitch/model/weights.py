@@ -91,6 +91,8 @@ def load_gpt2(path: str | Path) -> tuple[GPT2Config, Params]:
                     f"{', '.join(FLOAT_DTYPES)} — re-save the model with float32 weights"
                 )
         flat = {name: f.get_float32(stored) for name, (f, stored) in found.items()}
+        for name, a in flat.items():
+            _check_finite(name, a, found[name][0].path)
     finally:
         for f in files:
             f.close()
@@ -318,6 +320,23 @@ def _gather(
                 )
             found[name] = (f, stored)
     return found
+
+
+def _check_finite(name: str, a: np.ndarray, path: Path) -> None:
+    """Refuse NaN/Inf weights: they turn every logit into NaN, which greedy decoding
+    would silently read as token 0.  One float32 sum per tensor (NaN and Inf survive
+    it, ~1 ms per million weights); only a non-finite sum pays for the exact check,
+    since a sum of large finite weights may overflow on its own."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(a.sum()):
+            return
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = np.unravel_index(int(np.argmax(bad)), a.shape)
+        raise WeightsError(
+            f"{name} in {path} holds {int(bad.sum())} non-finite value(s) (NaN or Inf, first at "
+            f"{list(map(int, first))}); the file is damaged: re-download or re-save the model"
+        )
 
 
 def _few(names: list[str], k: int = 4) -> str:
