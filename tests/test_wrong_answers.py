@@ -102,3 +102,45 @@ def test_sampling_any_temperature_gives_a_valid_id(temperature, logits, top_k, t
     assert 0 <= token < len(logits)
     if config.greedy:
         assert token == int(np.argmax(logits))
+
+
+# -- a path to a weights file loads that file, or is an error -------------------------------
+
+@pytest.fixture
+def two_models(tmp_path: Path, tiny_config, tiny_params):
+    """DIR with model.safetensors and a different other.safetensors beside it."""
+    from tests.conftest import random_params
+
+    save_gpt2(tmp_path, tiny_config, tiny_params)
+    other = random_params(tiny_config, seed=99)
+    save_gpt2(tmp_path / "o", tiny_config, other)
+    (tmp_path / "o" / "model.safetensors").rename(tmp_path / "other.safetensors")
+    return tmp_path, other
+
+
+def test_load_gpt2_of_a_file_loads_that_file(two_models) -> None:
+    directory, other = two_models
+    _, params = load_gpt2(directory / "other.safetensors")
+    np.testing.assert_array_equal(params["wte"], other["wte"])
+    _, params = load_gpt2(directory)
+    assert not np.array_equal(params["wte"], other["wte"])
+
+
+def test_resolve_model_never_swaps_a_weights_file_for_another(two_models) -> None:
+    from opswitch.core.errors import ModelNotFoundError
+    from opswitch.model.hub import resolve_model
+
+    directory, _ = two_models
+    assert resolve_model(str(directory / "model.safetensors")) == directory
+    assert resolve_model(str(directory / "config.json")) == directory
+    with pytest.raises(ModelNotFoundError, match=r"other\.safetensors is not the weights file of its"):
+        resolve_model(str(directory / "other.safetensors"))
+
+
+def test_resolve_model_accepts_a_shard_its_index_names(tmp_path: Path) -> None:
+    from opswitch.model.hub import resolve_model
+    from tests.test_save_safety import CONFIG, OLD, save_sharded
+
+    files = save_sharded(tmp_path, OLD)
+    assert resolve_model(str(tmp_path / files[1])) == tmp_path
+    assert load_gpt2(tmp_path)[0] == CONFIG

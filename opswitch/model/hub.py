@@ -26,7 +26,9 @@ import re
 from pathlib import Path
 
 from opswitch.core.errors import ModelNotFoundError, WeightsError
+from opswitch.core.files import not_a_file
 from opswitch.model.safetensors import PICKLE_SUFFIXES, refuse_pickle
+from opswitch.model.weights import weight_files
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo-model"
 
@@ -127,14 +129,33 @@ def _env_path(var: str) -> str | None:
 
 
 def _local(path: Path) -> Path:
-    """A model directory, or the one holding a config/safetensors file the user pointed at."""
-    if path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            refuse_pickle(path)
-        if path.suffix == ".safetensors" or path.name == "config.json":
+    """A model directory, or the one holding a config/safetensors file the user pointed at.
+
+    A weights file stands for its directory only when it is the file (or a shard)
+    that loading the directory reads: ``DIR/other.safetensors`` must never load
+    ``DIR/model.safetensors`` instead.
+    """
+    if path.is_dir():
+        return path
+    refuse_pickle(path)
+    kind = not_a_file(path)
+    if kind is not None:
+        raise ModelNotFoundError(f"{path} is {kind}, not a model directory or file; check the path")
+    if path.name == "config.json":
+        return path.parent
+    if path.suffix == ".safetensors":
+        try:
+            loads = weight_files(path.parent)
+        except WeightsError:
+            loads = []
+        if any(os.path.samefile(path, p) for p in loads if p.exists()):
             return path.parent
-        raise ModelNotFoundError(f"{path} is a file: pass the model directory (config.json + *.safetensors)")
-    return path
+        raise ModelNotFoundError(
+            f"{path} is not the weights file of its directory (loading {path.parent} reads "
+            f"{loads[0].name if loads else 'model.safetensors'}); pass the directory to load that, or move "
+            f"{path.name} into a directory of its own as model.safetensors, with its config.json"
+        )
+    raise ModelNotFoundError(f"{path} is a file: pass the model directory (config.json + *.safetensors)")
 
 
 def _from_hub(name: str, revision: str | None) -> Path:

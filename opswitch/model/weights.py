@@ -63,14 +63,25 @@ Params = dict[str, Any]
 
 
 def load_gpt2(path: str | Path) -> tuple[GPT2Config, Params]:
-    """Read a GPT-2 model directory into (config, nested float32 params)."""
-    directory = Path(path)
-    if not directory.exists():
-        raise ModelNotFoundError(f"{directory} does not exist; pass a model directory (config + weights)")
-    if not directory.is_dir():
-        refuse_pickle(directory)
-        raise WeightsError(f"{directory} is a file; pass the model directory that holds it and config.json")
-    shards, source = _weight_files(directory)
+    """Read a GPT-2 model directory into (config, nested float32 params).
+
+    ``path`` may also be one ``.safetensors`` file: that file is loaded, with
+    the config.json beside it.
+    """
+    target = Path(path)
+    if not os.path.lexists(target):
+        raise ModelNotFoundError(f"{target} does not exist; pass a model directory (config + weights)")
+    if target.is_dir():
+        directory = target
+        shards, source = _weight_files(directory)
+    else:
+        refuse_pickle(target)
+        if target.suffix != ".safetensors":
+            raise WeightsError(
+                f"{target} is not a model directory or a .safetensors file; pass the model directory"
+            )
+        directory = target.parent
+        shards, source = {target: None}, target
     config_path = directory / CONFIG_NAME
     config = GPT2Config.from_json(config_path)
 
@@ -253,6 +264,11 @@ def param_count(params: Mapping[str, Any]) -> int:
 
 
 # -- reading helpers ------------------------------------------------------------------------
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The files ``load_gpt2(directory)`` reads its weights from (raises if there are none)."""
+    return list(_weight_files(Path(directory))[0])
+
 
 def _weight_files(directory: Path) -> tuple[dict[Path, list[str] | None], Path]:
     """({shard: tensor names it must hold, None meaning all}, file to blame for missing tensors)."""
