@@ -293,3 +293,105 @@ def test_char_tokenizer_max_tokens() -> None:
         tok.encode("ab" * 5_000_000, max_tokens=4)
     with pytest.raises(TokenizerError, match="max_tokens"):
         tok.encode("ab", max_tokens=-1)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, stdin=None, stdout=None, stderr=None, env=None, **kw):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env.pop("OPSWITCH_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "opswitch", *args], stdin=stdin, stdout=stdout, stderr=stderr,
+        env=env, timeout=120, **kw,
+    )
+
+
+def run_sh(script: str) -> tuple[int, str, str]:
+    """Run ``script`` in sh (for `<&-`, `2>&-`, `>/dev/full`) with our PYTHONPATH."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PY": sys.executable}
+    env.pop("OPSWITCH_DEBUG", None)
+    r = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+GEN = '"$PY" -m opswitch generate --max-tokens 3 --seed 1 -q'
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "stdout", "stderr"),
+    [
+        (f"{GEN} --prompt Hi <&-", 0, "any", ""),
+        (f"{GEN} <&-", 2, "", "the prompt is empty"),
+        (f"{GEN} --prompt Hi 2>&-", 0, "any", ""),
+        (f"{GEN} --model /nonexistent/model 2>&-", 2, "", ""),  # the error must not go to stdout
+        (f"{GEN} --prompt Hi >&-", 0, "", ""),
+    ],
+    ids=["closed stdin", "closed stdin, prompt from it", "closed stderr", "closed stderr, error",
+         "closed stdout"],
+)
+def test_closed_standard_streams(script: str, code: int, stdout: str, stderr: str) -> None:
+    rc, out, err = run_sh(script)
+    assert rc == code, (out, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    if stdout != "any":
+        assert out == stdout, out
+    assert stderr in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize("command", [f"{GEN} --prompt Hi", '"$PY" -m opswitch backends'])
+def test_stdout_on_a_full_disk(command: str) -> None:
+    rc, _, err = run_sh(f"{command} >/dev/full")
+    assert rc == 2, err
+    assert err.strip().splitlines() == ["opswitch: error: cannot write the output: No space left on device"]
+
+
+def test_tiny_temperature_is_greedy_in_the_cli() -> None:
+    greedy = cli("generate", "--prompt", "Once", "--max-tokens", "8", "-q", "--temperature", "0",
+                 capture_output=True, text=True)
+    tiny = cli("generate", "--prompt", "Once", "--max-tokens", "8", "-q", "--temperature", "1e-320",
+               capture_output=True, text=True)
+    assert greedy.returncode == tiny.returncode == 0, tiny.stderr
+    assert tiny.stdout == greedy.stdout
+
+
+def test_eos_outside_the_vocabulary_is_a_one_line_warning(model_dir: Path, gpt2_tokenizer_dir) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": 70000}))
+    with pytest.warns(UserWarning, match=r"eos_token_id=70000 is outside the vocabulary \(vocab_size=61\)"):
+        GPT2Config.from_json(model_dir / "config.json")
+    r = cli("generate", "--model", str(model_dir), "--tokenizer", str(gpt2_tokenizer_dir), "--prompt", "!",
+            "--max-tokens", "2", "-q", capture_output=True, text=True)
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert warnings and warnings[0].startswith("opswitch: warning: ") and "eos_token_id=70000" in warnings[0]
+
+
+def test_config_we_write_for_a_small_vocabulary_loads_without_warning(tmp_path: Path) -> None:
+    import warnings
+
+    config = GPT2Config(vocab_size=61, n_positions=16, n_embd=8, n_layer=1, n_head=2)  # eos default 50256
+    save_gpt2(tmp_path, config, random_params(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GPT2Config.from_json(tmp_path / "config.json").eos_token_id is None
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/dir/x.json", "DIR"])
+def test_bench_json_path_is_checked_before_running(tmp_path: Path, target: str) -> None:
+    import time
+
+    target = str(tmp_path) if target == "DIR" else target
+    start = time.perf_counter()
+    r = cli("bench", "--json", target, "--shape", "gpt2-xl", "--no-reference", capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"opswitch: error: cannot write --json {target}"), r.stderr
+    assert time.perf_counter() - start < 30

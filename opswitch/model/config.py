@@ -8,12 +8,13 @@ as it is read, with errors that name the file and the key to fix.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from opswitch.core.errors import ConfigError
+from opswitch.core.errors import ConfigError, OpswitchWarning
 from opswitch.core.files import CONFIG_LIMIT, read_json
 
 # Both names mean the tanh approximation of GELU; HF's plain "gelu" is the erf one.
@@ -125,6 +126,15 @@ class GPT2Config:
             if name in d:
                 values[name] = d[name]
         _validate({**_DEFAULTS, **values}, source)
+        eos, n_vocab = values.get("eos_token_id"), values["vocab_size"]
+        if eos is not None and eos >= n_vocab:
+            # A warning, not an error: the model still runs (transformers loads it too),
+            # it only never stops early, which the user should hear about once.
+            warnings.warn(OpswitchWarning(
+                f"{source}: eos_token_id={eos} is outside the vocabulary (vocab_size={n_vocab}), "
+                "so generation never stops at an end-of-text token; set eos_token_id to the model's "
+                "end-of-text id, or to null"
+            ), stacklevel=2)
         return cls(**values)
 
     @classmethod
@@ -137,8 +147,15 @@ class GPT2Config:
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """An HF-loadable ``config.json`` dict (``GPT2LMHeadModel.from_pretrained`` accepts it)."""
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **asdict(self)}
+        """An HF-loadable ``config.json`` dict (``GPT2LMHeadModel.from_pretrained`` accepts it).
+
+        An eos_token_id outside the vocabulary (the GPT-2 default with a small
+        vocabulary) is written as null: the model has no end-of-text token.
+        """
+        d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **asdict(self)}
+        if self.eos_token_id is not None and self.eos_token_id >= self.vocab_size:
+            d["eos_token_id"] = None
+        return d
 
 
 _DEFAULTS = {f.name: f.default for f in fields(GPT2Config) if f.default is not MISSING}

@@ -52,6 +52,8 @@ ALLOW_PATTERNS = [
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
+# The files opswitch reads from a snapshot (besides *.safetensors).
+_READ = ("config.json", "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer.json")
 # A name ending like a model file is a path the user mistyped, never a hub id.
 _FILE_SUFFIXES = (".safetensors", ".json", *PICKLE_SUFFIXES)
 _SHORT_HASH = re.compile(r"[0-9a-f]{7,39}")
@@ -248,8 +250,19 @@ def _check_snapshot(folder: Path, name: str, revision: str | None, fresh: bool =
     ``fresh``: the folder was just downloaded, so what is missing is missing on the hub too.
     """
     where = _where(name, revision)
-    has_config = (folder / "config.json").exists()
-    has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists()
+    # A cached file is a link to a blob; a missing blob leaves a dangling link, which is no file.
+    broken = sorted(
+        p.name for p in folder.iterdir()
+        if (p.name in _READ or p.suffix == ".safetensors") and not_a_file(p) is not None
+    )
+    if broken:
+        raise WeightsError(
+            f"the cached snapshot of {where} ({folder}) is damaged: {', '.join(broken[:4])}"
+            f"{' ...' if len(broken) > 4 else ''} {'is' if len(broken) == 1 else 'are'} not a file"
+            f" (a blob is missing): {_download_hint(name, revision)} with network access to repair it"
+        )
+    has_config = (folder / "config.json").is_file()
+    has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if not has_weights and (pickles or (fresh and has_config)):
         out = f"./{hub_id(name).rsplit('/', 1)[-1]}-safetensors"

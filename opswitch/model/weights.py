@@ -289,7 +289,7 @@ def _weight_files(directory: Path) -> tuple[dict[Path, list[str] | None], Path]:
     pickles = sorted(p for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         refuse_pickle(pickles[0])
-    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    others = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
     hint = f" (it holds {_few(others)}: rename the model's file to {WEIGHTS_NAME})" if others else ""
     raise WeightsError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}{hint}")
 
