@@ -163,15 +163,18 @@ def test_fuzz_model_directory(small_model_files, config, index) -> None:
 
 BYTES_VOCAB = {c: i for i, c in enumerate(BYTE_TO_UNICODE)}
 vocab_entries = st.dictionaries(
-    st.one_of(st.sampled_from(BYTE_TO_UNICODE), st.text(max_size=4)),
+    st.one_of(st.text(min_size=2, max_size=4), st.sampled_from(BYTE_TO_UNICODE), st.text(max_size=4)),
     st.one_of(ints, json_values), max_size=6,
 )
 vocabs = st.one_of(vocab_entries.map(lambda d: {**BYTES_VOCAB, **d}), json_values)
-merges = st.lists(
-    st.one_of(st.tuples(st.sampled_from(BYTE_TO_UNICODE), st.sampled_from(BYTE_TO_UNICODE)).map(" ".join),
-              st.text(max_size=6)),
-    max_size=6,
-).map("\n".join)
+merges = st.one_of(
+    st.just(""),
+    st.lists(
+        st.one_of(st.tuples(st.sampled_from(BYTE_TO_UNICODE), st.sampled_from(BYTE_TO_UNICODE)).map(" ".join),
+                  st.text(max_size=6)),
+        max_size=6,
+    ).map("\n".join),
+)
 
 
 def _load_and_use(directory: Path, text: str) -> None:
