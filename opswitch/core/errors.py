@@ -50,3 +50,10 @@ class NonFiniteLogitsError(GenerationError):
 
 class OpswitchWarning(UserWarning):
     """Something works but not as the user likely expects (the CLI prints it as one line)."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for values read from files:
+    a 1 MB string in a config must not become a 1 MB error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"

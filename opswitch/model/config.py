@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from opswitch.core.errors import ConfigError, OpswitchWarning
+from opswitch.core.errors import ConfigError, OpswitchWarning, shown
 from opswitch.core.files import CONFIG_LIMIT, read_json
 
 # Both names mean the tanh approximation of GELU; HF's plain "gelu" is the erf one.
@@ -106,14 +106,14 @@ class GPT2Config:
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ConfigError(
-                f"{source}: model_type is {model_type!r}, but opswitch only runs GPT-2 models "
+                f"{source}: model_type is {shown(model_type)}, but opswitch only runs GPT-2 models "
                 "(model_type 'gpt2')"
             )
         for key, hf_default in _UNSUPPORTED.items():
             if d.get(key, hf_default) != hf_default:
                 raise ConfigError(
-                    f"{source}: {key}={d[key]!r} is not supported (opswitch implements the standard GPT-2 "
-                    f"attention, {key}={hf_default!r}); use a model without this option"
+                    f"{source}: {key}={shown(d[key])} is not supported (opswitch implements the standard "
+                    f"GPT-2 attention, {key}={hf_default!r}); use a model without this option"
                 )
         values: dict[str, Any] = {}
         for name in _REQUIRED:
@@ -168,7 +168,7 @@ def _is_int(v: Any) -> bool:
 def _validate(v: Mapping[str, Any], source: str) -> None:
     """Raise ConfigError for the first bad field; the messages name ``source`` and the key."""
     def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}={v[key]!r} {why}; fix the config")
+        return ConfigError(f"{source}: {key}={shown(v[key])} {why}; fix the config")
 
     for key in _REQUIRED:
         if not _is_int(v[key]) or v[key] <= 0:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opswitch.core.errors import TextTooLongError, TokenizerError
+from opswitch.core.errors import TextTooLongError, TokenizerError, shown
 from opswitch.core.files import TOKENIZER_LIMIT, read_json, read_text
 from opswitch.tokenizer import unicode_classes as uc
 from opswitch.tokenizer.bytes_to_unicode import LATIN1_TO_VOCAB, UNICODE_TO_BYTE
@@ -139,7 +139,7 @@ class BPETokenizer:
         for tok in self._added.values():
             if not tok.content or _as_id(tok.id) is None:
                 raise TokenizerError(
-                    f"{source}: added token {tok.content!r} needs non-empty content "
+                    f"{source}: added token {shown(tok.content)} needs non-empty content "
                     f"and an id >= 0 (got {tok.id!r}); fix the tokenizer file"
                 )
         self._add_prefix_space = add_prefix_space
@@ -563,13 +563,13 @@ def _check_vocab(vocab: Any, source: str, field: str = "vocabulary") -> dict[str
         token_id = _as_id(value)
         if not isinstance(token, str) or token_id is None:
             raise TokenizerError(
-                f"{source}: {field} entry {token!r}: {value!r} is not a token string mapped "
+                f"{source}: {field} entry {shown(token)}: {shown(value)} is not a token string mapped "
                 "to an id >= 0; is this really a GPT-2 vocab file?"
             )
         if token_id in seen:
             raise TokenizerError(
-                f"{source}: {field} gives id {token_id} to both {seen[token_id]!r} and "
-                f"{token!r}; ids must be unique, re-download the file"
+                f"{source}: {field} gives id {token_id} to both {shown(seen[token_id])} and "
+                f"{shown(token)}; ids must be unique, re-download the file"
             )
         seen[token_id] = token
     return {token: int(value) for token, value in vocab.items()}
@@ -602,7 +602,7 @@ def _table_size(vocab: Mapping[str, int], added: Iterable[AddedToken], source: s
         token = next((t.content for t in added if t.id == top), None)
         token = token if token is not None else next(t for t, i in vocab.items() if i == top)
         raise TokenizerError(
-            f"{source}: token {token[:40]!r} has id {top}, far beyond the {len(ids)} ids the file defines "
+            f"{source}: token {shown(token)} has id {top}, far beyond the {len(ids)} ids the file defines "
             "(ids must run from 0 with few gaps); the file is damaged, re-download it"
         )
     return top + 1
@@ -629,7 +629,7 @@ def _parse_merges_txt(text: str, path: Path) -> tuple[list[tuple[str, str]], lis
         if len(parts) != 2 or not all(parts):
             raise TokenizerError(
                 f"{path} line {number}: expected two tokens separated by one space, "
-                f"got {line!r}; the merges file is damaged, re-download it"
+                f"got {shown(line)}; the merges file is damaged, re-download it"
             )
         merges.append((parts[0], parts[1]))
         lines.append(number)
@@ -645,7 +645,7 @@ def _parse_json_merges(raw: Any, path: Path) -> list[tuple[str, str]]:
         parts = item.split(" ") if isinstance(item, str) else item
         if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
             raise TokenizerError(
-                f'{path}: model.merges[{index}] is {item!r}, expected "a b" or ["a", "b"]; '
+                f'{path}: model.merges[{index}] is {shown(item)}, expected "a b" or ["a", "b"]; '
                 "the file is damaged, re-download it"
             )
         merges.append((parts[0], parts[1]))
@@ -684,18 +684,18 @@ def _require_supported(data: dict[str, Any], model: dict[str, Any], path: Path) 
     """Refuse tokenizer.json features we would silently get wrong (wrong ids are worse)."""
     problems = []
     if model.get("type", "BPE") != "BPE":
-        problems.append(f"model type {model.get('type')!r}")
+        problems.append(f"model type {shown(model.get('type'))}")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            problems.append(f"model.{key} {model[key]!r}")
+            problems.append(f"model.{key} {shown(model[key])}")
     normalizer = data.get("normalizer")
     if normalizer is not None and (not isinstance(normalizer, dict) or normalizer.get("type") != "NFC"):
         kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
-        problems.append(f"normalizer {kind!r}")
+        problems.append(f"normalizer {shown(kind)}")
     pre = data.get("pre_tokenizer")
     if not isinstance(pre, dict) or pre.get("type") != "ByteLevel":
         kind = pre.get("type") if isinstance(pre, dict) else pre
-        problems.append(f"pre_tokenizer {kind!r}")
+        problems.append(f"pre_tokenizer {shown(kind)}")
     if problems:
         raise TokenizerError(
             f"{path} uses {', '.join(problems)}; opswitch only supports GPT-2 style "
