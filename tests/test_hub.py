@@ -392,3 +392,32 @@ def test_generate_with_the_hub_unreachable(hf_home):
     env = {"HF_HOME": str(hf_home), "HF_ENDPOINT": "http://127.0.0.1:9"}
     proc = cli("generate", "--model", "gpt2", "--prompt", "Hi", "--quiet", env=env)
     assert_one_line_error(proc, REPO, "could not be reached")
+
+
+# --- a damaged cache is never reported as a usable model ----------------------------------------
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "config.json", "vocab.json"])
+def test_a_dangling_blob_is_not_in_the_cache(cached, hf_home, damaged):
+    (cached["main"] / damaged).resolve().unlink()  # the blob goes, the snapshot's link stays
+    proc = cli("download", "gpt2", env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "✓" not in proc.stderr and proc.stdout == ""
+    assert f"is damaged: {damaged} is not a file (a blob is missing)" in proc.stderr
+    assert "opswitch download gpt2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    with pytest.raises(WeightsError, match="is damaged"):
+        resolve_model("gpt2")
+
+
+def test_a_broken_model_safetensors_is_not_asked_to_be_renamed(tmp_path, model_files):
+    from opswitch.model.weights import load_gpt2
+
+    shutil.copy(model_files["config.json"], tmp_path)
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "gone")
+    with pytest.raises(WeightsError) as e:
+        load_gpt2(tmp_path)
+    assert "rename" not in str(e.value) and "model.safetensors is a dangling link" in str(e.value)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(WeightsError, match=r"model\.safetensors is a directory, not a file"):
+        load_gpt2(tmp_path)

@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("prompt_tokens", "new_tokens", "repeats"):
         if getattr(args, flag) < 1 + (flag == "new_tokens"):
             raise OpswitchError(f"--{flag.replace('_', '-')} must be at least {1 + (flag == 'new_tokens')}")
+    if args.json:
+        _check_writable(args.json)
     backends = _backends(args.backend)
     config, params = _load(args)
     if args.prompt_tokens + args.new_tokens > config.n_positions:
@@ -133,10 +135,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nreference: {no_torch}")
     print("\n" + quiet.report.summary())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{"what": r.what, "impl": r.impl, "unit": r.unit, "median": r.median,
-                        "samples": r.samples} for r in rows], f, indent=2)
+        samples = [{"what": r.what, "impl": r.impl, "unit": r.unit, "median": r.median,
+                    "samples": r.samples} for r in rows]
+        try:
+            with open(args.json, "w") as f:
+                json.dump(samples, f, indent=2)
+        except OSError as exc:
+            raise OpswitchError(
+                f"cannot write --json {args.json}: {exc.strerror or exc} (the results are printed above)"
+            ) from None
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """Refuse an unwritable --json FILE before a run of minutes, not after it."""
+    from opswitch.core.files import not_a_file
+
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise OpswitchError(f"cannot write --json {path}: {parent} is not a directory; create it first")
+    kind = not_a_file(target)
+    if kind not in (None, "missing"):
+        raise OpswitchError(f"cannot write --json {path}: it is {kind}, not a file; choose another path")
+    if not os.access(target if kind is None else parent, os.W_OK):
+        raise OpswitchError(f"cannot write --json {path}: permission denied; choose another path")
 
 
 def _print_ratio_table(title: str, rows, higher_better: bool, scale: float = 1.0) -> None:

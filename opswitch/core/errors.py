@@ -42,3 +42,22 @@ class ModelNotFoundError(OpswitchError):
 
 class ModelInputError(OpswitchError):
     """Token ids or positions a model cannot take (not integers, out of range, too many)."""
+
+
+class TextTooLongError(TokenizerError):
+    """A text has more tokens than the caller allows (``encode(text, max_tokens=N)``)."""
+
+
+class NonFiniteLogitsError(GenerationError):
+    """The model produced NaN or infinite logits: no token can be chosen from them."""
+
+
+class OpswitchWarning(UserWarning):
+    """Something works but not as the user likely expects (the CLI prints it as one line)."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for values read from files:
+    a 1 MB string in a config must not become a 1 MB error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"

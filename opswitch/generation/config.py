@@ -8,13 +8,18 @@ from dataclasses import dataclass, replace
 from opswitch.core.errors import GenerationError
 
 DEFAULT_STOP = "eos"  # the model's end-of-text token, <|endoftext|> for GPT-2
+# Temperatures below this are greedy.  At 1e-4 a token needs a logit within ~1e-3 of
+# the best to get even a 1e-4 chance, and 1e-3 is the size of the float32 rounding
+# differences between backends: below it, sampling would only pick among near-ties
+# by backend noise, so greedy is the same text, reproducible, and cannot overflow.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """What to generate and how to sample it.
 
-    temperature 0 is greedy; top_k 0 and top_p 0 or 1 switch those filters
+    temperature 0 (or anything below MIN_TEMPERATURE) is greedy; top_k 0 and top_p 0 or 1 switch those filters
     off; stop_token -1 means never stop early, ``"eos"`` the model's own.
     """
 
@@ -34,7 +39,8 @@ class GenerationConfig:
         _int("top_k", self.top_k, minimum=0)
         if not _is_number(self.temperature) or not self.temperature >= 0 or math.isinf(self.temperature):
             raise GenerationError(
-                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+                f"temperature must be a finite number >= 0 (0 = greedy, as is anything below "
+                f"{MIN_TEMPERATURE:g}), got {self.temperature!r}"
             )
         if not _is_number(self.top_p) or not 0 <= self.top_p <= 1:
             raise GenerationError(f"top_p must be between 0 and 1 (0 or 1 = off), got {self.top_p!r}")
@@ -49,7 +55,7 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def _is_number(x) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from opswitch.core.errors import NonFiniteLogitsError
 from opswitch.generation.config import GenerationConfig
 
 
@@ -19,9 +20,17 @@ def sample_next(logits: np.ndarray, config: GenerationConfig, rng: np.random.Gen
     so a step costs a partition of the logits, not a sort of all of them.
     """
     logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max()  # NaN anywhere makes it NaN; -inf alone (masked ids) is fine
+    if not np.isfinite(top):
+        raise NonFiniteLogitsError(
+            f"the model produced {_describe(top)} logits: the weights hold non-finite values, "
+            "or values so large that the forward pass overflows; check the model's weights"
+        )
     if config.greedy:
         return int(np.argmax(logits))
-    scaled = logits / config.temperature
+    # Subtract the max before dividing: (logits - top) <= 0, so no temperature, however
+    # small, can overflow it (logits / 1e-320 would be inf, and inf - inf NaN).
+    scaled = (logits - top) / config.temperature
     if 0 < config.top_k < scaled.size:  # keep the k largest; ties at the edge stay in
         kth = scaled[np.argpartition(scaled, -config.top_k)[-config.top_k]]
         ids = np.flatnonzero(scaled >= kth)
@@ -34,3 +43,9 @@ def sample_next(logits: np.ndarray, config: GenerationConfig, rng: np.random.Gen
         keep = order[: int(np.searchsorted(np.cumsum(probs[order]), config.top_p)) + 1]
         ids, probs = ids[keep], probs[keep] / probs[keep].sum()
     return int(ids[rng.choice(ids.size, p=probs)])
+
+
+def _describe(top: float) -> str:
+    if np.isnan(top):
+        return "NaN"
+    return "infinite" if top > 0 else "only -inf"

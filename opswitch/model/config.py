@@ -7,14 +7,15 @@ as it is read, with errors that name the file and the key to fix.
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from opswitch.core.errors import ConfigError
+from opswitch.core.errors import ConfigError, OpswitchWarning, shown
+from opswitch.core.files import CONFIG_LIMIT, read_json
 
 # Both names mean the tanh approximation of GELU; HF's plain "gelu" is the erf one.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -105,14 +106,14 @@ class GPT2Config:
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ConfigError(
-                f"{source}: model_type is {model_type!r}, but opswitch only runs GPT-2 models "
+                f"{source}: model_type is {shown(model_type)}, but opswitch only runs GPT-2 models "
                 "(model_type 'gpt2')"
             )
         for key, hf_default in _UNSUPPORTED.items():
             if d.get(key, hf_default) != hf_default:
                 raise ConfigError(
-                    f"{source}: {key}={d[key]!r} is not supported (opswitch implements the standard GPT-2 "
-                    f"attention, {key}={hf_default!r}); use a model without this option"
+                    f"{source}: {key}={shown(d[key])} is not supported (opswitch implements the standard "
+                    f"GPT-2 attention, {key}={hf_default!r}); use a model without this option"
                 )
         values: dict[str, Any] = {}
         for name in _REQUIRED:
@@ -125,25 +126,36 @@ class GPT2Config:
             if name in d:
                 values[name] = d[name]
         _validate({**_DEFAULTS, **values}, source)
+        eos, n_vocab = values.get("eos_token_id"), values["vocab_size"]
+        if eos is not None and eos >= n_vocab:
+            # A warning, not an error: the model still runs (transformers loads it too),
+            # it only never stops early, which the user should hear about once.
+            warnings.warn(OpswitchWarning(
+                f"{source}: eos_token_id={eos} is outside the vocabulary (vocab_size={n_vocab}), "
+                "so generation never stops at an end-of-text token; set eos_token_id to the model's "
+                "end-of-text id, or to null"
+            ), stacklevel=2)
         return cls(**values)
 
     @classmethod
     def from_json(cls, path: str | Path) -> GPT2Config:
         """Read ``config.json``; a missing or unparsable file is a ConfigError naming it."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found; a model needs the config.json it was saved with") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-save the config") from None
+        d = read_json(
+            path, what="config", limit=CONFIG_LIMIT, error=ConfigError,
+            missing="a model needs the config.json it was saved with",
+        )
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """An HF-loadable ``config.json`` dict (``GPT2LMHeadModel.from_pretrained`` accepts it)."""
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **asdict(self)}
+        """An HF-loadable ``config.json`` dict (``GPT2LMHeadModel.from_pretrained`` accepts it).
+
+        An eos_token_id outside the vocabulary (the GPT-2 default with a small
+        vocabulary) is written as null: the model has no end-of-text token.
+        """
+        d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **asdict(self)}
+        if self.eos_token_id is not None and self.eos_token_id >= self.vocab_size:
+            d["eos_token_id"] = None
+        return d
 
 
 _DEFAULTS = {f.name: f.default for f in fields(GPT2Config) if f.default is not MISSING}
@@ -156,7 +168,7 @@ def _is_int(v: Any) -> bool:
 def _validate(v: Mapping[str, Any], source: str) -> None:
     """Raise ConfigError for the first bad field; the messages name ``source`` and the key."""
     def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}={v[key]!r} {why}; fix the config")
+        return ConfigError(f"{source}: {key}={shown(v[key])} {why}; fix the config")
 
     for key in _REQUIRED:
         if not _is_int(v[key]) or v[key] <= 0:

@@ -26,7 +26,9 @@ import re
 from pathlib import Path
 
 from opswitch.core.errors import ModelNotFoundError, WeightsError
+from opswitch.core.files import not_a_file
 from opswitch.model.safetensors import PICKLE_SUFFIXES, refuse_pickle
+from opswitch.model.weights import weight_files
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo-model"
 
@@ -50,6 +52,8 @@ ALLOW_PATTERNS = [
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
+# The files opswitch reads from a snapshot (besides *.safetensors).
+_READ = ("config.json", "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer.json")
 # A name ending like a model file is a path the user mistyped, never a hub id.
 _FILE_SUFFIXES = (".safetensors", ".json", *PICKLE_SUFFIXES)
 _SHORT_HASH = re.compile(r"[0-9a-f]{7,39}")
@@ -127,14 +131,33 @@ def _env_path(var: str) -> str | None:
 
 
 def _local(path: Path) -> Path:
-    """A model directory, or the one holding a config/safetensors file the user pointed at."""
-    if path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            refuse_pickle(path)
-        if path.suffix == ".safetensors" or path.name == "config.json":
+    """A model directory, or the one holding a config/safetensors file the user pointed at.
+
+    A weights file stands for its directory only when it is the file (or a shard)
+    that loading the directory reads: ``DIR/other.safetensors`` must never load
+    ``DIR/model.safetensors`` instead.
+    """
+    if path.is_dir():
+        return path
+    refuse_pickle(path)
+    kind = not_a_file(path)
+    if kind is not None:
+        raise ModelNotFoundError(f"{path} is {kind}, not a model directory or file; check the path")
+    if path.name == "config.json":
+        return path.parent
+    if path.suffix == ".safetensors":
+        try:
+            loads = weight_files(path.parent)
+        except WeightsError:
+            loads = []
+        if any(os.path.samefile(path, p) for p in loads if p.exists()):
             return path.parent
-        raise ModelNotFoundError(f"{path} is a file: pass the model directory (config.json + *.safetensors)")
-    return path
+        raise ModelNotFoundError(
+            f"{path} is not the weights file of its directory (loading {path.parent} reads "
+            f"{loads[0].name if loads else 'model.safetensors'}); pass the directory to load that, or move "
+            f"{path.name} into a directory of its own as model.safetensors, with its config.json"
+        )
+    raise ModelNotFoundError(f"{path} is a file: pass the model directory (config.json + *.safetensors)")
 
 
 def _from_hub(name: str, revision: str | None) -> Path:
@@ -227,8 +250,19 @@ def _check_snapshot(folder: Path, name: str, revision: str | None, fresh: bool =
     ``fresh``: the folder was just downloaded, so what is missing is missing on the hub too.
     """
     where = _where(name, revision)
-    has_config = (folder / "config.json").exists()
-    has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists()
+    # A cached file is a link to a blob; a missing blob leaves a dangling link, which is no file.
+    broken = sorted(
+        p.name for p in folder.iterdir()
+        if (p.name in _READ or p.suffix == ".safetensors") and not_a_file(p) is not None
+    )
+    if broken:
+        raise WeightsError(
+            f"the cached snapshot of {where} ({folder}) is damaged: {', '.join(broken[:4])}"
+            f"{' ...' if len(broken) > 4 else ''} {'is' if len(broken) == 1 else 'are'} not a file"
+            f" (a blob is missing): {_download_hint(name, revision)} with network access to repair it"
+        )
+    has_config = (folder / "config.json").is_file()
+    has_weights = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if not has_weights and (pickles or (fresh and has_config)):
         out = f"./{hub_id(name).rsplit('/', 1)[-1]}-safetensors"

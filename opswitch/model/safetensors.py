@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 
 from opswitch.core.errors import WeightsError
+from opswitch.core.files import open_regular
 
 # safetensors dtype -> numpy dtype (little-endian, as the format is).
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -64,7 +65,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self._mm: mmap.mmap | None = None
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path, WeightsError, missing="re-download the model") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
                     raise _corrupt(self.path, f"it is only {size} bytes, too short for the header length")

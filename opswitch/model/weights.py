@@ -26,6 +26,7 @@ deep in the forward pass.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from opswitch.core.errors import ConfigError, ModelNotFoundError, WeightsError
+from opswitch.core.files import INDEX_LIMIT, read_json
 from opswitch.model.config import GPT2Config
 from opswitch.model.safetensors import (
     FLOAT_DTYPES,
@@ -61,14 +63,25 @@ Params = dict[str, Any]
 
 
 def load_gpt2(path: str | Path) -> tuple[GPT2Config, Params]:
-    """Read a GPT-2 model directory into (config, nested float32 params)."""
-    directory = Path(path)
-    if not directory.exists():
-        raise ModelNotFoundError(f"{directory} does not exist; pass a model directory (config + weights)")
-    if not directory.is_dir():
-        refuse_pickle(directory)
-        raise WeightsError(f"{directory} is a file; pass the model directory that holds it and config.json")
-    shards, source = _weight_files(directory)
+    """Read a GPT-2 model directory into (config, nested float32 params).
+
+    ``path`` may also be one ``.safetensors`` file: that file is loaded, with
+    the config.json beside it.
+    """
+    target = Path(path)
+    if not os.path.lexists(target):
+        raise ModelNotFoundError(f"{target} does not exist; pass a model directory (config + weights)")
+    if target.is_dir():
+        directory = target
+        shards, source = _weight_files(directory)
+    else:
+        refuse_pickle(target)
+        if target.suffix != ".safetensors":
+            raise WeightsError(
+                f"{target} is not a model directory or a .safetensors file; pass the model directory"
+            )
+        directory = target.parent
+        shards, source = {target: None}, target
     config_path = directory / CONFIG_NAME
     config = GPT2Config.from_json(config_path)
 
@@ -89,6 +102,8 @@ def load_gpt2(path: str | Path) -> tuple[GPT2Config, Params]:
                     f"{', '.join(FLOAT_DTYPES)} — re-save the model with float32 weights"
                 )
         flat = {name: f.get_float32(stored) for name, (f, stored) in found.items()}
+        for name, a in flat.items():
+            _check_finite(name, a, found[name][0].path)
     finally:
         for f in files:
             f.close()
@@ -109,7 +124,11 @@ def save_gpt2(
     (``transformer.h.0...``, ``lm_head.weight`` only when untied).  Params
     with a distinct ``lm_head`` are saved with ``tie_word_embeddings=false``
     so the config tells the truth about them.  Existing model files are
-    replaced only with ``overwrite=True``.
+    replaced only with ``overwrite=True``, each by an atomic rename; an old
+    sharded copy's index and shards (files named ``model-XXXXX-of-XXXXX.safetensors``,
+    nothing else) are deleted after the new files are in place.  Between the
+    two renames (weights, then config) a crash leaves new weights beside the
+    old config: loading then fails with a clear mismatch if their shapes differ.
     """
     directory = Path(path)
     flat = {name: _float32(name, a) for name, a in flatten_params(params).items()}
@@ -122,7 +141,7 @@ def save_gpt2(
             flat["lm_head.weight"] = head
     _check_fit(config, {n: a.shape for n, a in flat.items()}, lambda _: "params", "the config")
 
-    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if (directory / n).exists()]
+    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) if os.path.lexists(directory / n)]
     if existing and not overwrite:
         raise WeightsError(
             f"{directory} already holds {', '.join(existing)}; "
@@ -132,17 +151,70 @@ def save_gpt2(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WeightsError(f"cannot create {directory}: {e.strerror or e}") from None
+    stale = _stale_shards(directory) if INDEX_NAME in existing else []
+    _remove(directory, _killed_writers_files(directory))
+    # Each file is replaced by one rename: a crash leaves it old or new, never half-written.
+    # The new model.safetensors wins over an old index from its rename on; the index and
+    # the shards it names are removed only once the new files are in place.
     save_safetensors(
         directory / WEIGHTS_NAME,
         {(n if n == "lm_head.weight" else _PREFIX + n): a for n, a in flat.items()},
         metadata={"format": "pt"},
     )
-    if INDEX_NAME in existing:  # a stale sharded copy would contradict the new file
-        for shard in set(_read_index(directory / INDEX_NAME).values()):
-            (directory / shard).unlink(missing_ok=True)
-        (directory / INDEX_NAME).unlink()
     with atomic_write(directory / CONFIG_NAME) as f:
         f.write((json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8"))
+    _fsync_directory(directory)
+    _remove(directory, [INDEX_NAME, *stale] if INDEX_NAME in existing else [])
+
+
+# HF's shard names (``save_pretrained``'s "model-00001-of-00003.safetensors"): the only
+# files an overwrite deletes besides the index, so an index naming vocab.json or
+# model.safetensors as a shard cannot make a save delete them.
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# What ``atomic_write`` leaves behind when its process is killed mid-write.
+_TEMP = re.compile(rf"\.({re.escape(CONFIG_NAME)}|{re.escape(WEIGHTS_NAME)})\.[0-9a-f]{{12}}\.tmp")
+
+
+def _stale_shards(directory: Path) -> list[str]:
+    """The shard files the directory's old index names, that a save replacing it may delete."""
+    try:
+        named = set(_read_index(directory / INDEX_NAME).values())
+    except WeightsError:  # unreadable: prove nothing, delete nothing but the index
+        return []
+    return sorted(n for n in named if _SHARD.fullmatch(n) and (directory / n).is_file())
+
+
+def _killed_writers_files(directory: Path) -> list[str]:
+    """Temporary files of a save that was killed before its rename (never loaded: hidden names)."""
+    try:
+        return sorted(p.name for p in directory.iterdir() if _TEMP.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def _remove(directory: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            (directory / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise WeightsError(
+                f"saved the model in {directory}, but cannot remove the stale {name}: {e.strerror or e}; "
+                "delete it by hand"
+            ) from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable before anything old is deleted (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _float32(name: str, a: Any) -> np.ndarray:
@@ -193,17 +265,22 @@ def param_count(params: Mapping[str, Any]) -> int:
 
 # -- reading helpers ------------------------------------------------------------------------
 
+def weight_files(directory: str | Path) -> list[Path]:
+    """The files ``load_gpt2(directory)`` reads its weights from (raises if there are none)."""
+    return list(_weight_files(Path(directory))[0])
+
+
 def _weight_files(directory: Path) -> tuple[dict[Path, list[str] | None], Path]:
     """({shard: tensor names it must hold, None meaning all}, file to blame for missing tensors)."""
     single = directory / WEIGHTS_NAME
-    if single.is_file():
+    if os.path.lexists(single):  # a FIFO or dangling link here is refused by the reader, not skipped
         return {single: None}, single
     index = directory / INDEX_NAME
-    if index.is_file():
+    if os.path.lexists(index):
         shards: dict[Path, list[str] | None] = {}
         for name, shard in _read_index(index).items():
             shards.setdefault(directory / shard, []).append(name)  # type: ignore[union-attr]
-        absent = sorted(p.name for p in shards if not p.is_file())
+        absent = sorted(p.name for p in shards if not os.path.lexists(p))
         if absent:
             raise WeightsError(
                 f"{index} lists {len(absent)} shard(s) not in {directory}: {_few(absent)}; download them"
@@ -212,17 +289,15 @@ def _weight_files(directory: Path) -> tuple[dict[Path, list[str] | None], Path]:
     pickles = sorted(p for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         refuse_pickle(pickles[0])
-    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    others = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
     hint = f" (it holds {_few(others)}: rename the model's file to {WEIGHTS_NAME})" if others else ""
     raise WeightsError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}{hint}")
 
 
 def _read_index(index: Path) -> dict[str, str]:
     """The validated weight_map of a sharded checkpoint: {tensor name: shard file name}."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
-        raise WeightsError(f"{index} is not a valid index ({e}); re-download or re-save the model") from None
+    data = read_json(index, what="index", limit=INDEX_LIMIT, error=WeightsError, missing="re-save the model")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsError(f"{index} has no weight_map object; re-download or re-save the model")
     for name, shard in weight_map.items():
@@ -230,6 +305,11 @@ def _read_index(index: Path) -> dict[str, str]:
         if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
             raise WeightsError(
                 f"{index}: weight_map[{name!r}] = {shard!r} is not a file name in the model directory; "
+                "re-download or re-save the model"
+            )
+        if not shard.endswith(".safetensors"):  # never vocab.json, nor a killed writer's .tmp file
+            raise WeightsError(
+                f"{index}: weight_map[{name!r}] = {shard!r} is not a .safetensors file; "
                 "re-download or re-save the model"
             )
     return weight_map
@@ -258,6 +338,23 @@ def _gather(
     return found
 
 
+def _check_finite(name: str, a: np.ndarray, path: Path) -> None:
+    """Refuse NaN/Inf weights: they turn every logit into NaN, which greedy decoding
+    would silently read as token 0.  One float32 sum per tensor (NaN and Inf survive
+    it, ~1 ms per million weights); only a non-finite sum pays for the exact check,
+    since a sum of large finite weights may overflow on its own."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(a.sum()):
+            return
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = np.unravel_index(int(np.argmax(bad)), a.shape)
+        raise WeightsError(
+            f"{name} in {path} holds {int(bad.sum())} non-finite value(s) (NaN or Inf, first at "
+            f"{list(map(int, first))}); the file is damaged: re-download or re-save the model"
+        )
+
+
 def _few(names: list[str], k: int = 4) -> str:
     return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
@@ -269,7 +366,18 @@ def _fmt(shape: tuple[int, ...]) -> str:
 def _check_fit(
     config: GPT2Config, shapes: Mapping[str, tuple[int, ...]], where: Callable[[str], str], config_src: str
 ) -> None:
-    """Names and shapes against the config: missing, unexpected, mismatched sizes."""
+    """Names and shapes against the config: missing, unexpected, mismatched sizes.
+
+    The layer count comes first: ``param_shapes`` is as long as ``n_layer``
+    says, so a config claiming 10**9 layers must fail before it is built.
+    """
+    layers = {int(m[1]) for name in shapes if (m := _LAYER.match(name))}
+    if config.n_layer > len(layers):
+        holds = f"{len(layers)} layer(s)" + (f" (h.0 ... h.{max(layers)})" if layers else "")
+        raise ConfigError(
+            f"{config_src} says n_layer={config.n_layer}, but {where(next(iter(shapes), ''))} holds {holds}; "
+            "use the config.json that belongs to these weights"
+        )
     want = config.param_shapes()
     optional = {"lm_head.weight": (config.vocab_size, config.n_embd)}
     unexpected = [n for n in shapes if n not in want and n not in optional]

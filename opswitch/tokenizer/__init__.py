@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from opswitch.core.errors import TokenizerError
-from opswitch.tokenizer.bpe import BPETokenizer, StreamDecoder, _read_json
+from opswitch.tokenizer.bpe import BPETokenizer, StreamDecoder, _read_json, present
 from opswitch.tokenizer.char import CharTokenizer
 
 __all__ = ["BPETokenizer", "CharTokenizer", "StreamDecoder", "Tokenizer", "load_tokenizer"]
@@ -33,7 +33,7 @@ class Tokenizer(Protocol):
     @property
     def special_tokens(self) -> dict[str, int]: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]: ...
 
     def encode_batch(self, texts: Sequence[str], workers: int | None = None) -> list[list[int]]: ...
 
@@ -58,13 +58,13 @@ def load_tokenizer(path: str | os.PathLike[str]) -> BPETokenizer | CharTokenizer
     path = Path(path)
     if path.is_dir():
         return _load_dir(path)
-    if not path.exists():
+    if not present(path):
         raise TokenizerError(
             f"tokenizer path {path} does not exist; pass a model directory or tokenizer file"
         )
     if path.suffix == ".txt":  # merges.txt: its vocab.json must be beside it
         return BPETokenizer.from_files(_partner(path, "vocab.json"), path)
-    data = _read_json(path, "tokenizer file")
+    data = _read_json(path, "tokenizer")
     if isinstance(data, dict) and data.get("type") == "char":
         return CharTokenizer._from_data(data, path)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
@@ -79,11 +79,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> BPETokenizer | CharTokenizer
 
 def _load_dir(directory: Path) -> BPETokenizer | CharTokenizer:
     """Pick the tokenizer files in a model directory, BPE first."""
-    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+    if present(directory / "vocab.json") and present(directory / "merges.txt"):
         return BPETokenizer.from_dir(directory)
-    if (directory / "tokenizer.json").is_file():
+    if present(directory / "tokenizer.json"):
         return BPETokenizer.from_dir(directory)
-    if (directory / CHAR_FILE).is_file():
+    if present(directory / CHAR_FILE):
         return CharTokenizer.load(directory / CHAR_FILE)
     found = sorted(p.name for p in directory.iterdir())[:8]
     raise TokenizerError(
@@ -96,6 +96,6 @@ def _load_dir(directory: Path) -> BPETokenizer | CharTokenizer:
 def _partner(path: Path, name: str) -> Path:
     """The file that must sit beside ``path`` (vocab.json <-> merges.txt)."""
     partner = path.with_name(name)
-    if not partner.is_file():
+    if not present(partner):
         raise TokenizerError(f"{path} needs {name} beside it, but {partner} does not exist")
     return partner

@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import heapq
 import itertools
-import json
 import operator
 import os
 import re
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opswitch.core.errors import TokenizerError
+from opswitch.core.errors import TextTooLongError, TokenizerError, shown
+from opswitch.core.files import TOKENIZER_LIMIT, read_json, read_text
 from opswitch.tokenizer import unicode_classes as uc
 from opswitch.tokenizer.bytes_to_unicode import LATIN1_TO_VOCAB, UNICODE_TO_BYTE
 
@@ -65,6 +65,9 @@ CACHE_SIZE = 100_000
 #: below it, starting the pool costs more than it saves.
 PARALLEL_MIN_CHARS = 1_000_000
 _CHUNKS_PER_WORKER = 4
+#: Token ids may leave gaps, but the largest must stay below SPREAD * (ids defined) + SLACK.
+MAX_ID_SPREAD = 2
+MAX_ID_SLACK = 1024
 #: Words longer than this use the O(n log n) merge loop instead of the simple one.
 _LONG_WORD = 64
 
@@ -136,7 +139,7 @@ class BPETokenizer:
         for tok in self._added.values():
             if not tok.content or _as_id(tok.id) is None:
                 raise TokenizerError(
-                    f"{source}: added token {tok.content!r} needs non-empty content "
+                    f"{source}: added token {shown(tok.content)} needs non-empty content "
                     f"and an id >= 0 (got {tok.id!r}); fix the tokenizer file"
                 )
         self._add_prefix_space = add_prefix_space
@@ -152,13 +155,14 @@ class BPETokenizer:
 
     def _build_id_tables(self) -> None:
         """Precompute id -> token and id -> bytes so decoding is a list lookup."""
-        size = max([*self._vocab.values(), *(t.id for t in self._added.values())]) + 1
+        size = _table_size(self._vocab, self._added.values(), self._source)
         self._tokens: list[str | None] = [None] * size
         for token, i in self._vocab.items():
             self._tokens[i] = token
         for tok in self._added.values():
             self._tokens[tok.id] = tok.content
         self._bytes: list[bytes | None] = [None if t is None else _token_to_bytes(t) for t in self._tokens]
+        self._longest = max((len(b) for b in self._bytes if b is not None), default=1)
         eot = self._added.get(EOT_TOKEN)
         self._eot_id = eot.id if eot is not None else self._vocab.get(EOT_TOKEN)
 
@@ -170,8 +174,8 @@ class BPETokenizer:
     ) -> BPETokenizer:
         """Load GPT-2's ``vocab.json`` + ``merges.txt`` (``<|endoftext|>`` is special)."""
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
-        vocab = _check_vocab(_read_json(vocab_path, "vocabulary file"), str(vocab_path))
-        merges, lines = _parse_merges_txt(_read_text(merges_path, "merges file"), merges_path)
+        vocab = _check_vocab(_read_json(vocab_path, "vocab.json"), str(vocab_path))
+        merges, lines = _parse_merges_txt(_read_text(merges_path, "merges.txt"), merges_path)
         bad = _find_bad_merge(merges, vocab)
         if bad is not None:
             index, missing = bad
@@ -187,7 +191,7 @@ class BPETokenizer:
     def from_tokenizer_json(cls, path: str | os.PathLike[str]) -> BPETokenizer:
         """Load a Hugging Face ``tokenizer.json`` holding a byte-level BPE model."""
         path = Path(path)
-        return cls._from_tokenizer_data(_read_json(path, "tokenizer file"), path)
+        return cls._from_tokenizer_data(_read_json(path, "tokenizer.json"), path)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> BPETokenizer:
@@ -200,14 +204,14 @@ class BPETokenizer:
             directory / "merges.txt",
             directory / "tokenizer.json",
         )
-        if vocab.is_file() and merges.is_file():
+        if present(vocab) and present(merges):
             return cls.from_files(vocab, merges)
-        if tok_json.is_file():
+        if present(tok_json):
             return cls.from_tokenizer_json(tok_json)
         hint = ""
-        if vocab.is_file() != merges.is_file():
-            present, absent = (vocab, merges) if vocab.is_file() else (merges, vocab)
-            hint = f" ({present.name} is there but {absent.name} is missing)"
+        if present(vocab) != present(merges):
+            there, absent = (vocab, merges) if present(vocab) else (merges, vocab)
+            hint = f" ({there.name} is there but {absent.name} is missing)"
         raise TokenizerError(
             f"no BPE tokenizer in {directory}: looked for vocab.json + merges.txt and "
             f"tokenizer.json{hint}; copy the model's tokenizer files there"
@@ -247,16 +251,24 @@ class BPETokenizer:
 
     # ---------------------------------------------------------------- encoding
 
-    def encode(self, text: str) -> list[int]:
-        """Return the ids of ``text``, without adding BOS/EOS."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Return the ids of ``text``, without adding BOS/EOS.
+
+        With ``max_tokens``, raise TextTooLongError as soon as the text is known
+        to need more ids than that, so a 10 MB prompt for a 1024-token context
+        costs the work of ~1024 tokens, not of the whole text.
+        """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
+        limit = check_max_tokens(max_tokens)
         ids: list[int] = []
         for segment, added_id in self._split_added(text):
             if added_id is None:
-                self._encode_segment(segment, ids)
+                self._encode_segment(segment, ids, limit)
             else:
                 ids.append(added_id)
+            if limit is not None and len(ids) > limit:
+                raise text_too_long(limit)
         return ids
 
     def encode_batch(self, texts: Sequence[str], workers: int | None = None) -> list[list[int]]:
@@ -300,14 +312,23 @@ class BPETokenizer:
         if pos < len(text):
             yield text[pos:], None
 
-    def _encode_segment(self, text: str, out: list[int]) -> None:
-        """Append the ids of text that contains no added token."""
+    def _encode_segment(self, text: str, out: list[int], limit: int | None = None) -> None:
+        """Append the ids of text that contains no added token (at most ``limit`` in ``out``)."""
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
         if self._add_prefix_space and not text.startswith(" "):
             text = " " + text
         cache = self._cache
-        for word in _PRETOKENIZER.findall(text) if self._use_regex else [text]:
+        if not self._use_regex:
+            words: Iterable[str] = [text]
+        elif limit is None:
+            words = _PRETOKENIZER.findall(text)
+        else:  # one word at a time: stop before pre-tokenizing (or merging) what cannot fit
+            words = (m.group() for m in _PRETOKENIZER.finditer(text))
+        for word in words:
+            # Each id covers at most _longest bytes, so a word needs at least this many.
+            if limit is not None and len(out) + -(-len(word) // self._longest) > limit:
+                raise text_too_long(limit)
             ids = cache.get(word)
             if ids is None:
                 ids = self._bpe(word)
@@ -487,6 +508,12 @@ def _newest_half(cache: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]
 # ---------------------------------------------------------- parsing and checks
 
 
+def present(path: Path) -> bool:
+    """Whether anything is at ``path``: a FIFO or a dangling link where a tokenizer file
+    belongs is chosen, then refused with a message saying what it is, not skipped."""
+    return os.path.lexists(path)
+
+
 def _as_id(value: object) -> int | None:
     """Return value as a non-negative int id, or None (bools and floats are not ids)."""
     if isinstance(value, bool):
@@ -510,33 +537,16 @@ def _token_to_bytes(token: str) -> bytes:
 
 
 def _read_text(path: Path, what: str) -> str:
-    """Read a UTF-8 file, turning every OS problem into a one-line TokenizerError."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise TokenizerError(
-            f"{what} {path} does not exist; check the path or re-download the tokenizer files"
-        ) from exc
-    except IsADirectoryError as exc:
-        raise TokenizerError(f"{what} {path} is a directory; pass the file inside it") from exc
-    except UnicodeDecodeError as exc:
-        raise TokenizerError(
-            f"{what} {path} is not UTF-8 text (bad byte at offset {exc.start}); re-download it"
-        ) from exc
-    except OSError as exc:
-        raise TokenizerError(f"cannot read {what} {path}: {exc.strerror}; check its permissions") from exc
+    """Read a UTF-8 tokenizer file (regular, size-capped); every problem is a one-line TokenizerError."""
+    return read_text(path, what=what, limit=TOKENIZER_LIMIT, error=TokenizerError, missing=_MISSING)
 
 
 def _read_json(path: Path, what: str) -> Any:
-    """Read and parse a JSON file; invalid JSON names the file and position."""
-    text = _read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(
-            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} column "
-            f"{exc.colno}); the file is damaged, re-download it"
-        ) from exc
+    """Read and parse a JSON tokenizer file; invalid JSON names the file."""
+    return read_json(path, what=what, limit=TOKENIZER_LIMIT, error=TokenizerError, missing=_MISSING)
+
+
+_MISSING = "check the path or re-download the tokenizer files"
 
 
 def _check_vocab(vocab: Any, source: str, field: str = "vocabulary") -> dict[str, int]:
@@ -553,16 +563,49 @@ def _check_vocab(vocab: Any, source: str, field: str = "vocabulary") -> dict[str
         token_id = _as_id(value)
         if not isinstance(token, str) or token_id is None:
             raise TokenizerError(
-                f"{source}: {field} entry {token!r}: {value!r} is not a token string mapped "
+                f"{source}: {field} entry {shown(token)}: {shown(value)} is not a token string mapped "
                 "to an id >= 0; is this really a GPT-2 vocab file?"
             )
         if token_id in seen:
             raise TokenizerError(
-                f"{source}: {field} gives id {token_id} to both {seen[token_id]!r} and "
-                f"{token!r}; ids must be unique, re-download the file"
+                f"{source}: {field} gives id {token_id} to both {shown(seen[token_id])} and "
+                f"{shown(token)}; ids must be unique, re-download the file"
             )
         seen[token_id] = token
     return {token: int(value) for token, value in vocab.items()}
+
+
+def check_max_tokens(max_tokens: object) -> int | None:
+    """``encode``'s max_tokens: None (no limit) or an int >= 0."""
+    if max_tokens is None:
+        return None
+    limit = _as_id(max_tokens)
+    if limit is None:
+        raise TokenizerError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
+    return limit
+
+
+def text_too_long(limit: int) -> TextTooLongError:
+    return TextTooLongError(f"the text is more than {limit} tokens long; shorten it")
+
+
+def _table_size(vocab: Mapping[str, int], added: Iterable[AddedToken], source: str) -> int:
+    """Largest id + 1, refusing ids far beyond the number of tokens.
+
+    The id tables are as long as the largest id, so one id of 10**8 in a small
+    file would cost gigabytes.  Real vocabularies leave small gaps (padding,
+    added tokens at round numbers), never more unused ids than used ones.
+    """
+    ids = {*vocab.values(), *(t.id for t in added)}
+    top = max(ids)
+    if top >= MAX_ID_SPREAD * len(ids) + MAX_ID_SLACK:
+        token = next((t.content for t in added if t.id == top), None)
+        token = token if token is not None else next(t for t, i in vocab.items() if i == top)
+        raise TokenizerError(
+            f"{source}: token {shown(token)} has id {top}, far beyond the {len(ids)} ids the file defines "
+            "(ids must run from 0 with few gaps); the file is damaged, re-download it"
+        )
+    return top + 1
 
 
 def _find_bad_merge(merges: Sequence[tuple[str, str]], vocab: Mapping[str, int]) -> tuple[int, str] | None:
@@ -586,7 +629,7 @@ def _parse_merges_txt(text: str, path: Path) -> tuple[list[tuple[str, str]], lis
         if len(parts) != 2 or not all(parts):
             raise TokenizerError(
                 f"{path} line {number}: expected two tokens separated by one space, "
-                f"got {line!r}; the merges file is damaged, re-download it"
+                f"got {shown(line)}; the merges file is damaged, re-download it"
             )
         merges.append((parts[0], parts[1]))
         lines.append(number)
@@ -602,7 +645,7 @@ def _parse_json_merges(raw: Any, path: Path) -> list[tuple[str, str]]:
         parts = item.split(" ") if isinstance(item, str) else item
         if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
             raise TokenizerError(
-                f'{path}: model.merges[{index}] is {item!r}, expected "a b" or ["a", "b"]; '
+                f'{path}: model.merges[{index}] is {shown(item)}, expected "a b" or ["a", "b"]; '
                 "the file is damaged, re-download it"
             )
         merges.append((parts[0], parts[1]))
@@ -641,18 +684,18 @@ def _require_supported(data: dict[str, Any], model: dict[str, Any], path: Path) 
     """Refuse tokenizer.json features we would silently get wrong (wrong ids are worse)."""
     problems = []
     if model.get("type", "BPE") != "BPE":
-        problems.append(f"model type {model.get('type')!r}")
+        problems.append(f"model type {shown(model.get('type'))}")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            problems.append(f"model.{key} {model[key]!r}")
+            problems.append(f"model.{key} {shown(model[key])}")
     normalizer = data.get("normalizer")
     if normalizer is not None and (not isinstance(normalizer, dict) or normalizer.get("type") != "NFC"):
         kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
-        problems.append(f"normalizer {kind!r}")
+        problems.append(f"normalizer {shown(kind)}")
     pre = data.get("pre_tokenizer")
     if not isinstance(pre, dict) or pre.get("type") != "ByteLevel":
         kind = pre.get("type") if isinstance(pre, dict) else pre
-        problems.append(f"pre_tokenizer {kind!r}")
+        problems.append(f"pre_tokenizer {shown(kind)}")
     if problems:
         raise TokenizerError(
             f"{path} uses {', '.join(problems)}; opswitch only supports GPT-2 style "

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from opswitch.core.errors import TokenizerError
-from opswitch.tokenizer.bpe import StreamDecoder, _as_id, _read_json
+from opswitch.tokenizer.bpe import StreamDecoder, _as_id, _read_json, check_max_tokens, text_too_long
 
 CHAR_TYPE = "char"
 
@@ -51,7 +51,7 @@ class CharTokenizer:
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
         """Read a file written by save()."""
         path = Path(path)
-        return cls._from_data(_read_json(path, "char tokenizer file"), path)
+        return cls._from_data(_read_json(path, "char tokenizer"), path)
 
     @classmethod
     def _from_data(cls, data: Any, path: Path) -> CharTokenizer:
@@ -71,10 +71,16 @@ class CharTokenizer:
         except OSError as exc:
             raise TokenizerError(f"cannot write char tokenizer to {path}: {exc.strerror}") from exc
 
-    def encode(self, text: str) -> list[int]:
-        """Return one id per character; unknown characters are an error, not dropped."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Return one id per character; unknown characters are an error, not dropped.
+
+        With ``max_tokens``, a longer text is a TextTooLongError before any work.
+        """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
+        limit = check_max_tokens(max_tokens)
+        if limit is not None and len(text) > limit:
+            raise text_too_long(limit)
         try:
             return [self._ids[c] for c in text]
         except KeyError as exc:
