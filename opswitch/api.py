@@ -21,9 +21,16 @@ from typing import Any
 import numpy as np
 
 from opswitch.core.backend import Backend
-from opswitch.core.errors import GenerationError, ModelInputError, OpswitchError, TokenizerError
+from opswitch.core.errors import (
+    GenerationError,
+    ModelInputError,
+    OpswitchError,
+    TextTooLongError,
+    TokenizerError,
+)
 from opswitch.core.registry import get_registry
 from opswitch.generation import GenerationConfig, GenerationResult, generate_batch, generate_ids, stream_ids
+from opswitch.generation.loop import context_message
 from opswitch.model.gpt2 import GPT2, as_ids
 from opswitch.model.hub import resolve_model
 from opswitch.model.weights import load_gpt2
@@ -112,9 +119,20 @@ class LanguageModel:
     def decode(self, ids: Sequence[int]) -> str:
         return self.require_tokenizer().decode([int(i) for i in as_ids(ids, self.config.vocab_size)])
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """``encode`` for text that must fit the context: a text too long for it is
+        refused after encoding about a context's worth of it, in bounded memory."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes text (str), got {type(text).__name__}")
+        n_ctx = self.config.n_positions
+        try:
+            return self.require_tokenizer().encode(text, max_tokens=n_ctx)
+        except TextTooLongError:
+            raise GenerationError(context_message(f"more than {n_ctx}", n_ctx)) from None
+
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.encode(prompt)
+            return self.encode_prompt(prompt)
         return [int(t) for t in as_ids(prompt, self.config.vocab_size)]
 
     # -- scoring ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opswitch.core.errors import GenerationError, NonFiniteLogitsError, WeightsError
+from opswitch.core.registry import get_registry
 from opswitch.generation import GenerationConfig, generate_ids, sample_next
 from opswitch.generation.config import MIN_TEMPERATURE
 from opswitch.model.gpt2 import GPT2
@@ -75,9 +76,9 @@ def test_nan_weights_given_directly_stop_generation_with_an_error(tiny_config, t
     """Params built in memory skip the load check: the logits check still holds."""
     params = copy.deepcopy(tiny_params)
     params["ln_f"]["bias"] = np.full_like(params["ln_f"]["bias"], np.nan)
-    model = GPT2(tiny_config, params, "naive")
+    model = GPT2(tiny_config, params, get_registry().backend("naive"))
     for temperature in (0, 0.8):
-        with pytest.raises(NonFiniteLogitsError):
+        with pytest.raises(NonFiniteLogitsError, match=r"NaN logits.*at step 1, on backend naive"):
             generate_ids(model, [1, 2, 3], GenerationConfig(temperature=temperature, max_new_tokens=3))
 
 

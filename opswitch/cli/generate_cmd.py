@@ -110,7 +110,7 @@ def check_fits(lm, prompt: str | None, config: GenerationConfig) -> None:
     from opswitch.generation.loop import check_request, resolve_stop_token
 
     if prompt:
-        check_request(lm.model, lm.encode(prompt), config)
+        check_request(lm.model, lm.encode_prompt(prompt), config)
     else:
         resolve_stop_token(lm.model, config)
 

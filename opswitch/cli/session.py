@@ -77,7 +77,7 @@ def describe_settings(config: GenerationConfig) -> list[str]:
 
 def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -> GenerationResult:
     """Stream one completion; Ctrl-C stops it cleanly, keeping what was printed."""
-    ids = lm.encode(prompt)
+    ids = lm.encode_prompt(prompt)
     console.info(f"Prompt: {prompt}")
     console.info(f"Encoded to {len(ids)} tokens: {ids}")
     console.info()

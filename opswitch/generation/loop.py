@@ -17,13 +17,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opswitch.core.errors import GenerationError
+from opswitch.core.errors import GenerationError, NonFiniteLogitsError
 from opswitch.generation.config import DEFAULT_STOP, GenerationConfig
 from opswitch.generation.sampling import sample_next
 from opswitch.model.gpt2 import GPT2, as_ids
 from opswitch.model.kvcache import CachePool, KVCache
 
 EMPTY_PROMPT = "the prompt is empty: give at least one token of text"
+
+
+def context_message(n_tokens: str, n_ctx: int) -> str:
+    """The one message for a prompt that does not fit the context."""
+    return f"the prompt is {n_tokens} tokens but the model's context is {n_ctx}: shorten it"
 
 
 @dataclass
@@ -67,9 +72,7 @@ def check_request(model: GPT2, prompt_ids: Sequence[int], config: GenerationConf
         raise GenerationError(EMPTY_PROMPT)
     n_ctx = model.config.n_positions
     if ids.size > n_ctx:
-        raise GenerationError(
-            f"the prompt is {ids.size} tokens but the model's context is {n_ctx}: shorten it"
-        )
+        raise GenerationError(context_message(str(ids.size), n_ctx))
     return resolve_stop_token(model, config)
 
 
@@ -180,15 +183,12 @@ class BatchGenerator:
         if seq.n_vocab_allowed is not None and seq.n_vocab_allowed < logits.size:
             logits = logits.copy()
             logits[seq.n_vocab_allowed :] = -np.inf
-        if not np.isfinite(logits[: seq.n_vocab_allowed]).all():
-            kind = "NaN" if np.isnan(logits).any() else "infinite"
-            seq.error = (
-                f"the model produced {kind} logits at step {seq.steps + 1}: the weights or the backend"
-                f" ({self.model.backend.spec}) produce non-finite values"
-            )
+        try:
+            token = sample_next(logits, seq.config, seq.rng)
+        except NonFiniteLogitsError as exc:
+            seq.error = f"{exc} (at step {seq.steps + 1}, on backend {self.model.backend.spec})"
             self._finish(seq, "error")
             return None
-        token = sample_next(logits, seq.config, seq.rng)
         if token == seq.stop:
             self._finish(seq, "stop_token")
             return None
@@ -220,7 +220,7 @@ def stream_ids(
         while generator.running:
             for _, token in generator.step():
                 if seq.error:
-                    raise GenerationError(seq.error)
+                    raise NonFiniteLogitsError(seq.error)
                 if token is not None:
                     yield token
     finally:
@@ -264,5 +264,5 @@ def generate_batch(
             seqs[i] = generator.add(prompts[i], configs[i])
         for seq, _ in generator.step():
             if seq.error:
-                raise GenerationError(seq.error)
+                raise NonFiniteLogitsError(seq.error)
     return [seqs[i].result for i in range(len(prompts))]
