@@ -88,6 +88,7 @@ class Running:
     done: bool = False
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    logits: np.ndarray | None = field(default=None, repr=False)  # the last step's (masked), for logprobs
 
     @property
     def steps(self) -> int:
@@ -188,6 +189,7 @@ class BatchGenerator:
             )
             self._finish(seq, "error")
             return None
+        seq.logits = logits
         token = sample_next(logits, seq.config, seq.rng)
         if token == seq.stop:
             self._finish(seq, "stop_token")
