@@ -107,5 +107,9 @@ def run(args: argparse.Namespace) -> int:
                  f" queue {args.max_queue}, KV cache {args.cache_mib:g} MiB); Ctrl-C stops")
     sys.stderr.flush()
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
+        pass
+    console.info("✓ Server stopped")
     return 0
