@@ -76,6 +76,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
+    # one BLAS thread: on a small shared CI machine, threaded GEMMs of a few rows mostly wait for each other
+    os.environ.setdefault("OPSWITCH_NUM_THREADS", "1")
     s = Server("--backend", BACKEND, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
                "--api-key", KEY)
     yield s
@@ -145,7 +147,8 @@ def test_stop_strings_cut_the_text_also_when_streaming(client, lm):
     full = lm.generate(PROMPT, max_new_tokens=40, temperature=0)
     stop = full[8:12]  # a string that certainly occurs
     expected = full[: full.index(stop)]
-    r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop, "zzz"])
+    r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=40, temperature=0,
+                                  stop=[stop, "zzz"])
     assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
     stream = client.completions.create(model="demo", prompt=PROMPT, max_tokens=40, temperature=0, stop=stop,
                                        stream=True)
