@@ -35,7 +35,9 @@ class Server:
     """`python -m opswitch serve` on a free loopback port, stopped with SIGINT as a user would."""
 
     def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+        # one BLAS thread unless told otherwise: on a small shared machine, threaded GEMMs of a few
+        # rows spend their time waiting for each other
+        env = {"OPSWITCH_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opswitch", "serve", "--port", "0", *args],
@@ -76,8 +78,6 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    # one BLAS thread: on a small shared CI machine, threaded GEMMs of a few rows mostly wait for each other
-    os.environ.setdefault("OPSWITCH_NUM_THREADS", "1")
     s = Server("--backend", BACKEND, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
                "--api-key", KEY)
     yield s
