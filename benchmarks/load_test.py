@@ -155,7 +155,9 @@ def main() -> int:
     try:
         model = httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
         requests = make_requests(args.requests, args.seed)
-        asyncio.run(run_all(url, model, requests[:4], 4, headers))  # warm-up
+        # warm-up at full concurrency: the KV-cache pool keeps freed buffers for reuse, so its
+        # high-water mark is reached here and RSS before/after shows growth, not the pool filling
+        asyncio.run(run_all(url, model, make_requests(args.clients, args.seed + 1), args.clients, headers))
         rss_before = rss_mib(pid)
         print(f"{len(requests)} requests one after another...", file=sys.stderr)
         serial, serial_wall = asyncio.run(run_all(url, model, requests, 1, headers))

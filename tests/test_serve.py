@@ -97,7 +97,7 @@ def client(server):
 def http(server, method: str, path: str, key: str | None = KEY, headers: dict | None = None,
          **kwargs) -> httpx.Response:
     headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-    return httpx.request(method, f"{server.url}{path}", headers=headers, timeout=60, **kwargs)
+    return httpx.request(method, f"{server.url}{path}", headers=headers, **{"timeout": 60, **kwargs})
 
 
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
@@ -296,3 +296,39 @@ def test_concurrent_clients_each_get_their_own_greedy_answer(server, lm):
 
     got = asyncio.run(main())
     assert got == expected
+
+
+def test_a_client_that_leaves_a_whole_request_frees_its_batch(server):
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 200, "n": 16, "temperature": 1.0}
+    with pytest.raises(httpx.ReadTimeout):
+        http(server, "POST", "/v1/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while _metric(server, "opswitch_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server, "opswitch_running_sequences") == 0
+    assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
+    assert 'opswitch_requests_total{status="499"}' in http(server, "GET", "/metrics").text
+
+
+# -- the command line --------------------------------------------------------------------------------
+def test_serve_flags_fail_in_one_line(server):
+    from opswitch.cli.serve_cmd import is_loopback
+
+    port = server.url.rsplit(":", 1)[1]
+    r = subprocess.run([sys.executable, "-m", "opswitch", "serve", "--port", port], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1:" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "opswitch", "serve", "--max-batch", "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--max-batch" in r.stderr
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+
+
+def test_missing_serve_extra_names_it(monkeypatch, capsys):
+    import opswitch.serve
+    from opswitch.cli.main import main
+
+    monkeypatch.setattr(opswitch.serve, "missing_deps", lambda: ["uvicorn"])
+    assert main(["serve"]) == 2
+    assert "pip install 'opswitch[serve]'" in capsys.readouterr().err

@@ -117,6 +117,7 @@ class ServeApp:
         deltas = collect.result()
         failed = next((d for d in deltas if d.error), None)
         if failed is not None:
+            self.scheduler.cancel(ticket)  # its other choices, if any, are of no use now
             raise APIError(500, failed.error, code="generation_failed", kind="server_error")
         tok = self.scheduler.tokenizer
         choices = [{"text": d.text, "index": d.index, "logprobs": logprobs_json(d, tok, 0)
