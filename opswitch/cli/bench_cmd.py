@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-wait", type=float, default=10.0, metavar="SECONDS",
                    help="longest wait for an idle machine before each repeat (default 10)")
     p.add_argument("--json", metavar="FILE", help="also write every sample as JSON to FILE")
+    p.add_argument("--batch", metavar="SIZES",
+                   help="instead: aggregate decode tok/s of batched generation at these batch sizes"
+                   " (e.g. 1,4,16,64), beside HF's batched generate")
     p.set_defaults(run=run)
 
 
@@ -103,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
           f"{args.repeats} repeats; medians; ratios against HF transformers + torch (CPU)")
     print(f"machine: {os.cpu_count()} CPUs" + ("" if no_torch else f"; torch {torch.__version__}, "
                                                 f"{torch.get_num_threads()} threads"))
+    if args.batch:
+        from opswitch.cli.batch_bench import run_batch
+
+        return run_batch(args, backends, config, params, no_torch, quiet)
     rows = []
     if not args.no_model:
         decode, prefill = [], []

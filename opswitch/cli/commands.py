@@ -1,5 +1,6 @@
 """The list of sub-commands; each module adds its parser and a ``run``."""
 
-from opswitch.cli import backends_cmd, bench_cmd, download_cmd, generate_cmd
+from opswitch.cli import backends_cmd, bench_cmd, download_cmd, generate_cmd, serve_cmd
 
-REGISTRARS = [generate_cmd.register, download_cmd.register, backends_cmd.register, bench_cmd.register]
+REGISTRARS = [generate_cmd.register, download_cmd.register, backends_cmd.register, bench_cmd.register,
+              serve_cmd.register]

@@ -91,6 +91,7 @@ class Running:
     done: bool = False
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    logits: np.ndarray | None = field(default=None, repr=False)  # the last step's (masked), for logprobs
 
     @property
     def steps(self) -> int:
@@ -183,6 +184,7 @@ class BatchGenerator:
         if seq.n_vocab_allowed is not None and seq.n_vocab_allowed < logits.size:
             logits = logits.copy()
             logits[seq.n_vocab_allowed :] = -np.inf
+        seq.logits = logits  # the server's logprobs read them
         try:
             token = sample_next(logits, seq.config, seq.rng)
         except NonFiniteLogitsError as exc:

@@ -1,0 +1,130 @@
+"""``opswitch bench --batch 1,4,16,64``: aggregate decode speed of batched generation.
+
+At batch 1 a decode step reads every weight to make one token; with B
+sequences in one step the same read makes B tokens, so aggregate tokens/s
+should grow with B until compute binds.  Measured on both sides the same
+way: B equal-length prompts (so HF pads nothing and both do the same work),
+greedy, no early stop, and the clock runs from the end of the first forward
+pass (the prefill) to the end of the last, over B x (new_tokens - 1) tokens.
+"""
+
+from __future__ import annotations
+
+import time
+
+from opswitch.cli.benchmark import Quiet, Row
+from opswitch.core.errors import OpswitchError
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise OpswitchError(f"--batch takes batch sizes such as 1,4,16,64, got {text!r}")
+    return sizes
+
+
+def batch_prompts(batch: int, prompt_tokens: int, vocab: int) -> list[list[int]]:
+    """``batch`` different prompts of the same length."""
+    return [[(1 + 7 * i + j) % vocab for j in range(prompt_tokens)] for i in range(batch)]
+
+
+def bench_batch_ours(model, prompts: list[list[int]], new_tokens: int, repeats: int, quiet: Quiet) -> Row:
+    """Aggregate decode tokens/s of one BatchGenerator over ``prompts`` (one forward per step)."""
+    from opswitch.generation import BatchGenerator, GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_token=-1)
+    row = Row(f"decode batch {len(prompts)}", model.backend.name, unit="tok/s")
+
+    def one(steps: int = new_tokens) -> float:
+        generator = BatchGenerator(model)
+        for prompt in prompts:
+            generator.add(prompt, config.replace(max_new_tokens=steps))
+        generator.step()  # prefill, and the first token
+        start = time.perf_counter()
+        while generator.running:
+            generator.step()
+        return len(prompts) * (steps - 1) / (time.perf_counter() - start)
+
+    one(2)  # warm-up
+    for _ in range(repeats):
+        row.samples.append(quiet.measure(one))
+    return row
+
+
+def bench_batch_torch(hf_model, prompts: list[list[int]], new_tokens: int, repeats: int, quiet: Quiet) -> Row:
+    """HF's batched ``generate`` on the same prompts; a logits processor stamps each forward's end."""
+    import torch
+    import transformers
+
+    stamps: list[float] = []
+
+    class Clock(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    ids = torch.tensor(prompts)
+    row = Row(f"decode batch {len(prompts)}", "torch", unit="tok/s")
+
+    def one(steps: int = new_tokens) -> float:
+        stamps.clear()
+        with torch.inference_mode():
+            hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                              logits_processor=transformers.LogitsProcessorList([Clock()]))
+        return len(prompts) * (steps - 1) / (stamps[-1] - stamps[0])
+
+    one(2)
+    for _ in range(repeats):
+        row.samples.append(quiet.measure(one))
+    return row
+
+
+def _hf_model(config):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner,
+    )
+    return transformers.GPT2LMHeadModel(hf_config).eval()
+
+
+def run_batch(args, backends, config, params, no_torch: str | None, quiet: Quiet) -> int:
+    """The --batch table: one row per batch size, one column per implementation."""
+    from opswitch.model.gpt2 import GPT2
+
+    sizes = parse_batches(args.batch)
+    hf_model = None if no_torch else _hf_model(config)
+    models = [GPT2(config, params, backend) for backend in backends]
+    impls = (["torch"] if hf_model is not None else []) + [m.backend.name for m in models]
+    print(f"\nbatched decode, aggregate tokens/s over {args.new_tokens - 1} decode steps after a"
+          f" {args.prompt_tokens}-token prefill (higher is better; ratio to torch in brackets)")
+    print("  " + f"{'batch':>5}" + "".join(f"{name:>20}" for name in impls))
+    rows = []
+    for size in sizes:
+        prompts = batch_prompts(size, args.prompt_tokens, config.vocab_size)
+        line = []
+        if hf_model is not None:
+            line.append(bench_batch_torch(hf_model, prompts, args.new_tokens, args.repeats, quiet))
+        line += [bench_batch_ours(m, prompts, args.new_tokens, args.repeats, quiet) for m in models]
+        base = line[0].median if hf_model is not None else None
+        cells = [f"{r.median:.1f}" + (f" ({r.median / base:.2f}x)" if base and r.impl != "torch" else "")
+                 for r in line]
+        print("  " + f"{size:>5}" + "".join(f"{c:>20}" for c in cells), flush=True)
+        rows += line
+    if no_torch:
+        print(f"\nreference: {no_torch}")
+    print("\n" + quiet.report.summary())
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([{"what": r.what, "impl": r.impl, "unit": r.unit, "median": r.median,
+                        "samples": r.samples} for r in rows], f, indent=2)
+    return 0

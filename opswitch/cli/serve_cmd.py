@@ -1,0 +1,115 @@
+"""``opswitch serve``: an OpenAI-compatible HTTP server with continuous batching.
+
+Checks every flag and binds the socket before loading the model, so a bad
+flag or a port in use is one line on stderr, not a traceback from uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+import sys
+
+from opswitch.core.errors import OpswitchError
+from opswitch.core.formats import FORMATS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a GPT-2-family model at /v1/completions (OpenAI's API), with continuous"
+        " batching: concurrent requests share each forward pass.",
+    )
+    p.add_argument("--model", metavar="PATH_OR_NAME",
+                   help="model directory or Hugging Face id (default: the demo model)")
+    p.add_argument("--backend", metavar="SPEC[,SPEC...]",
+                   help="backend spec (default: $OPSWITCH_BACKEND or auto)")
+    p.add_argument("--weights", default="f32", choices=FORMATS, help="weight storage format (default f32)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="most sequences in one forward pass (default 16)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most sequences waiting; beyond it requests get 429 (default 256)")
+    p.add_argument("--cache-mib", type=float, default=1024, metavar="MIB",
+                   help="KV-cache memory budget for all running sequences (default 1024)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (default: $OPSWITCH_API_KEY or none)")
+    p.add_argument("--name", metavar="NAME", help="the model id clients ask for (default: --model or 'demo')")
+    p.set_defaults(run=run)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so that a taken port is a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        message = f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port or --host"
+        raise OpswitchError(message) from None
+    sock.listen(2048)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from opswitch.serve import missing_deps
+
+    missing = missing_deps()
+    if missing:
+        raise OpswitchError(f"opswitch serve needs the 'serve' extra ({', '.join(missing)} not installed):"
+                            " pip install 'opswitch[serve]'")
+    for flag, low in (("max_batch", 1), ("max_queue", 1)):
+        if getattr(args, flag) < low:
+            raise OpswitchError(f"--{flag.replace('_', '-')} must be at least {low}")
+    if not args.cache_mib > 0:
+        raise OpswitchError("--cache-mib must be positive")
+    if not 0 <= args.port <= 65535:
+        raise OpswitchError(f"--port must be 0..65535, got {args.port}")
+    api_key = args.api_key or os.environ.get("OPSWITCH_API_KEY") or None
+    sock = bind(args.host, args.port)
+
+    import uvicorn
+
+    from opswitch.cli.generate_cmd import load
+    from opswitch.cli.session import Console
+    from opswitch.serve.app import create_app
+
+    console = Console(quiet=False)
+    args.tokenizer, args.revision = None, None
+    lm, summary = load(args)
+    for line in summary:
+        console.info(line)
+    name = args.name or args.model or "demo"
+    app = create_app(lm, name, max_batch=args.max_batch, max_queue=args.max_queue,
+                     cache_bytes=int(args.cache_mib * 2**20), api_key=api_key)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if not is_loopback(args.host) and api_key is None:
+        console.info(f"warning: listening on {args.host}, reachable from other machines, without an API key:"
+                     " anyone who can reach it can use it (set --api-key)")
+    console.info(f"✓ Serving {name!r} at http://{shown}:{port}/v1 (max batch {args.max_batch},"
+                 f" queue {args.max_queue}, KV cache {args.cache_mib:g} MiB); Ctrl-C stops")
+    sys.stderr.flush()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
+        pass
+    console.info("✓ Server stopped")
+    return 0
