@@ -194,7 +194,7 @@ def test_bench_runs_side_by_side_with_torch(tiny_model_dir):
 
 def test_model_dependent_errors_are_one_line_before_any_summary(tiny_model_dir):
     too_long = "word" + " word" * 199  # 200 tokens > the tiny model's 128 positions
-    cases = ((["--prompt", too_long], "the prompt is 200 tokens but the model's context is 128"),
+    cases = ((["--prompt", too_long], "the prompt is more than 128 tokens but the model's context is 128"),
              (["--prompt", "Hi", "--stop-token", "50257"], "outside the model's vocabulary"))
     for extra, message in cases:
         r = opswitch("generate", "--model", tiny_model_dir, *extra)
