@@ -122,6 +122,8 @@ def load_model(
     ``None`` loads the small demo model shipped with opswitch.  ``backend`` is
     a name, a comma list, ``auto`` (default: $OPSWITCH_BACKEND or auto).
     """
+    if _is_onnx(path_or_id):
+        return _load_onnx(Path(path_or_id), backend, tokenizer, revision, dtype)
     directory = resolve_model(path_or_id, revision=revision)
     config, params = load_gpt2(directory)
     tok = load_tokenizer(tokenizer or directory) if tokenizer or _has_tokenizer(directory) else None
@@ -131,3 +133,22 @@ def load_model(
 
 def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("vocab.json", "tokenizer.json"))
+
+
+def _is_onnx(path_or_id) -> bool:
+    from opswitch.onnx import is_onnx_path
+
+    return is_onnx_path(path_or_id)
+
+
+def _load_onnx(path: Path, backend, tokenizer, revision, dtype: str) -> LanguageModel:
+    """An ONNX GPT-2 (see ``opswitch.onnx.importer``); it carries no tokenizer, so text
+    needs ``tokenizer=``."""
+    from opswitch.core.errors import ModelNotFoundError
+    from opswitch.onnx.importer import load_onnx
+
+    if revision:
+        raise ModelNotFoundError(f"{path} is a local file, which has no revisions: drop --revision")
+    config, params = load_onnx(path.expanduser())
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    return LanguageModel(GPT2(config, params, backend, dtype), tok, str(path))
