@@ -337,6 +337,8 @@ def main() -> None:
     # every 20th document (whole chapters, i.e. contiguous blocks) is held out: ~5%
     val_docs = [d for i, d in enumerate(docs) if i % 20 == 10]
     train_docs = [d for i, d in enumerate(docs) if i % 20 != 10]
+    # shipped, so that `opswitch eval --text heldout.txt` measures the same chapters
+    (args.out / "heldout.txt").write_text("".join(d + EOT for d in val_docs), encoding="utf-8")
     tok = train_tokenizer(train_docs, args.vocab, args.out)
     train, val = encode(tok, train_docs), encode(tok, val_docs)
     print(

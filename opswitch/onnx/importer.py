@@ -183,9 +183,9 @@ class GraphMapper:
                     return numpy_helper.to_array(helper.get_attribute_value(attr))
         return None
 
-    def weight_source(self, name: str) -> tuple[str, bool] | None:
-        """(initializer, transposed) when ``name`` is a float initializer, maybe seen through
-        Identity/Cast or a 2-D Transpose."""
+    def weight_source(self, name: str, floats_only: bool = False) -> tuple[str, bool] | None:
+        """(initializer, transposed) when ``name`` is an initializer, maybe seen through
+        Identity/Cast or a 2-D Transpose (any dtype, so that a wrong one is named)."""
         transposed = False
         while name not in self.inits:
             node = self.producer.get(name)
@@ -198,7 +198,9 @@ class GraphMapper:
             else:
                 return None
         tensor = self.inits[name]
-        return (name, transposed) if tensor.data_type in _FLOATS and len(tensor.dims) >= 1 else None
+        if floats_only and tensor.data_type not in _FLOATS:
+            return None
+        return (name, transposed) if len(tensor.dims) >= 1 else None
 
     def depends_on(self, name: str, target: str) -> bool:
         """Does ``name``'s value flow from ``target`` (not merely from its shape)?"""
@@ -279,7 +281,7 @@ class GraphMapper:
         for node in self.graph.node:
             if node.op_type != "Gather" or _attr(node, "axis", 0) != 0:
                 continue
-            src = self.weight_source(node.input[0])
+            src = self.weight_source(node.input[0], floats_only=True)
             if src is None or src[1] or len(self.inits[src[0]].dims) != 2:
                 continue
             (wte if self.depends_on(node.input[1], ids) else wpe).add(src[0])
