@@ -282,6 +282,11 @@ dropout 0.1, batches of {args.batch} random {args.ctx}-token windows, seed {args
 | unigram (train token frequencies, add-one) | {r["unigram_nats"]:.3f} | {r["unigram_ppl"]:.1f} |
 | this model ({args.ctx}-token windows) | {r["val_nats"]:.3f} | {r["val_ppl"]:.1f} |
 
+The validation chapters ship as `heldout.txt` (each followed by `<|endoftext|>`).
+`opswitch eval --text heldout.txt` scores them with Hugging Face's sliding-window
+recipe, which leaves each window's first token unscored; the figure above also
+scores it, from the previous window's last position.
+
 ## Samples
 
 60 new tokens; sampled = temperature 0.8, top-k 40, top-p 0.9, torch seed
