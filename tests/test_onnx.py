@@ -174,6 +174,29 @@ def test_import_of_our_export_gives_back_the_same_weights(exported, loaded):
         assert all(np.array_equal(theirs[n], ours[n]) for n in ours)
 
 
+def test_untied_head_and_custom_mlp_width_round_trip(tmp_path):
+    from opswitch.model.config import GPT2Config
+    from opswitch.model.weights import nest_params
+
+    config = GPT2Config(vocab_size=97, n_positions=16, n_embd=24, n_layer=3, n_head=3, n_inner=40,
+                        layer_norm_epsilon=1e-6, tie_word_embeddings=False, bos_token_id=None,
+                        eos_token_id=None)
+    rng = np.random.default_rng(4)
+    flat = {n: (0.3 * rng.standard_normal(shape) + n.endswith("ln_1.weight")).astype(np.float32)
+            for n, shape in config.param_shapes().items()}
+    params = nest_params({**flat, "lm_head.weight": rng.standard_normal((97, 24)).astype(np.float32)}, 3)
+    path = export_onnx(config, params, tmp_path / "untied.onnx", with_past=True)
+    got_config, got = load_onnx(path)
+    assert got_config == config
+    assert all(np.array_equal(a, flatten_params(params)[n]) for n, a in flatten_params(got).items())
+    ids = np.arange(11) % 97
+    (logits,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input_ids": ids[None], **{
+            f"past_key_values.{i}.{k}": np.zeros((1, 3, 0, 8), np.float32)
+            for i in range(3) for k in ("key", "value")}})
+    assert rel_err(logits[0], GPT2(config, params, "naive").forward(ids).astype(np.float64)) < LOGIT_RTOL
+
+
 def test_our_export_runs_on_every_backend(exported, hf, opswitch_backend):
     ids = _ids(1, 21)
     lm = opswitch.load_model(exported[1], backend=opswitch_backend)
