@@ -306,6 +306,11 @@ def _bad_files(exported: Path, tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "domain").mkdir()
     files["custom-domain"] = _edit(exported, tmp_path / "domain", custom_domain)
 
+    def flipped_mask(model):  # maps like GPT-2, computes something else: caught by running it
+        next(n for n in model.graph.node if n.op_type == "Greater").op_type = "Less"
+    (tmp_path / "mask").mkdir()
+    files["wrong-wiring"] = _edit(exported, tmp_path / "mask", flipped_mask)
+
     def wrong_shape(model):
         _replace(model, "transformer.h.1.attn.c_proj.weight", np.zeros((64, 65), np.float32))
     (tmp_path / "shape").mkdir()
@@ -344,6 +349,7 @@ BAD = {
     "tensor-not-model": "not an ONNX model",
     "unsupported-op": "Relu node",
     "custom-domain": "domain com.example",
+    "wrong-wiring": "the graph's own logits differ from the GPT-2 opswitch built",
     "wrong-shape": "'transformer.h.1.attn.c_proj.weight'",
     "wrong-dtype": "'transformer.h.0.mlp.c_fc.weight' used as h.0.mlp.c_fc.weight is INT32",
     "stray-weight": "'extra.scale'",

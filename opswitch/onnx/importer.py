@@ -42,11 +42,22 @@ KNOWN_OPS = frozenset({
 _PASS_THROUGH = {"Identity", "Cast", "CastLike"}  # a weight seen through these is still the weight
 
 
-def load_onnx(path: str | Path) -> tuple[GPT2Config, Params]:
-    """Read an ONNX GPT-2 into (config, float32 params named like the checkpoint)."""
+def load_onnx(path: str | Path, *, verify: bool = True) -> tuple[GPT2Config, Params]:
+    """Read an ONNX GPT-2 into (config, float32 params named like the checkpoint).
+
+    With ``verify``, the graph itself is then run on a few tokens by onnx's
+    reference evaluator and must give our logits: a graph that computes
+    something else than GPT-2 (another mask, scale or wiring) is refused
+    even if its weights looked right.
+    """
     path = Path(path)
     model = read_model(path)
-    return GraphMapper(model.graph, path).map()
+    for tensor in model.graph.initializer:
+        tensor_location(tensor, path.parent, path)
+    config, params = GraphMapper(model.graph, path).map()
+    if verify:
+        check_by_running(path, model.graph, config, params)
+    return config, params
 
 
 def read_model(path: Path):
@@ -79,19 +90,13 @@ _FLOATS = {1: np.float32, 10: np.float16, 11: np.float64, 16: "bfloat16"}  # Ten
 def tensor_array(tensor, base: Path, source: Path) -> np.ndarray:
     """An initializer as a numpy array; external data is memory-mapped after checking
     that it lies inside the model's directory and is as long as the tensor says."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
 
-    if tensor.data_location != TensorProto.EXTERNAL:
+    target = tensor_location(tensor, base, source)
+    if target is None:
         return numpy_helper.to_array(tensor)
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
-    target = (base / location).resolve()
-    if not location or Path(location).is_absolute() or not target.is_relative_to(base.resolve()):
-        raise OnnxError(f"{source}: initializer {tensor.name!r} points at external data {location!r}, "
-                        f"outside the model's directory {base}; refusing to read it")
-    if not target.is_file():
-        raise OnnxError(f"{source}: initializer {tensor.name!r} needs external data file {location!r}, "
-                        f"which is not in {base}; copy it beside the model")
     dtype = np.dtype(np.uint16 if tensor.data_type == 16 else onnx_dtype(tensor.data_type))
     shape = tuple(tensor.dims)
     needed = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -104,6 +109,68 @@ def tensor_array(tensor, base: Path, source: Path) -> np.ndarray:
         return np.zeros(shape, dtype)
     array = np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=shape)
     return _bf16_to_f32(array) if tensor.data_type == 16 else array
+
+
+def tensor_location(tensor, base: Path, source: Path) -> Path | None:
+    """The external-data file of an initializer (None if inline), which must exist and lie
+    inside the model's directory: no absolute paths, no ``..`` out of it."""
+    from onnx import TensorProto
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    target = (base / location).resolve()
+    if not location or Path(location).is_absolute() or not target.is_relative_to(base.resolve()):
+        raise OnnxError(f"{source}: initializer {tensor.name!r} points at external data {location!r}, "
+                        f"outside the model's directory {base}; refusing to read it")
+    if not target.is_file():
+        raise OnnxError(f"{source}: initializer {tensor.name!r} needs external data file {location!r}, "
+                        f"which is not in {base}; copy it beside the model")
+    return target
+
+
+def check_by_running(path: Path, graph, config: GPT2Config, params: Params, n_tokens: int = 5) -> None:
+    """Run the graph on a few tokens with onnx's reference evaluator (numpy) and compare its
+    logits with our GPT-2 on the mapped weights; float32 runs agree to ~1e-6 of the logit
+    scale, a structural difference moves them by O(1), so 1e-3 separates the two."""
+    from onnx.reference import ReferenceEvaluator
+
+    from opswitch.model.gpt2 import GPT2
+
+    n = min(n_tokens, config.n_positions)
+    ids = (np.arange(n, dtype=np.int64) * 7919 + 3) % config.vocab_size
+    feeds = {}
+    inits = {t.name for t in graph.initializer}
+    for value in graph.input:
+        if value.name in inits:
+            continue
+        t = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if value.name == GraphMapper.token_input_name(graph):
+            n = dims[-1] if dims and dims[-1] else n
+            ids = ids[:n] if len(ids) >= n else np.resize(ids, n)
+            feeds[value.name] = ids.reshape([1] * (len(dims) - 1) + [n])
+        elif "position" in value.name:
+            feeds[value.name] = np.arange(n, dtype=onnx_dtype(t.elem_type)).reshape(1, n)
+        elif t.elem_type in (6, 7):  # an attention mask: every token visible
+            feeds[value.name] = np.ones((1, n), dtype=onnx_dtype(t.elem_type))
+        else:  # a KV cache: empty
+            feeds[value.name] = np.zeros([d if d is not None else (1 if i == 0 else 0)
+                                          for i, d in enumerate(dims)], dtype=onnx_dtype(t.elem_type))
+    try:
+        outputs = ReferenceEvaluator(str(path)).run(None, feeds)
+    except Exception as e:  # the evaluator's errors are as varied as the graphs it runs
+        raise OnnxError(f"{path}: cannot run the graph to check the weights opswitch took from it "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    names = [o.name for o in graph.output]
+    theirs = np.asarray(outputs[names.index("logits") if "logits" in names else 0], dtype=np.float64)
+    ours = GPT2(config, params, "naive").forward(ids).astype(np.float64)
+    theirs = theirs.reshape(-1, theirs.shape[-1])[-n:] if theirs.shape[-1] == config.vocab_size else None
+    err = np.inf if theirs is None else np.abs(theirs - ours).max() / max(np.abs(ours).max(), 1e-30)
+    if not err <= 1e-3:
+        raise OnnxError(f"{path}: the graph's own logits differ from the GPT-2 opswitch built from its "
+                        f"weights (max error {err:.2g} of the logit scale); it computes something else "
+                        "than GPT-2")
 
 
 def onnx_dtype(code: int):
@@ -267,13 +334,17 @@ class GraphMapper:
         return config, nest_params(flat, n_layer)
 
     def token_input(self) -> str:
-        from onnx import TensorProto
-
-        ints = [i.name for i in self.graph.input if i.name not in self.inits
-                and i.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)]
-        if not ints:
+        name = self.token_input_name(self.graph)
+        if name is None:
             self.fail("the graph has no integer input (token ids)")
-        return "input_ids" if "input_ids" in ints else ints[0]
+        return name
+
+    @staticmethod
+    def token_input_name(graph) -> str | None:
+        inits = {t.name for t in graph.initializer}
+        ints = [i.name for i in graph.input if i.name not in inits
+                and i.type.tensor_type.elem_type in (6, 7)]  # INT32, INT64
+        return "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
 
     def embeddings(self, ids: str) -> tuple[str, str]:
         """(wte, wpe): the float matrices gathered by the token ids, and by anything else."""
