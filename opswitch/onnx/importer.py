@@ -13,8 +13,11 @@ heads comes from the reshape to ``[..., n_head, head_dim]``.
 Anything we do not understand stops the import with a one-line error naming
 it, rather than running a model that is not the one in the file: an op
 outside the list a GPT-2 graph uses, a float weight no role claims, a shape
-that does not fit, a count that does not add up.  Works for our own export
-and for ``torch.onnx.export(..., dynamo=True)`` of HF's ``GPT2LMHeadModel``.
+that does not fit, a count that does not add up.  Last, the graph itself is
+run on a few tokens (onnx's numpy reference evaluator) and must give the
+logits of the GPT-2 built from the weights taken, which catches a graph that
+is wired differently around the right weights.  Works for our own export and
+for ``torch.onnx.export(..., dynamo=True)`` of HF's ``GPT2LMHeadModel``.
 """
 
 from __future__ import annotations
