@@ -383,3 +383,12 @@ def test_missing_onnx_file_and_inspect_of_a_bad_file(tmp_path, bad_files, capsys
     (tmp_path / "x.bin").write_bytes(b"1234")
     assert main(["inspect", str(tmp_path / "x.bin")]) == 2
     assert "inspect reads .onnx and .safetensors" in capsys.readouterr().err
+
+
+def test_without_the_onnx_package_the_error_names_the_extra(exported, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    for argv in (["inspect", str(exported[0])], ["export-onnx", "--out", str(tmp_path / "x.onnx")]):
+        assert main(argv) == 2
+        assert "pip install 'opswitch[onnx]'" in capsys.readouterr().err
+    with pytest.raises(OnnxError, match=r"opswitch\[onnx\]"):
+        opswitch.load_model(exported[0])

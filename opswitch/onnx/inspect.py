@@ -74,11 +74,11 @@ def _safetensors(path: Path) -> dict[str, Any]:
 
 
 def _onnx(path: Path) -> dict[str, Any]:
-    from onnx import TensorProto
-
     from opswitch.onnx.importer import read_model
 
-    model = read_model(path)
+    model = read_model(path)  # first, as it names the extra to install when onnx is missing
+    from onnx import TensorProto
+
     graph = model.graph
 
     def dtype(code: int) -> str:
