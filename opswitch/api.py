@@ -142,18 +142,14 @@ class LanguageModel:
             return self.model.forward(self._ids(prompt))
 
     def loss(self, text: str | Sequence[int]) -> float:
-        """Mean next-token cross-entropy (nats/token) of ``text`` under the model.
-
-        Computed in float64 from the logits of one forward pass, as HF's
-        ``model(ids, labels=ids).loss`` does; ``exp(loss)`` is the perplexity.
-        """
+        """Mean next-token cross-entropy (nats/token) of ``text`` under the model, as
+        HF's ``model(ids, labels=ids).loss``; ``exp(loss)`` is the perplexity.  The text
+        must fit the context (``opswitch eval`` slides a window over longer ones)."""
         ids = self._ids(text)
         if len(ids) < 2:
             raise ModelInputError("the loss needs at least two tokens")
-        logits = self.forward(ids[:-1]).astype(np.float64)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        return float(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean())
+        with self._using():
+            return self.model.nll(ids, 1) / (len(ids) - 1)
 
     def perplexity(self, text: str | Sequence[int]) -> float:
         return float(np.exp(self.loss(text)))
@@ -277,13 +273,36 @@ def load_model(
 
     check_format(weights)
     chosen, reason = _select(backend, dtype)  # fail fast, before reading weights
-    directory = resolve_model(path_or_id, revision=revision)
-    config, params = load_gpt2(directory)
-    tok = load_tokenizer(tokenizer or directory) if tokenizer or _has_tokenizer(directory) else None
-    lm = LanguageModel(GPT2(config, params, chosen, weights), tok, str(directory), reason)
+    if _is_onnx(path_or_id):
+        source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)
+    else:
+        directory = resolve_model(path_or_id, revision=revision)
+        config, params = load_gpt2(directory)
+        tok = load_tokenizer(tokenizer or directory) if tokenizer or _has_tokenizer(directory) else None
+        source = str(directory)
+    lm = LanguageModel(GPT2(config, params, chosen, weights), tok, source, reason)
     lm.load_seconds = time.perf_counter() - started
     return lm
 
 
 def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("vocab.json", "tokenizer.json"))
+
+
+def _is_onnx(path_or_id) -> bool:
+    from opswitch.onnx import is_onnx_path
+
+    return is_onnx_path(path_or_id)
+
+
+def _read_onnx(path: Path, tokenizer, revision):
+    """An ONNX GPT-2's (source, config, params, tokenizer) (see ``opswitch.onnx.importer``);
+    it carries no tokenizer, so text needs ``tokenizer=``."""
+    from opswitch.core.errors import ModelNotFoundError
+    from opswitch.onnx.importer import load_onnx
+
+    if revision:
+        raise ModelNotFoundError(f"{path} is a local file, which has no revisions: drop --revision")
+    config, params = load_onnx(path.expanduser())
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    return str(path), config, params, tok

@@ -282,6 +282,11 @@ dropout 0.1, batches of {args.batch} random {args.ctx}-token windows, seed {args
 | unigram (train token frequencies, add-one) | {r["unigram_nats"]:.3f} | {r["unigram_ppl"]:.1f} |
 | this model ({args.ctx}-token windows) | {r["val_nats"]:.3f} | {r["val_ppl"]:.1f} |
 
+The validation chapters ship as `heldout.txt` (each followed by `<|endoftext|>`).
+`opswitch eval --text heldout.txt` scores them with Hugging Face's sliding-window
+recipe, which leaves each window's first token unscored; the figure above also
+scores it, from the previous window's last position.
+
 ## Samples
 
 60 new tokens; sampled = temperature 0.8, top-k 40, top-p 0.9, torch seed
@@ -337,6 +342,8 @@ def main() -> None:
     # every 20th document (whole chapters, i.e. contiguous blocks) is held out: ~5%
     val_docs = [d for i, d in enumerate(docs) if i % 20 == 10]
     train_docs = [d for i, d in enumerate(docs) if i % 20 != 10]
+    # shipped, so that `opswitch eval --text heldout.txt` measures the same chapters
+    (args.out / "heldout.txt").write_text("".join(d + EOT for d in val_docs), encoding="utf-8")
     tok = train_tokenizer(train_docs, args.vocab, args.out)
     train, val = encode(tok, train_docs), encode(tok, val_docs)
     print(

@@ -1,6 +1,15 @@
 """The list of sub-commands; each module adds its parser and a ``run``."""
 
-from opswitch.cli import backends_cmd, bench_cmd, download_cmd, generate_cmd, serve_cmd
+from opswitch.cli import (
+    backends_cmd,
+    bench_cmd,
+    download_cmd,
+    eval_cmd,
+    export_cmd,
+    generate_cmd,
+    inspect_cmd,
+    serve_cmd,
+)
 
-REGISTRARS = [generate_cmd.register, download_cmd.register, backends_cmd.register, bench_cmd.register,
-              serve_cmd.register]
+REGISTRARS = [generate_cmd.register, download_cmd.register, backends_cmd.register, bench_cmd.register]
+REGISTRARS += [eval_cmd.register, export_cmd.register, inspect_cmd.register, serve_cmd.register]

@@ -49,3 +49,27 @@ class Progress:
         if self._shown:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+class Bar:
+    """``bar(done, total)`` redraws a progress bar on stderr, only when it is a terminal."""
+
+    def __init__(self, label: str, stream=None, width: int = 30) -> None:
+        self.label, self.width = label, width
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self._start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        filled = self.width * done // max(total, 1)
+        spent = time.perf_counter() - self._start
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
+                          f"{spent:.1f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()

@@ -119,6 +119,22 @@ def concat_rows(parts):  # list of [n_i, n] -> [sum n_i, n]
     return np.concatenate(parts)
 
 
+def cross_entropy(logits, targets):  # [n, n_vocab], int [n] -> [1]
+    """Summed next-token loss ``Σ_i -log softmax(logits[i])[targets[i]]`` (nats).
+
+    A sum, not a mean, so windows of any length add up exactly; one number
+    per call, so a backend can keep the ``[n, n_vocab]`` logits on the device.
+    Stable (log-sum-exp after subtracting each row's max) and accumulated in
+    float64 whatever the input dtype; returned as a 1-element array in the
+    logits' dtype.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(targets, dtype=np.int64).reshape(-1)
+    m = x.max(axis=-1)
+    lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))
+    return np.array([(lse - x[np.arange(t.size), t]).sum()], dtype=np.asarray(logits).dtype)
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """One catalogue entry: the op's name, its reference, and what it does.
@@ -150,6 +166,7 @@ CATALOGUE: dict[str, OpSpec] = {
         OpSpec("take_rows", take_rows, "gather rows by index (each sequence's last row)"),
         OpSpec("slice_rows", slice_rows, "rows start:stop of a 2-D array"),
         OpSpec("concat_rows", concat_rows, "stack 2-D arrays along rows"),
+        OpSpec("cross_entropy", cross_entropy, "summed -log softmax at the targets: the loss"),
     )
 }
 OP_NAMES: tuple[str, ...] = tuple(CATALOGUE)

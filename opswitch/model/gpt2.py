@@ -13,7 +13,7 @@ cache.  One sequence is simply the batch of one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -182,34 +182,57 @@ class GPT2:
         if len({id(c) for c in caches}) < len(caches):
             raise ModelInputError("one cache appears twice in a step: each sequence needs its own")
         rows = None if all_rows else list(np.cumsum(counts) - 1)
-        if self.backend.thread_safe:
-            logits = self._run(ids, positions, caches, starts, counts, rows)
-        else:
-            with self.backend.lock:
-                logits = self._run(ids, positions, caches, starts, counts, rows)
+        logits = self._on_backend(lambda: self.backend.to_host(
+            self._logits(ids, positions, caches, starts, counts, rows)))
         for cache, count in zip(caches, counts):
             cache.length += count
-        return logits
+        return np.asarray(logits, dtype=np.float32)
 
-    def _run(self, ids, positions, caches, starts, counts, rows) -> np.ndarray:
-        c = self.config
+    def _on_backend(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` (op calls) under the backend's lock if its ops are not thread-safe,
+        and report a backend's bug as the backend's, naming the op."""
         try:
-            logits = gpt2(
-                self.ops, self.params, np.concatenate(ids), np.concatenate(positions), caches, starts, counts,
-                n_head=c.n_head, eps=c.layer_norm_epsilon, rows=rows,
-            )  # fmt: skip
-            return np.asarray(self.backend.to_host(logits), dtype=np.float32)
+            if self.backend.thread_safe:
+                return work()
+            with self.backend.lock:
+                return work()
         except OpswitchError:
             raise
-        except Exception as exc:  # a backend's bug is reported as the backend's, naming the op
+        except Exception as exc:
             op = failing_op(exc)
             where = f"in op {op!r}" if op else "while computing"
             raise BackendError(
                 f"backend {self.backend.spec!r} failed {where}: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def forward(self, ids: Any) -> np.ndarray:
-        """Logits for every position of ``ids``: float32 ``[n, n_vocab]`` on the host."""
+    def _logits(self, ids, positions, caches, starts, counts, rows) -> Any:
+        """The forward pass; logits stay on the backend."""
+        c = self.config
+        return gpt2(
+            self.ops, self.params, np.concatenate(ids), np.concatenate(positions), caches, starts, counts,
+            n_head=c.n_head, eps=c.layer_norm_epsilon, rows=rows,
+        )  # fmt: skip
+
+    def nll(self, ids: Any, first: int = 1) -> float:
+        """Summed next-token loss (nats) of ``ids[first:]``, each given the ids before it.
+
+        The logits stay on the backend; its ``cross_entropy`` sends back one
+        number, not ``[n, n_vocab]`` floats.
+        """
+        ids = self._checked(ids)
+        if not 1 <= first < ids.size:
+            raise ModelInputError(f"nothing to score: first={first} of {ids.size} tokens (1 <= first < n)")
+        n = int(ids.size)
+        cache = self.new_cache(n)
+
+        def work() -> Any:
+            logits = self._logits([ids], [np.arange(n)], [cache], [0], [n], None)
+            rows = self.ops.slice_rows(logits, first - 1, n - 1)
+            return self.backend.to_host(self.ops.cross_entropy(rows, ids[first:]))
+
+        return float(np.asarray(self._on_backend(work), dtype=np.float64).reshape(-1)[0])
+
+    def _checked(self, ids: Any) -> np.ndarray:
         ids = as_ids(ids, self.config.vocab_size)
         if ids.size == 0:
             raise ModelInputError("no input tokens: give at least one token id")
@@ -217,6 +240,11 @@ class GPT2:
             raise ModelInputError(
                 f"{ids.size} tokens exceed the model's context of {self.config.n_positions} positions"
             )
+        return ids
+
+    def forward(self, ids: Any) -> np.ndarray:
+        """Logits for every position of ``ids``: float32 ``[n, n_vocab]`` on the host."""
+        ids = self._checked(ids)
         return self.step([(ids, self.new_cache(ids.size))], all_rows=True)
 
     def next_logits(self, ids: Any, cache: KVCache) -> np.ndarray:

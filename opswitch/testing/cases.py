@@ -293,8 +293,43 @@ def _slice_cases() -> list[Case]:
     ]
 
 
+def _cross_entropy_bound(args, ref, u):
+    """Per row, loss = m + log Σ exp(x - m) - x[t].  exp(x_j - m) carries relative error
+    ~(|x_j - m| + 4)·u, which weighted by the probabilities p_j is (E_p|x - m| + 4)·u of
+    the sum; the sum over V terms adds ~sqrt(V)·u (as in _softmax_bound); log turns the
+    sum's relative error into an absolute one; m + log S and - x[t] each round once
+    (2·(|m| + |lse| + |x[t]|)·u).  Rows are then summed: n·u·|total|.  64·u of slack
+    covers log's and exp's own few ulp."""
+    x, t = args[0], np.asarray(args[1])
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    p = e / e.sum(axis=-1, keepdims=True)
+    lse = (m + np.log(e.sum(axis=-1, keepdims=True)))[:, 0]
+    x_t = x[np.arange(t.size), t]
+    spread = (p * np.abs(x - m)).sum(axis=-1)
+    rows = 64 + 4 * np.sqrt(x.shape[-1]) + 2 * spread + 2 * (np.abs(m[:, 0]) + np.abs(lse) + np.abs(x_t))
+    return u * (rows.sum() + t.size * np.abs(ref))
+
+
+def _cross_entropy_cases() -> list[Case]:
+    cases = []
+    # (rows, vocab, scale, offset): a 1-token vocabulary (loss exactly 0), odd sizes, the demo
+    # model's window, GPT-2's vocabulary, sharp (1e4) and offset (1e3: exp overflows unstabilised)
+    specs = [(1, 1, 1.0, 0.0), (5, 7, 1.0, 0.0), (31, 1001, 3.0, 0.0), (256, 8192, 5.0, 0.0),
+             (2, 50257, 5.0, 0.0), (3, 33, 1e4, 0.0), (4, 65, 1.0, 1e3)]
+    for n, vocab, scale, offset in specs:
+        def build(rng, n=n, vocab=vocab, scale=scale, offset=offset):
+            targets = rng.integers(0, vocab, n).astype(np.int64)
+            return [_randn(rng, n, vocab, scale=scale, offset=offset), targets], {}
+        tag = f"{n}x{vocab}" + (f"-scale{scale:g}" if scale != 1 else "")
+        tag += f"-offset{offset:g}" if offset else ""
+        cases.append(Case("cross_entropy", tag, build, _cross_entropy_bound))
+    return cases
+
+
 CASES: list[Case] = [
     *_linear_cases(), *_matmul_cases(), *_add_cases(), *_layernorm_cases(), *_gelu_cases(),
     *_softmax_cases(), *_attention_cases(), *_attention_batch_cases(), *_embedding_cases(),
     *_take_cases(), *_slice_cases(), *_concat_cases(),
+    *_cross_entropy_cases(),
 ]

@@ -1,0 +1,498 @@
+"""An ONNX GPT-2 -> ``(GPT2Config, params)``, so it runs on our ops and any backend.
+
+We do not execute the ONNX graph: we recognise the GPT-2 in it and take its
+weights.  Recognition follows the data flow, not the names (exporters rename
+and even share identical initializers): the token embedding is the float
+matrix ``Gather``-ed by the input ids, the position embedding the other one;
+``LayerNormalization`` nodes in graph order are ``ln_1``, ``ln_2`` per layer
+and then ``ln_f``; the ``MatMul``/``Gemm`` nodes with a weight operand are
+``c_attn``, ``c_proj``, ``c_fc``, ``c_proj`` per layer and the head last,
+each with its bias (Gemm's C, or the ``Add`` that follows).  The number of
+heads comes from the reshape to ``[..., n_head, head_dim]``.
+
+Anything we do not understand stops the import with a one-line error naming
+it, rather than running a model that is not the one in the file: an op
+outside the list a GPT-2 graph uses, a float weight no role claims, a shape
+that does not fit, a count that does not add up.  Last, the graph itself is
+run on a few tokens (onnx's numpy reference evaluator) and must give the
+logits of the GPT-2 built from the weights taken, which catches a graph that
+is wired differently around the right weights.  Works for our own export and
+for ``torch.onnx.export(..., dynamo=True)`` of HF's ``GPT2LMHeadModel``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from opswitch.core.errors import ModelNotFoundError
+from opswitch.model.config import GPT2Config
+from opswitch.model.weights import Params, nest_params
+from opswitch.onnx import OnnxError, require_onnx
+
+# Every op the two exporters we support emit: weights, the forward pass, and
+# the shape and mask arithmetic around it.  Anything else is refused.
+KNOWN_OPS = frozenset({
+    "Add", "And", "Cast", "CastLike", "Concat", "Constant", "ConstantOfShape", "CumSum", "Div", "Equal",
+    "Expand", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "Greater", "GreaterOrEqual",
+    "Identity", "IsInf", "IsNaN", "LayerNormalization", "Less", "LessOrEqual", "MatMul", "Max", "Min",
+    "Mul", "Neg", "Not", "Or", "Pow", "Range", "Reshape", "Shape", "Slice", "Softmax", "Split", "Sqrt",
+    "Squeeze", "Sub", "Tanh", "Transpose", "Trilu", "Unsqueeze", "Where",
+})
+_PASS_THROUGH = {"Identity", "Cast", "CastLike"}  # a weight seen through these is still the weight
+
+
+def load_onnx(path: str | Path, *, verify: bool = True) -> tuple[GPT2Config, Params]:
+    """Read an ONNX GPT-2 into (config, float32 params named like the checkpoint).
+
+    With ``verify``, the graph itself is then run on a few tokens by onnx's
+    reference evaluator and must give our logits: a graph that computes
+    something else than GPT-2 (another mask, scale or wiring) is refused
+    even if its weights looked right.
+    """
+    path = Path(path)
+    model = read_model(path)
+    for tensor in model.graph.initializer:
+        tensor_location(tensor, path.parent, path)
+    config, params = GraphMapper(model.graph, path).map()
+    if verify:
+        check_by_running(path, model.graph, config, params)
+    return config, params
+
+
+def read_model(path: Path):
+    """Parse ``path`` as an ONNX model, without its external data (loaded lazily, checked)."""
+    onnx = require_onnx()
+    from google.protobuf.message import DecodeError
+
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise OnnxError(f"{path} is a directory, not an ONNX file")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OnnxError(f"{path} is not an ONNX model: cannot parse it as one ({why}); truncated or "
+                        "another format?") from None
+    except OSError as e:
+        raise OnnxError(f"cannot read {path}: {e.strerror or e}") from None
+    if not model.HasField("graph") or not model.graph.node or not model.opset_import:
+        raise OnnxError(f"{path} parses as protobuf but is not an ONNX model (no graph, nodes or opset); "
+                        "truncated or another format?")
+    return model
+
+
+# ------------------------------------------------------------------------------ tensors
+_FLOATS = {1: np.float32, 10: np.float16, 11: np.float64, 16: "bfloat16"}  # TensorProto codes
+
+
+def tensor_array(tensor, base: Path, source: Path) -> np.ndarray:
+    """An initializer as a numpy array; external data is memory-mapped after checking
+    that it lies inside the model's directory and is as long as the tensor says."""
+    from onnx import numpy_helper
+
+    target = tensor_location(tensor, base, source)
+    if target is None:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    dtype = np.dtype(np.uint16 if tensor.data_type == 16 else onnx_dtype(tensor.data_type))
+    shape = tuple(tensor.dims)
+    needed = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    offset, length = int(info.get("offset", 0)), int(info.get("length", needed))
+    if length != needed or offset + length > target.stat().st_size:
+        raise OnnxError(f"{source}: external data for {tensor.name!r} ({offset}+{length} bytes of "
+                        f"{location!r}) does not fit the file or the tensor's shape {list(shape)}; the data "
+                        "file is truncated or belongs to another model")
+    if needed == 0:
+        return np.zeros(shape, dtype)
+    array = np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return _bf16_to_f32(array) if tensor.data_type == 16 else array
+
+
+def tensor_location(tensor, base: Path, source: Path) -> Path | None:
+    """The external-data file of an initializer (None if inline), which must exist and lie
+    inside the model's directory: no absolute paths, no ``..`` out of it."""
+    from onnx import TensorProto
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    target = (base / location).resolve()
+    if not location or Path(location).is_absolute() or not target.is_relative_to(base.resolve()):
+        raise OnnxError(f"{source}: initializer {tensor.name!r} points at external data {location!r}, "
+                        f"outside the model's directory {base}; refusing to read it")
+    if not target.is_file():
+        raise OnnxError(f"{source}: initializer {tensor.name!r} needs external data file {location!r}, "
+                        f"which is not in {base}; copy it beside the model")
+    return target
+
+
+def check_by_running(path: Path, graph, config: GPT2Config, params: Params, n_tokens: int = 5) -> None:
+    """Run the graph on a few tokens with onnx's reference evaluator (numpy) and compare its
+    logits with our GPT-2 on the mapped weights; float32 runs agree to ~1e-6 of the logit
+    scale, a structural difference moves them by O(1), so 1e-3 separates the two."""
+    from onnx.reference import ReferenceEvaluator
+
+    from opswitch.core.registry import get_registry
+    from opswitch.model.gpt2 import GPT2
+
+    n = min(n_tokens, config.n_positions)
+    ids = (np.arange(n, dtype=np.int64) * 7919 + 3) % config.vocab_size
+    feeds = {}
+    inits = {t.name for t in graph.initializer}
+    for value in graph.input:
+        if value.name in inits:
+            continue
+        t = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if value.name == GraphMapper.token_input_name(graph):
+            n = dims[-1] if dims and dims[-1] else n
+            ids = ids[:n] if len(ids) >= n else np.resize(ids, n)
+            feeds[value.name] = ids.reshape([1] * (len(dims) - 1) + [n])
+        elif "position" in value.name:
+            feeds[value.name] = np.arange(n, dtype=onnx_dtype(t.elem_type)).reshape(1, n)
+        elif t.elem_type in (6, 7):  # an attention mask: every token visible
+            feeds[value.name] = np.ones((1, n), dtype=onnx_dtype(t.elem_type))
+        else:  # a KV cache: empty
+            feeds[value.name] = np.zeros([d if d is not None else (1 if i == 0 else 0)
+                                          for i, d in enumerate(dims)], dtype=onnx_dtype(t.elem_type))
+    try:
+        outputs = ReferenceEvaluator(str(path)).run(None, feeds)
+    except Exception as e:  # the evaluator's errors are as varied as the graphs it runs
+        raise OnnxError(f"{path}: cannot run the graph to check the weights opswitch took from it "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    names = [o.name for o in graph.output]
+    theirs = np.asarray(outputs[names.index("logits") if "logits" in names else 0], dtype=np.float64)
+    ours = GPT2(config, params, get_registry().backend("naive")).forward(ids).astype(np.float64)
+    theirs = theirs.reshape(-1, theirs.shape[-1])[-n:] if theirs.shape[-1] == config.vocab_size else None
+    err = np.inf if theirs is None else np.abs(theirs - ours).max() / max(np.abs(ours).max(), 1e-30)
+    if not err <= 1e-3:
+        raise OnnxError(f"{path}: the graph's own logits differ from the GPT-2 opswitch built from its "
+                        f"weights (max error {err:.2g} of the logit scale); it computes something else "
+                        "than GPT-2")
+
+
+def onnx_dtype(code: int):
+    from onnx import helper
+
+    try:
+        return helper.tensor_dtype_to_np_dtype(code)
+    except (KeyError, ValueError):
+        return np.uint8
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (np.asarray(raw, dtype=np.uint32) << 16).view(np.float32)
+
+
+def _dtype_name(code: int) -> str:
+    from onnx import TensorProto
+
+    return TensorProto.DataType.Name(code)
+
+
+# ------------------------------------------------------------------------------ mapping
+@dataclass
+class _Linear:
+    node: object
+    weight: str  # initializer name
+    transposed: bool  # the initializer is [out, in] (Gemm transB, or a Transpose before MatMul)
+    bias: str | None
+
+
+class GraphMapper:
+    """Walks one graph and assigns its weights to GPT-2's roles (see the module docstring)."""
+
+    def __init__(self, graph, source: Path) -> None:
+        self.graph, self.source = graph, source
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.claimed: dict[str, str] = {}  # initializer -> the role that took it
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def fail(self, message: str):
+        raise OnnxError(f"{self.source}: {message}; opswitch maps GPT-2 graphs only")
+
+    @staticmethod
+    def describe(node) -> str:
+        return f"{node.op_type} node {node.name or node.output[0]!r}"
+
+    # -- small helpers
+    def array(self, name: str, role: str) -> np.ndarray:
+        """The float initializer ``name`` as float32, claimed for ``role``."""
+        tensor = self.inits[name]
+        if tensor.data_type not in _FLOATS:
+            dtype = _dtype_name(tensor.data_type)
+            self.fail(f"initializer {name!r} used as {role} is {dtype}, not a float type")
+        if name not in self._arrays:
+            a = tensor_array(tensor, self.source.parent, self.source)
+            self._arrays[name] = np.asarray(a, dtype=np.float32)
+        self.claimed.setdefault(name, role)
+        return self._arrays[name]
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a small constant input (an initializer or a Constant node), if it is one."""
+        if name in self.inits:
+            return tensor_array(self.inits[name], self.source.parent, self.source)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            from onnx import helper
+
+            for attr in node.attribute:
+                if attr.name == "value":
+                    from onnx import numpy_helper
+
+                    return numpy_helper.to_array(helper.get_attribute_value(attr))
+        return None
+
+    def weight_source(self, name: str, floats_only: bool = False) -> tuple[str, bool] | None:
+        """(initializer, transposed) when ``name`` is an initializer, maybe seen through
+        Identity/Cast or a 2-D Transpose (any dtype, so that a wrong one is named)."""
+        transposed = False
+        while name not in self.inits:
+            node = self.producer.get(name)
+            if node is None:
+                return None
+            if node.op_type in _PASS_THROUGH:
+                name = node.input[0]
+            elif node.op_type == "Transpose" and _attr(node, "perm", [1, 0]) == [1, 0]:
+                name, transposed = node.input[0], not transposed
+            else:
+                return None
+        tensor = self.inits[name]
+        if floats_only and tensor.data_type not in _FLOATS:
+            return None
+        return (name, transposed) if len(tensor.dims) >= 1 else None
+
+    def depends_on(self, name: str, target: str) -> bool:
+        """Does ``name``'s value flow from ``target`` (not merely from its shape)?"""
+        seen, stack = set(), [name]
+        while stack:
+            n = stack.pop()
+            if n == target:
+                return True
+            if n in seen or n not in self.producer:
+                continue
+            seen.add(n)
+            node = self.producer[n]
+            if node.op_type != "Shape":
+                stack.extend(i for i in node.input if i)
+        return False
+
+    # -- the walk
+    def map(self) -> tuple[GPT2Config, Params]:
+        for node in self.graph.node:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in KNOWN_OPS:
+                domain = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx") else ""
+                self.fail(f"{self.describe(node)}{domain} is not an op a GPT-2 graph uses")
+        ids = self.token_input()
+        wte, wpe = self.embeddings(ids)
+        n_vocab, n_embd = self.inits[wte].dims
+        norms = self.layernorms(n_embd)
+        linears = self.linears()
+        n_layer = (len(norms) - 1) // 2
+        if n_layer < 1 or len(norms) != 2 * n_layer + 1 or len(linears) != 4 * n_layer + 1:
+            self.fail(f"found {len(norms)} LayerNormalization and {len(linears)} weight MatMul/Gemm nodes; "
+                      "a GPT-2 of L layers has 2L+1 and 4L+1")
+        self.check_counts(n_layer)
+        n_head = self.heads(n_embd, linears[0].node)
+        flat, eps = {}, norms[0][2]
+        flat["wte.weight"] = self.array(wte, "wte.weight")
+        flat["wpe.weight"] = self.array(wpe, "wpe.weight")
+        lns = [f"h.{i}.{ln}" for i in range(n_layer) for ln in ("ln_1", "ln_2")] + ["ln_f"]
+        for name, (g, b, e) in zip(lns, norms):
+            if e != eps:
+                self.fail(f"layer norms use different epsilons ({eps:g} and {e:g})")
+            flat[f"{name}.weight"], flat[f"{name}.bias"] = self.norm_params(name, g, b, n_embd)
+        d_ff = self.linear_params(linears[2], "h.0.mlp.c_fc", n_embd, None)[0].shape[1]
+        roles = [("attn.c_attn", n_embd, 3 * n_embd), ("attn.c_proj", n_embd, n_embd),
+                 ("mlp.c_fc", n_embd, d_ff), ("mlp.c_proj", d_ff, n_embd)]
+        for i in range(n_layer):
+            for j, (role, n_in, n_out) in enumerate(roles):
+                w, b = self.linear_params(linears[4 * i + j], f"h.{i}.{role}", n_in, n_out)
+                flat[f"h.{i}.{role}.weight"], flat[f"h.{i}.{role}.bias"] = w, b
+        head, head_bias = self.linear_params(linears[-1], "lm_head", n_embd, n_vocab)
+        if np.any(head_bias):
+            self.fail(f"the output projection ({self.describe(linears[-1].node)}) has a bias; "
+                      "GPT-2's has none")
+        tied = linears[-1].weight == wte or np.array_equal(head.T, flat["wte.weight"])
+        if not tied:
+            flat["lm_head.weight"] = np.ascontiguousarray(head.T)
+        self.check_all_claimed()
+        config = GPT2Config(
+            vocab_size=int(n_vocab), n_positions=int(self.inits[wpe].dims[0]), n_embd=int(n_embd),
+            n_layer=n_layer, n_head=n_head, n_inner=None if d_ff == 4 * n_embd else int(d_ff),
+            layer_norm_epsilon=float(np.format_float_scientific(np.float32(eps), unique=True)),
+            bos_token_id=50256 if n_vocab > 50256 else None, eos_token_id=50256 if n_vocab > 50256 else None,
+            tie_word_embeddings=bool(tied),
+        )
+        return config, nest_params(flat, n_layer)
+
+    def token_input(self) -> str:
+        name = self.token_input_name(self.graph)
+        if name is None:
+            self.fail("the graph has no integer input (token ids)")
+        return name
+
+    @staticmethod
+    def token_input_name(graph) -> str | None:
+        inits = {t.name for t in graph.initializer}
+        ints = [i.name for i in graph.input if i.name not in inits
+                and i.type.tensor_type.elem_type in (6, 7)]  # INT32, INT64
+        return "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
+
+    def embeddings(self, ids: str) -> tuple[str, str]:
+        """(wte, wpe): the float matrices gathered by the token ids, and by anything else."""
+        wte, wpe = set(), set()
+        for node in self.graph.node:
+            if node.op_type != "Gather" or _attr(node, "axis", 0) != 0:
+                continue
+            src = self.weight_source(node.input[0], floats_only=True)
+            if src is None or src[1] or len(self.inits[src[0]].dims) != 2:
+                continue
+            (wte if self.depends_on(node.input[1], ids) else wpe).add(src[0])
+        if len(wte) != 1:
+            self.fail(f"expected one token embedding (a float matrix Gather-ed by {ids!r}), found {len(wte)}")
+        if len(wpe - wte) != 1:
+            self.fail(f"expected one position embedding (a float matrix Gather-ed by positions), "
+                      f"found {len(wpe - wte)}")
+        (t,), (p,) = wte, wpe - wte
+        if self.inits[t].dims[1] != self.inits[p].dims[1]:
+            self.fail(f"token embedding {t!r} {list(self.inits[t].dims)} and position embedding {p!r} "
+                      f"{list(self.inits[p].dims)} differ in width")
+        return t, p
+
+    def layernorms(self, n_embd: int) -> list[tuple[str, str | None, float]]:
+        found = []
+        for node in self.graph.node:
+            if node.op_type != "LayerNormalization":
+                continue
+            if _attr(node, "axis", -1) not in (-1, 2):
+                self.fail(f"{self.describe(node)} normalises axis {_attr(node, 'axis', -1)}, not the last")
+            scale = self.weight_source(node.input[1])
+            bias = self.weight_source(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if scale is None or (len(node.input) > 2 and node.input[2] and bias is None):
+                self.fail(f"{self.describe(node)} takes its scale or bias from a computed value, "
+                          "not a weight")
+            found.append((scale[0], bias[0] if bias else None, float(_attr(node, "epsilon", 1e-5))))
+        return found
+
+    def norm_params(self, role: str, g: str, b: str | None, n_embd: int):
+        gain = self.array(g, f"{role}.weight")
+        bias = self.array(b, f"{role}.bias") if b else np.zeros(n_embd, np.float32)
+        for name, a in ((g, gain), (b, bias)):
+            if a.shape != (n_embd,):
+                self.fail(f"initializer {name!r} used as {role} has shape {list(a.shape)}, "
+                          f"expected [{n_embd}]")
+        return gain, bias
+
+    def linears(self) -> list[_Linear]:
+        found = []
+        for node in self.graph.node:
+            if node.op_type not in ("MatMul", "Gemm"):
+                continue
+            src = self.weight_source(node.input[1])
+            if src is None:
+                if any(self.weight_source(i) for i in node.input[:1]):
+                    self.fail(f"{self.describe(node)} multiplies a weight from the left")
+                continue
+            weight, transposed = src
+            bias = None
+            if node.op_type == "Gemm":
+                scaled = _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0
+                if _attr(node, "transA", 0) or scaled:
+                    self.fail(f"{self.describe(node)} scales or transposes its input (transA/alpha/beta)")
+                transposed ^= bool(_attr(node, "transB", 0))
+                if len(node.input) > 2 and node.input[2]:
+                    bias = self.bias_source(node, node.input[2])
+            else:
+                users = self.consumers.get(node.output[0], [])
+                if len(users) == 1 and users[0].op_type == "Add":
+                    other = [i for i in users[0].input if i != node.output[0]]
+                    src_b = self.weight_source(other[0]) if other else None
+                    if src_b is not None and not src_b[1] and len(self.inits[src_b[0]].dims) == 1:
+                        bias = src_b[0]
+            found.append(_Linear(node, weight, transposed, bias))
+        return found
+
+    def bias_source(self, node, name: str) -> str:
+        src = self.weight_source(name)
+        if src is None:
+            self.fail(f"{self.describe(node)} adds a computed value, not a bias weight")
+        return src[0]
+
+    def linear_params(self, lin: _Linear, role: str, n_in: int, n_out: int | None):
+        w = self.array(lin.weight, f"{role}.weight")
+        w = w.T if lin.transposed else w
+        if w.ndim != 2 or w.shape[0] != n_in or (n_out is not None and w.shape[1] != n_out):
+            want = f"[{n_in}, {n_out if n_out is not None else 'd_ff'}]"
+            self.fail(f"initializer {lin.weight!r} ({self.describe(lin.node)}) is used as {role} but "
+                      f"has shape {list(self.inits[lin.weight].dims)}"
+                      f"{' transposed' if lin.transposed else ''}; expected {want}")
+        n = w.shape[1]
+        b = self.array(lin.bias, f"{role}.bias").reshape(-1) if lin.bias else np.zeros(n, np.float32)
+        if b.shape != (n,):
+            self.fail(f"initializer {lin.bias!r} used as {role}.bias has {b.size} values, expected {n}")
+        return np.ascontiguousarray(w), b
+
+    def heads(self, n_embd: int, c_attn) -> int:
+        """n_head from the first reshape to [..., n_head, head_dim] after c_attn."""
+        nodes = list(self.graph.node)
+        start = next(i for i, n in enumerate(nodes) if n is c_attn)
+        for node in nodes[start:]:
+            if node.op_type != "Reshape":
+                continue
+            shape = self.constant(node.input[1])
+            if shape is not None and shape.size == 4 and shape[-1] > 0 and shape[-2] > 0 \
+                    and shape[-1] * shape[-2] == n_embd:
+                return int(shape[-2])
+        self.fail("cannot find the number of attention heads (no reshape to [batch, seq, n_head, head_dim])")
+
+    def check_counts(self, n_layer: int) -> None:
+        """One softmax and one tanh-GELU per layer: the attention and activation GPT-2 has."""
+        ops = Counter(n.op_type for n in self.graph.node)
+        if ops["Softmax"] != n_layer:
+            self.fail(f"{ops['Softmax']} Softmax nodes for {n_layer} layers; "
+                      "GPT-2 attention has one per layer")
+        gelus = [n for n in self.graph.node if n.op_type == "Gelu"]
+        for node in gelus:
+            if _attr(node, "approximate", b"none") not in (b"tanh", "tanh"):
+                self.fail(f"{self.describe(node)} is the erf GELU; GPT-2 uses the tanh approximation")
+        if ops["Tanh"] + len(gelus) != n_layer:
+            self.fail(f"{ops['Tanh']} Tanh and {len(gelus)} Gelu nodes for {n_layer} layers; "
+                      "GPT-2's MLP has one tanh-GELU per layer")
+
+    def check_all_claimed(self) -> None:
+        """Every float tensor with more than one value must be a weight we placed."""
+        for tensor in self.graph.initializer:
+            if tensor.name in self.claimed or tensor.data_type not in _FLOATS:
+                continue
+            if int(np.prod(tensor.dims, dtype=np.int64)) > 1:
+                users = self.consumers.get(tensor.name, [])
+                by = f", used by {self.describe(users[0])}" if users else ", unused"
+                self.fail(f"initializer {tensor.name!r} {list(tensor.dims)}{by} is not a GPT-2 weight "
+                          "opswitch recognises")
+        for node in self.graph.node:
+            if node.op_type == "Constant":
+                value = self.constant(node.output[0])
+                if value is not None and value.dtype.kind == "f" and value.size > 1:
+                    self.fail(f"{self.describe(node)} holds a float tensor {list(value.shape)} that is not "
+                              "a GPT-2 weight opswitch recognises")
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
