@@ -14,6 +14,7 @@ import pytest
 
 from opswitch.api import LanguageModel
 from opswitch.core.errors import GenerationError
+from opswitch.core.registry import get_registry
 from opswitch.generation.evaluate import evaluate, sliding_windows
 from opswitch.model.gpt2 import GPT2
 from opswitch.model.hub import DEMO_MODEL
@@ -149,7 +150,7 @@ def test_eval_prints_figures_and_json_agrees_with_the_api(tiny_model_dir, text_f
     r = opswitch("eval", "--model", tiny_model_dir, "--text", text_file, "--stride", "50", "--json")
     assert r.returncode == 0, r.stderr
     figures = json.loads(r.stdout)
-    lm = LanguageModel(GPT2(*load_gpt2(tiny_model_dir), figures["backend"]))
+    lm = LanguageModel(GPT2(*load_gpt2(tiny_model_dir), get_registry().backend(figures["backend"])))
     from opswitch.tokenizer import load_tokenizer
 
     ids = load_tokenizer(tiny_model_dir).encode(text_file.read_text())

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 import opswitch  # noqa: E402
 from opswitch.cli.main import main  # noqa: E402
+from opswitch.core.registry import get_registry  # noqa: E402
 from opswitch.model.gpt2 import GPT2  # noqa: E402
 from opswitch.model.weights import flatten_params, load_gpt2  # noqa: E402
 from opswitch.onnx import OnnxError  # noqa: E402
@@ -80,7 +81,7 @@ def _ids(batch: int, n: int) -> np.ndarray:
 
 
 def _ours(loaded, ids: np.ndarray) -> np.ndarray:
-    model = GPT2(*loaded, "naive")
+    model = GPT2(*loaded, get_registry().backend("naive"))
     return np.stack([model.forward(row) for row in ids]).astype(np.float64)
 
 
@@ -194,7 +195,8 @@ def test_untied_head_and_custom_mlp_width_round_trip(tmp_path):
         ["logits"], {"input_ids": ids[None], **{
             f"past_key_values.{i}.{k}": np.zeros((1, 3, 0, 8), np.float32)
             for i in range(3) for k in ("key", "value")}})
-    assert rel_err(logits[0], GPT2(config, params, "naive").forward(ids).astype(np.float64)) < LOGIT_RTOL
+    ours = GPT2(config, params, get_registry().backend("naive")).forward(ids).astype(np.float64)
+    assert rel_err(logits[0], ours) < LOGIT_RTOL
 
 
 def test_our_export_runs_on_every_backend(exported, hf, opswitch_backend):

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if len(ids) < 2:
         raise UsageError(f"{args.text} holds {len(ids)} token(s): scoring needs at least two")
     print(f"Model: {lm.source}", file=sys.stderr)
-    print(f"✓ Backend: {lm.model.selection_reason}", file=sys.stderr)
+    print(f"✓ Backend: {lm.selection_reason}", file=sys.stderr)
     bar = Bar("Scoring")
     started = time.perf_counter()
     try:

@@ -42,15 +42,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: name the file with the .onnx suffix")
     require_onnx()
     with Progress("Exporting") as progress:
-        if is_onnx_path(args.model):
-            from opswitch.onnx.importer import load_onnx
+        from opswitch.api import load_model
 
-            config, params = load_onnx(Path(args.model).expanduser())
-        else:
-            from opswitch.model.hub import resolve_model
-            from opswitch.model.weights import load_gpt2
-
-            config, params = load_gpt2(resolve_model(args.model, revision=args.revision))
+        lm = load_model(args.model, "naive", revision=args.revision)  # the one load path, no compute
+        config, params = lm.config, lm.model.host_params
         export_onnx(config, params, out, with_past=args.with_past,
                     external_data=True if args.external_data else None)
     size = out.stat().st_size + sum(p.stat().st_size for p in out.parent.glob(f"{out.name}.data"))
