@@ -111,7 +111,12 @@ def _check_same_job(directory: Path, manifest: dict[str, Any]) -> None:
         ) from None
     changed = sorted(k for k in manifest.keys() | before.keys() if manifest.get(k) != before.get(k))
     if changed:
+        what = ", ".join(_WORDS.get(k, k) for k in changed)
         raise BatchError(
-            f"cannot resume: {', '.join(changed)} differ from the interrupted job in {directory} "
+            f"cannot resume the job in {directory}: different {what} this time "
             "(use the same flags and input, or --overwrite to start again)"
         )
+
+
+_WORDS = {"generation": "generation settings", "input_sha256": "input content", "rows": "row count",
+          "kind": "kind of job", "field": "text field", "shard_size": "--shard-size", "input": "input file"}

@@ -16,9 +16,9 @@ from opswitch.batch.shards import atomic_write, dumps
 
 
 def errors_path(output: Path) -> Path:
-    """``out.jsonl`` -> ``out.errors.jsonl``: where bad rows are listed."""
-    stem = output.name.rsplit(".", 1)[0]
-    return output.with_name(f"{stem}.errors.jsonl")
+    """``out.jsonl`` -> ``out.jsonl.errors.jsonl``: where bad rows are listed (beside
+    ``out.jsonl.shards``: everything a job writes is named after its output)."""
+    return output.with_name(output.name + ".errors.jsonl")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
