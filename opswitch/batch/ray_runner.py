@@ -50,19 +50,34 @@ def import_ray():
 
 
 class RowsActor:
-    """A Ray actor: the model loaded once, then batches of ``index``/``text`` columns."""
+    """A Ray actor: the model loaded once, then batches of ``index``/``text`` columns.
+
+    A problem of the job (a model that will not load, a backend missing on
+    this node) is not raised here, where Ray would bury it in a remote
+    traceback, but returned as a ``fatal`` record that the driver raises as
+    one line.
+    """
 
     def __init__(self, task: Task) -> None:
         from opswitch.batch.local import load_lm
 
-        self.task = task
-        self.lm = load_lm(task)
+        self.task, self.lm, self.fatal = task, None, None
+        try:
+            self.lm = load_lm(task)
+        except OpswitchError as exc:
+            self.fatal = str(exc)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         items = list(zip(batch["index"].tolist(), batch["text"].tolist()))
-        records = run_rows(self.lm, self.task, items)
+        try:
+            if self.fatal is not None:
+                raise BatchError(self.fatal)
+            records = run_rows(self.lm, self.task, items)
+        except OpswitchError as exc:
+            self.fatal = str(exc)
+            records = [{"index": index, "fatal": self.fatal} for index, _ in items]
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
@@ -72,9 +87,9 @@ def connect(ray, address: str) -> None:
         return
     try:
         if address == "auto":  # RAY_ADDRESS, or a cluster started on this machine, or a new local one
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(include_dashboard=False, logging_level=logging.ERROR)
         else:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BatchError(f"cannot connect to Ray at {address!r}: {first}") from None
@@ -110,23 +125,9 @@ def run_ray(
         batch_size=batch_size,
         batch_format="numpy",
     )
-    try:
-        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-            on_records([json.loads(r) for r in batch["record"]])
-    except Exception as exc:
-        cause = _opswitch_cause(exc)
-        if cause is None:
-            raise
-        raise cause from None
-
-
-def _opswitch_cause(exc: BaseException | None) -> OpswitchError | None:
-    """The OpswitchError (a model that would not load, say) inside Ray's wrapped errors
-    (Ray re-raises it as a subclass carrying the remote traceback: skip those)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OpswitchError) and not type(exc).__module__.startswith("ray"):
-            return exc
-        seen.add(id(exc))
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
+    for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+        records = [json.loads(r) for r in batch["record"]]
+        for record in records:
+            if "fatal" in record:
+                raise BatchError(f"on a Ray actor: {record['fatal']}")
+        on_records(records)
