@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from opswitch.batch.errors import require_pyarrow
+from opswitch.batch.errors import BatchError, require_pyarrow
 from opswitch.batch.readers import data_format
 from opswitch.batch.shards import atomic_write, dumps
 
@@ -34,8 +34,13 @@ def write_output(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     import pyarrow.parquet as pq
 
     rows = list(rows)
-    # pa.array infers one struct type from every row, so a field only some rows have is kept.
-    table = pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
+    try:
+        # pa.array infers one struct type from every row, so a field only some rows have is kept.
+        table = pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise BatchError(
+            f"the rows do not fit one Parquet schema ({exc}); write JSON Lines instead (--output *.jsonl)"
+        ) from None
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
