@@ -1,4 +1,4 @@
-"""opswitch batch on Ray: a local Ray instance (one per test session), 2 actors,
+"""opswitch batch on Ray: a local Ray instance (one for the module), 2 actors,
 output byte for byte the local mode's."""
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_instance():
+    """One Ray instance for this module, shut down before the rest of the suite runs."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     # Ray's worker processes inherit this environment, so they import the same opswitch.
