@@ -15,6 +15,7 @@ import pytest
 import opswitch
 from opswitch.batch import (
     BatchError,
+    Job,
     JobSpec,
     MissingExtraError,
     Task,
@@ -22,6 +23,7 @@ from opswitch.batch import (
     row_seed,
     run_job,
 )
+from opswitch.batch.local import run_local
 from opswitch.cli.main import main
 
 PROMPTS = [
@@ -246,13 +248,23 @@ def test_resume_after_a_killed_job_gives_the_uninterrupted_output(tmp_path, caps
     assert not shards.exists()
 
 
+def test_an_interrupted_overwrite_can_be_resumed(tmp_path, lm):
+    inp, out = prompts_file(tmp_path, n=4), tmp_path / "o.jsonl"
+    out.write_text("an older output\n")
+    task = Task("generate", "prompt", generation=generation_settings(max_new_tokens=2, seed=1))
+    job = Job(JobSpec(task, inp, out, shard_size=2, overwrite=True))
+    run_local(lm, job.task, job.start()[:2], job.add)  # one shard, then a "crash"
+    assert out.read_text() == "an older output\n"  # replaced only by a finished job
+    summary = run_job(JobSpec(task, inp, out, shard_size=2, resume=True), lm=lm)
+    assert (summary.resumed, summary.ran) == (2, 2)
+    assert [r["id"] for r in read_jsonl(out)] == ["r0", "r1", "r2", "r3"]
+
+
 def test_resume_refuses_another_jobs_shards(tmp_path, capsys):
     inp = prompts_file(tmp_path, n=4)
     out = tmp_path / "o.jsonl"
     spec = JobSpec(Task("generate", "prompt", generation=generation_settings(max_new_tokens=2, seed=1)),
                    inp, out, shard_size=2)
-    from opswitch.batch import Job
-
     Job(spec).start()  # a job that stopped before any shard was complete
     assert main(cli_args(inp, out, "--resume")) == 2
     err = capsys.readouterr().err

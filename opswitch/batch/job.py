@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,7 +84,7 @@ class Job:
         """Open the shards (a fresh set, or the interrupted job's), file the bad rows
         found while reading, and return the ``(index, text)`` rows still to run."""
         if self.spec.overwrite and self.shard_dir.exists():
-            ShardStore(self.shard_dir, 0, 1).remove()
+            shutil.rmtree(self.shard_dir)
         self.store = ShardStore.open(self.shard_dir, self.manifest, resume=self.spec.resume)
         self._started = time.perf_counter()
         pending = [row for row in self.rows if not self.store.is_done(row.index)]
@@ -193,7 +194,8 @@ def _check_output(job: Job) -> None:
         raise BatchError("the output file is the input file: give another --output")
     if spec.overwrite:
         return
-    if spec.output.exists():
+    if spec.output.exists() and not (spec.resume and job.shard_dir.exists()):
+        # (with shards, the output is an older one that an interrupted --overwrite job will replace)
         more = " (the job already finished)" if spec.resume else ""
         raise BatchError(f"{spec.output} exists{more}: pass --overwrite to replace it")
     if job.errors_file.exists() and not job.shard_dir.exists():
