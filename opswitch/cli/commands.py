@@ -2,6 +2,7 @@
 
 from opswitch.cli import (
     backends_cmd,
+    batch_cmd,
     bench_cmd,
     download_cmd,
     eval_cmd,
@@ -13,3 +14,4 @@ from opswitch.cli import (
 
 REGISTRARS = [generate_cmd.register, download_cmd.register, backends_cmd.register, bench_cmd.register]
 REGISTRARS += [eval_cmd.register, export_cmd.register, inspect_cmd.register, serve_cmd.register]
+REGISTRARS += [batch_cmd.register]

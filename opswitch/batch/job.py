@@ -1,0 +1,225 @@
+"""A batch job from start to finish: check everything, run the missing rows, assemble.
+
+The order matters to the user: every flag, the input file and the output
+location are checked (``Job(spec)``) before a model is loaded or a worker
+started, so a mistake costs a second, not a model load; then the shards
+(``start``), the rows (``add``, from either runner), and the final files
+(``finish``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from opswitch.batch.errors import BatchError, require_pyarrow
+from opswitch.batch.readers import Row, data_format, read_rows
+from opswitch.batch.shards import MANIFEST, ShardStore
+from opswitch.batch.work import Task, model_ref
+from opswitch.batch.writers import errors_path, write_jsonl, write_output
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run on which file, and how to treat what is already there."""
+
+    task: Task
+    input: Path
+    output: Path
+    shard_size: int = 100
+    batch_size: int = 8
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Summary:
+    rows: int  # in the input
+    resumed: int  # already in complete shards when this run started
+    ran: int  # rows this run gave the model
+    errors: int  # bad rows in the errors file, over the whole job
+    seconds: float
+    output: Path
+    errors_file: Path
+
+
+class Job:
+    """A checked job; construct it before loading anything."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.output, self.errors_file = spec.output, errors_path(spec.output)
+        self.shard_dir = spec.output.with_name(spec.output.name + ".shards")
+        _check_flags(spec)
+        _check_output(self)
+        self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns)
+        task = replace(spec.task, model=model_ref(spec.task.model))
+        self.task = _with_seed(task, self.shard_dir if spec.resume else None)
+        self.manifest = {
+            "version": FORMAT_VERSION,
+            "kind": self.task.kind,
+            "field": self.task.field,
+            "model": self.task.model,
+            "backend": self.task.backend,
+            "generation": dict(self.task.generation),
+            "input": str(spec.input.resolve()),
+            "input_sha256": _sha256(spec.input),
+            "rows": len(self.rows),
+            "shard_size": spec.shard_size,
+        }
+        self.store: ShardStore | None = None
+        self.resumed = 0  # rows in complete shards at start()
+        self.pending = 0  # rows for the model at start()
+
+    def start(self) -> list[tuple[int, str]]:
+        """Open the shards (a fresh set, or the interrupted job's), file the bad rows
+        found while reading, and return the ``(index, text)`` rows still to run."""
+        if self.spec.overwrite and self.shard_dir.exists():
+            shutil.rmtree(self.shard_dir)
+        self.store = ShardStore.open(self.shard_dir, self.manifest, resume=self.spec.resume)
+        self._started = time.perf_counter()
+        pending = [row for row in self.rows if not self.store.is_done(row.index)]
+        self.resumed = len(self.rows) - len(pending)
+        for row in pending:
+            if row.error is not None:
+                self.store.add({"index": row.index, "error": row.error})
+        items = [(row.index, row.text) for row in pending if row.error is None]
+        self.pending = len(items)
+        return items
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        """Take the runner's records (``{"index", "result" | "error"}``) into the shards."""
+        assert self.store is not None, "start() first"
+        for record in records:
+            self.store.add(record)
+
+    def finish(self) -> Summary:
+        """Write the output (in input order) and the errors file from the shards, then drop them."""
+        assert self.store is not None and self.store.finished, "every shard must be complete"
+        rows, errors = [], []
+        for record in self.store.records():
+            i = record["index"]
+            if "error" in record:
+                errors.append({"index": i, "id": self.rows[i].id, "reason": record["error"]})
+            else:
+                rows.append({**self.rows[i].fields, "index": i, **record["result"]})
+        write_jsonl(self.errors_file, errors)
+        write_output(self.output, rows)  # last: an existing output is a finished job
+        self.store.remove()
+        return Summary(
+            rows=len(self.rows), resumed=self.resumed, ran=self.pending, errors=len(errors),
+            seconds=time.perf_counter() - self._started, output=self.output, errors_file=self.errors_file,
+        )
+
+
+class Report:
+    """What a job tells its caller as it goes (the CLI prints it; the default is silence)."""
+
+    def checked(self, job: Job) -> None:
+        """Flags, input and output checked; the input read."""
+
+    def loading(self, task: Task) -> contextlib.AbstractContextManager:
+        """Around loading the model in this process (local mode)."""
+        return contextlib.nullcontext()
+
+    def loaded(self, lm) -> None:
+        """The model is loaded (local mode)."""
+
+    def running(self, job: Job, n_rows: int) -> None:
+        """``n_rows`` rows are about to run (the rest were done before or are bad)."""
+
+    def done_rows(self, n: int) -> None:
+        """``n`` more rows are finished."""
+
+
+def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> Summary:
+    """Run a whole job: locally (on ``lm`` if given, else the task's model, loaded
+    once), or on Ray when ``ray`` (a ``RayOptions``) is given."""
+    from opswitch.batch.local import load_lm, run_local
+
+    report = report or Report()
+    if ray is not None:
+        from opswitch.batch.ray_runner import import_ray, run_ray
+
+        ray.validate()
+        import_ray()
+    job = Job(spec)
+    report.checked(job)
+    if ray is None and lm is None:
+        with report.loading(job.task):
+            lm = load_lm(job.task)
+        report.loaded(lm)
+    items = job.start()
+    report.running(job, len(items))
+
+    def sink(records: list[dict[str, Any]]) -> None:
+        job.add(records)
+        report.done_rows(len(records))
+
+    if ray is not None:
+        run_ray(job.task, items, sink, ray, spec.batch_size)
+    else:
+        run_local(lm, job.task, items, sink, spec.batch_size)
+    return job.finish()
+
+
+def _check_flags(spec: JobSpec) -> None:
+    if spec.shard_size < 1:
+        raise BatchError(f"--shard-size must be at least 1, got {spec.shard_size}")
+    if spec.batch_size < 1:
+        raise BatchError(f"--batch-size must be at least 1, got {spec.batch_size}")
+    if not spec.task.field:
+        raise BatchError("the text field's name is empty")
+    if spec.resume and spec.overwrite:
+        raise BatchError("--resume and --overwrite contradict each other: pick one")
+    data_format(spec.input, "the input file")
+    if data_format(spec.output, "the output file") == "parquet":
+        require_pyarrow("writing Parquet")
+
+
+def _check_output(job: Job) -> None:
+    spec = job.spec
+    if not spec.output.parent.is_dir():
+        raise BatchError(f"the output's folder {spec.output.parent} does not exist")
+    if spec.input.exists() and spec.output.exists() and spec.input.samefile(spec.output):
+        raise BatchError("the output file is the input file: give another --output")
+    if spec.overwrite:
+        return
+    if spec.output.exists() and not (spec.resume and job.shard_dir.exists()):
+        # (with shards, the output is an older one that an interrupted --overwrite job will replace)
+        more = " (the job already finished)" if spec.resume else ""
+        raise BatchError(f"{spec.output} exists{more}: pass --overwrite to replace it")
+    if job.errors_file.exists() and not job.shard_dir.exists():
+        raise BatchError(f"{job.errors_file} exists: pass --overwrite to replace it")
+
+
+def _with_seed(task: Task, shard_dir: Path | None) -> Task:
+    """Generation needs a job seed: the one given, the interrupted job's, or a fresh one."""
+    if task.kind != "generate" or task.generation.get("seed") is not None:
+        return task
+    seed = None
+    if shard_dir is not None and (shard_dir / MANIFEST).exists():
+        try:
+            seed = json.loads((shard_dir / MANIFEST).read_text(encoding="utf-8"))["generation"]["seed"]
+        except (OSError, ValueError, KeyError, TypeError):
+            seed = None
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    return replace(task, generation={**task.generation, "seed": seed})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,110 @@
+"""Read a dataset (JSON Lines or Parquet) into numbered rows, sorting out bad ones.
+
+Every row gets its 0-based index in the input, which fixes its place in the
+output and its seed.  A row that cannot be used (invalid JSON, not an
+object, the text field missing or not text) is kept with the reason, so the
+job reports it in the errors file instead of stopping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opswitch.batch.errors import BatchError, require_pyarrow
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input row: its fields and the text to run, or why it cannot run."""
+
+    index: int
+    fields: dict[str, Any] | None
+    text: str | None = None
+    error: str | None = None
+
+    @property
+    def id(self) -> Any:
+        """The row's own ``id`` field when it has one (for the errors file)."""
+        return self.fields.get("id") if self.fields else None
+
+
+def data_format(path: Path, role: str) -> str:
+    """``"jsonl"`` or ``"parquet"``, from the file name."""
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    raise BatchError(
+        f"{role} {path} must end in .jsonl, .ndjson (JSON Lines) or .parquet, to say its format"
+    )
+
+
+def read_rows(path: Path, field: str, reserved: frozenset[str] = frozenset()) -> list[Row]:
+    """All rows of ``path``; ``field`` names the text, ``reserved`` the output's own columns."""
+    if not path.is_file():
+        missing = f"input file {path} does not exist"
+        raise BatchError(missing if not path.exists() else f"input {path} is not a file")
+    if data_format(path, "the input file") == "parquet":
+        records = _read_parquet(path)
+    else:
+        records = _read_jsonl(path)
+    return [_row(i, record, field, reserved) for i, record in enumerate(records)]
+
+
+def _read_jsonl(path: Path) -> list[dict | str]:
+    """Parsed objects, or an error string for a line that is not valid JSON.
+    Blank lines are not rows. Lines split on "\\n" only: U+2028 may sit inside a string."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BatchError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+    records: list[dict | str] = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            records.append(f"line {number} is not valid UTF-8")
+        except json.JSONDecodeError as exc:
+            records.append(f"line {number} is not valid JSON: {exc.msg} at column {exc.colno}")
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    require_pyarrow("reading Parquet")
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow's errors have no common base worth naming
+        raise BatchError(f"cannot read Parquet file {path}: {exc}") from None
+
+
+def _row(index: int, record: Any, field: str, reserved: frozenset[str]) -> Row:
+    if isinstance(record, str):  # a JSONL line that did not parse
+        return Row(index, None, error=record)
+    if not isinstance(record, dict):
+        return Row(index, None, error=f"the row is a JSON {type(record).__name__}, not an object")
+    clash = sorted(reserved & record.keys())
+    if clash:
+        return Row(index, record, error=f"field {clash[0]!r} would be overwritten by the output: rename it")
+    if field not in record:
+        return Row(index, record, error=f"no {field!r} field")
+    text = record[field]
+    if not isinstance(text, str):
+        return Row(index, record, error=f"field {field!r} is {type(text).__name__}, not text")
+    if not text:
+        return Row(index, record, error=f"field {field!r} is empty")
+    try:
+        json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return Row(index, record, error="the row holds a lone surrogate (\\ud800-\\udfff), not valid Unicode")
+    return Row(index, record, text=text)

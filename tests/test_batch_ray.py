@@ -1,0 +1,110 @@
+"""opswitch batch on Ray: a local Ray instance (one for the module), 2 actors,
+output byte for byte the local mode's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import opswitch
+from opswitch.batch import Job, JobSpec, RayOptions, Task, generation_settings, run_job
+from opswitch.batch.local import run_local
+from opswitch.cli.main import main
+
+pytestmark = pytest.mark.ray
+
+ROWS = [
+    {"id": 0, "prompt": "It is a truth universally acknowledged"},
+    {"id": 1, "prompt": "Mr. Darcy"},
+    {"id": 2, "text": "no prompt"},
+    {"id": 3, "prompt": "Elizabeth could not help"},
+    {"id": 4, "prompt": "The ball at Netherfield"},
+    {"id": 5, "prompt": "She had never seen"},
+    {"id": 6, "prompt": "In the morning"},
+    {"id": 7, "prompt": "“Oh! my dear,”"},
+]
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One Ray instance for this module, shut down before the rest of the suite runs."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    # Ray's worker processes inherit this environment, so they import the same opswitch.
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return opswitch.load_model(None)
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + "not json\n")
+    return path
+
+
+def one_blas_thread():
+    """What Ray gives an actor with one CPU (OMP_NUM_THREADS=1).  OpenBLAS's sums
+    depend on its thread count, in the last bits, so the local reference runs alike."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def both(tmp_path: Path, task: Task, inp: Path, lm) -> tuple[Path, Path]:
+    local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    with one_blas_thread():
+        run_job(JobSpec(task, inp, local, shard_size=3, batch_size=2), lm=lm)
+    run_job(JobSpec(task, inp, on_ray, shard_size=3, batch_size=2), ray=RayOptions(actors=2))
+    return local, on_ray
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_generate_on_ray_is_byte_identical_to_local(ray_instance, tmp_path, lm, prompts, temperature):
+    task = Task("generate", "prompt", generation=generation_settings(
+        max_new_tokens=10, temperature=temperature, seed=3))
+    local, on_ray = both(tmp_path, task, prompts, lm)
+    assert on_ray.read_bytes() == local.read_bytes()
+    assert Path(f"{on_ray}.errors.jsonl").read_bytes() == Path(f"{local}.errors.jsonl").read_bytes()
+    assert len(local.read_text().splitlines()) == 7
+
+
+def test_eval_on_ray_is_byte_identical_to_local(ray_instance, tmp_path, lm):
+    inp = tmp_path / "texts.jsonl"
+    inp.write_text("".join(json.dumps({"text": r.get("prompt", "a")}) + "\n" for r in ROWS))
+    local, on_ray = both(tmp_path, Task("eval", "text"), inp, lm)
+    assert on_ray.read_bytes() == local.read_bytes()
+
+
+def test_cli_ray_auto_finishes_a_job_started_locally(ray_instance, tmp_path, lm, prompts, capsys):
+    """Shards do not care who wrote them: a job stopped locally can be resumed on Ray."""
+    args = ["batch", "generate", "--input", str(prompts), "--max-tokens", "6", "--seed", "9",
+            "--shard-size", "2", "--quiet"]
+    reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
+    task = Task("generate", "prompt", generation=generation_settings(max_new_tokens=6, seed=9))
+    job = Job(JobSpec(task, prompts, out, shard_size=2))
+    with one_blas_thread():
+        assert main([*args, "--output", str(reference)]) == 0
+        run_local(lm, job.task, job.start()[:2], job.add)  # rows 0 and 1, then a "crash"
+    assert main([*args[:-1], "--output", str(out), "--resume", "--ray", "auto", "--actors", "2"]) == 0
+    err = capsys.readouterr().err
+    # rows 0-1 and the last shard (row 8, invalid JSON, filed at the start) were complete
+    assert "Resuming: 3 rows in complete shards are done, 5 to go" in err
+    assert "Running 5 rows on Ray (2 actors, 1 CPU each)" in err
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_a_model_that_does_not_load_on_the_actors_is_one_line(ray_instance, tmp_path, prompts, capsys):
+    code = main(["batch", "eval", "--model", str(tmp_path / "no-model"), "--input", str(prompts),
+                 "--output", str(tmp_path / "o.jsonl"), "--ray", "auto"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == f"opswitch: error: on a Ray actor: no such model directory: {tmp_path / 'no-model'} " \
+        "(check the path)"
