@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from opswitch.batch.errors import BatchError
+from opswitch.core.errors import TextTooLongError
 
 GENERATE_COLUMNS = frozenset(
     {"index", "completion", "completion_ids", "stop_reason", "prompt_tokens", "seed", "settings"}
@@ -88,9 +89,9 @@ def check_model(lm, task: Task) -> None:
 def generate_rows(
     lm, prompts: Sequence[list[int]], seeds: Sequence[int], settings: Mapping[str, Any]
 ) -> list:
-    """Generate for several prompts: the one place to switch to a batched call
-    (``lm.generate_batch``) when it exists; one row at a time until then."""
-    return [lm.generate_ids(ids, **{**settings, "seed": seed}) for ids, seed in zip(prompts, seeds)]
+    """Generate for several prompts in one batched loop (``lm.generate_batch``): each
+    row's ids are those of generating it alone with its own seed."""
+    return lm.generate_batch(list(prompts), [{**settings, "seed": seed} for seed in seeds])
 
 
 def run_rows(lm, task: Task, items: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
@@ -99,7 +100,12 @@ def run_rows(lm, task: Task, items: Sequence[tuple[int, str]]) -> list[dict[str,
     out: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, list[int]]] = []
     for index, text in items:
-        ids = lm.encode(text)
+        try:  # bounded work for a huge row: stop once it cannot fit the context
+            ids = lm.tokenizer.encode(text, max_tokens=n_ctx)
+        except TextTooLongError:
+            out[index] = {"index": index,
+                          "error": f"the text is more than {n_ctx} tokens but the model's context is {n_ctx}"}
+            continue
         minimum = 1 if task.kind == "generate" else 2
         if len(ids) > n_ctx:
             out[index] = {"index": index, "error": f"the text is {len(ids)} tokens but the model's context "
