@@ -24,6 +24,13 @@ def perturbed_hf_model(seed: int = 0, **shape):
                 p.normal_(0.0, 0.2)
             elif ".ln_" in name or "ln_f" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        if not model.config.tie_word_embeddings:  # an lm_head of its own, unlike the embedding
+            model.lm_head.weight.normal_(0.0, 0.1)
+            assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+        if model.config.layer_norm_epsilon < 1e-5:  # small-variance rows, where epsilon matters
+            model.transformer.h[0].mlp.c_proj.weight.mul_(1e-3)
+            model.transformer.wpe.weight.mul_(1e-3)
+            model.transformer.wte.weight.mul_(1e-3)
     return model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hf_models import perturbed_hf_model
 from support import require
 
 torch = require("torch")
@@ -38,30 +39,10 @@ LOGIT_RTOL = 2e-5
 N_GREEDY = 64
 
 
-def _perturbed_hf_model(shape: dict, seed: int):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(**shape, initializer_range=0.1)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.2)
-            elif ".ln_" in name or "ln_f" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-        if not config.tie_word_embeddings:
-            model.lm_head.weight.normal_(0.0, 0.1)
-            assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
-        if config.layer_norm_epsilon < 1e-5:  # small-variance rows, where epsilon matters
-            model.transformer.h[0].mlp.c_proj.weight.mul_(1e-3)
-            model.transformer.wpe.weight.mul_(1e-3)
-            model.transformer.wte.weight.mul_(1e-3)
-    return model
-
-
 @pytest.fixture(scope="module", params=list(SHAPES))
 def hf_model_dir(request, tmp_path_factory):
     """An HF model saved with safe_serialization=True, and the model itself."""
-    model = _perturbed_hf_model(SHAPES[request.param], seed=len(request.param))
+    model = perturbed_hf_model(seed=len(request.param), **SHAPES[request.param])
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory, safe_serialization=True)
     return directory, model

@@ -11,6 +11,9 @@ import json
 import sys
 import time
 
+from opswitch.cli.model_args import add_model_arguments
+from opswitch.core.files import not_a_file
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,16 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "context's length, one every --stride tokens, each scoring only the tokens not scored before "
         "(Hugging Face's method for fixed-length models).",
     )
-    p.add_argument("--model", metavar="PATH_OR_NAME",
-                   help="model directory, .onnx file or Hugging Face id; default: the demo model")
-    p.add_argument("--revision", metavar="REV", help="hub revision (branch, tag or commit) to pin")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer files (default: the model's own)")
+    add_model_arguments(p)
     p.add_argument("--text", metavar="FILE", required=True, help="UTF-8 text file to score; '-' reads stdin")
     p.add_argument("--stride", type=int, metavar="N",
                    help="tokens between window starts (default: the context, i.e. disjoint windows)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
-    p.add_argument("--backend", metavar="NAME[,NAME...]",
-                   help="auto, naive, blas, opencl or a plugin's name (default: $OPSWITCH_BACKEND or auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=run)
 
@@ -40,6 +38,11 @@ def read_text(path: str) -> str:
 
     if path == "-":
         return sys.stdin.read()
+    problem = not_a_file(path)
+    if problem == "missing":
+        raise UsageError(f"no such text file: {path}")
+    if problem:
+        raise UsageError(f"{path} is {problem}, not a text file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_text(args.text)
     with Progress("Loading model"):
         lm = opswitch.load_model(args.model, backend=args.backend, tokenizer=args.tokenizer,
-                                 revision=args.revision)
+                                 weights=args.weights, revision=args.revision)
     if lm.tokenizer is None:
         raise UsageError(f"{args.model} carries no tokenizer (ONNX files never do): pass --tokenizer PATH")
     context = lm.config.n_positions

@@ -11,9 +11,9 @@ import random
 import sys
 from pathlib import Path
 
+from opswitch.cli.model_args import add_model_arguments
 from opswitch.cli.session import Console, generate_once, model_summary, show_settings
 from opswitch.core.errors import GenerationError
-from opswitch.core.formats import FORMATS
 from opswitch.generation import GenerationConfig
 from opswitch.generation.loop import EMPTY_PROMPT
 
@@ -25,10 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Generate text with a GPT-2-family model. Without --model, the small demo "
         "model shipped with opswitch is used.",
     )
-    p.add_argument("--model", metavar="PATH_OR_NAME",
-                   help="model directory or Hugging Face id (gpt2, org/name); default: the demo model")
-    p.add_argument("--revision", metavar="REV", help="hub revision (branch, tag or commit) to pin")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer files (default: the model's own)")
+    add_model_arguments(p)
     p.add_argument("--prompt", metavar="TEXT",
                    help="prompt text; '-' reads stdin (also the default when piped)")
     p.add_argument("--interactive", "-i", action="store_true", help="interactive prompt loop (REPL)")
@@ -41,21 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-token", type=int, metavar="ID",
                    help="stop at this token id; -1 = never (default: <|endoftext|>)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--backend", metavar="SPEC[,SPEC...]",
-                   help=f"auto, or NAME[:DEVICE][:DTYPE] with NAME one of {backend_names()}"
-                   " (e.g. opencl:1, naive:float64); a comma list tries in order"
-                   " (default: $OPSWITCH_BACKEND or auto)")
-    p.add_argument("--weights", default="f32", choices=FORMATS,
-                   help="storage format of the weight matrices on the backend (default f32)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
     p.set_defaults(run=run)
-
-
-def backend_names() -> str:
-    """The registered backends, for --help (what is installed, not what we wish were)."""
-    from opswitch.core.registry import get_registry
-
-    return ", ".join(get_registry().names()) or "none"
 
 
 def settings_from(args: argparse.Namespace) -> GenerationConfig:

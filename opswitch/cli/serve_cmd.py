@@ -11,8 +11,8 @@ import ipaddress
 import socket
 import sys
 
+from opswitch.cli.model_args import add_model_arguments
 from opswitch.core.errors import OpswitchError
-from opswitch.core.formats import FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serve a GPT-2-family model at /v1/completions (OpenAI's API), with continuous"
         " batching: concurrent requests share each forward pass.",
     )
-    p.add_argument("--model", metavar="PATH_OR_NAME",
-                   help="model directory or Hugging Face id (default: the demo model)")
-    p.add_argument("--backend", metavar="SPEC[,SPEC...]",
-                   help="backend spec (default: $OPSWITCH_BACKEND or auto)")
-    p.add_argument("--weights", default="f32", choices=FORMATS, help="weight storage format (default f32)")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
@@ -91,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     from opswitch.serve.app import create_app
 
     console = Console(quiet=False)
-    args.tokenizer, args.revision = None, None
     lm, summary = load(args)
     for line in summary:
         console.info(line)
