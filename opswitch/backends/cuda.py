@@ -816,6 +816,19 @@ class CudaBackend(Backend):
     def concat_rows(self, parts):  # list of [n_i, n] -> [sum n_i, n]
         return self._call("concat_rows", self._concat_rows, (parts,))
 
+    def cross_entropy(self, logits, targets):  # [n, n_vocab], int [n] -> [1]
+        """Summed -log softmax at the targets, reduced on the device in float64 (CuPy's
+        reductions): one number comes back instead of ``[n, n_vocab]`` logits.  Not part
+        of a decode step, so never captured in a graph."""
+        cp = self._cp
+        with self._scope, self._stream:
+            x = logits.astype(cp.float64)
+            top = x.max(axis=-1, keepdims=True)
+            lse = top[:, 0] + cp.log(cp.exp(x - top).sum(axis=-1))
+            t = cp.asarray(check_ids(targets, logits.shape[1]))
+            picked = x[cp.arange(t.size), t]
+            return (lse - picked).sum().reshape(1).astype(cp.float32)
+
     # -- impls: host work first (checks, arena slots), then `launch` the kernels ---
     def _contiguous(self, x: Any) -> Any:
         """``x``, or a C-ordered copy from our allocator (a graph's pool while capturing)."""
