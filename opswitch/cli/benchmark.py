@@ -200,18 +200,26 @@ def op_shapes(n_embd: int, d_ff: int, vocab: int, prefill: int) -> list[tuple[st
     return shapes
 
 
+def _copies(m: int, nbytes: int) -> int:
+    """How many copies of a weight to cycle through: for a GEMV (decode) enough to
+    pass 4× the last-level cache, so it is read from DRAM as in a model; one for GEMM."""
+    return 1 if m > 1 else max(1, -(-4 * l3_bytes() // nbytes))
+
+
 def bench_op_ours(backend, ops, label, m, k, n, transpose_b, repeats, quiet: Quiet) -> Row:
     rng = np.random.default_rng(0)
     x = backend.to_device(rng.standard_normal((m, k), dtype=np.float32))
     w_host = rng.standard_normal((n, k) if transpose_b else (k, n), dtype=np.float32)
-    w = backend.to_device(w_host)
+    ws = [backend.to_device(w_host.copy()) for _ in range(_copies(m, w_host.nbytes))]
     b = backend.to_device(rng.standard_normal(n, dtype=np.float32))
-    if transpose_b:
-        def call():
-            return ops.matmul(x, w, transpose_b=True)
-    else:
-        def call():
-            return ops.linear(x, w, b)
+    turn = [0]
+
+    def call():
+        turn[0] = (turn[0] + 1) % len(ws)
+        if transpose_b:
+            return ops.matmul(x, ws[turn[0]], transpose_b=True)
+        return ops.linear(x, ws[turn[0]], b)
+
     return _bench_call(label, backend.name, call, backend.synchronize, m, k, n, repeats, quiet)
 
 
@@ -221,13 +229,16 @@ def bench_op_torch(label, m, k, n, transpose_b, repeats, quiet: Quiet) -> Row:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen)
     w = torch.randn(n, k, generator=gen)  # torch's Linear layout: [out, in]
+    ws = [w.clone() for _ in range(_copies(m, w.numel() * 4))]
     b = torch.randn(n, generator=gen)
-    if transpose_b:
-        def call():
-            return x @ w.T
-    else:
-        def call():
-            return torch.nn.functional.linear(x, w, b)
+    turn = [0]
+
+    def call():
+        turn[0] = (turn[0] + 1) % len(ws)
+        if transpose_b:
+            return x @ ws[turn[0]].T
+        return torch.nn.functional.linear(x, ws[turn[0]], b)
+
     with torch.inference_mode():
         return _bench_call(label, "torch", call, lambda: None, m, k, n, repeats, quiet)
 
