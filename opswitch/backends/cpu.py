@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 from opswitch.backends.blas import ENV_THREADS, BlasBackend
 from opswitch.core import Backend, Probe, formats, hookimpl
 
+SERIAL_MAX = 1 << 15  # elements below which an elementwise kernel or attention runs on one thread
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
 
@@ -70,17 +72,19 @@ class CpuBackend(BlasBackend):
         base = super()._probe_impl()
         if not base.available:
             return base
+        wanted = os.environ.get(ENV_THREADS)
+        if wanted and "numba" not in sys.modules:
+            # numba's thread count is fixed when it starts its pool (set_num_threads
+            # would only apply to the calling thread, and probes may run in another)
+            os.environ["NUMBA_NUM_THREADS"] = str(max(1, int(wanted)))
         try:
             import numba
 
             from opswitch.backends import cpu_kernels
         except ImportError as exc:
             return Probe.missing(f"{exc.name} is not installed: pip install 'opswitch[jit]'")
-        wanted = os.environ.get(ENV_THREADS)
-        if wanted:
-            numba.set_num_threads(max(1, min(int(wanted), numba.config.NUMBA_NUM_THREADS)))
         self._k = cpu_kernels
-        self._threads = numba.get_num_threads()
+        self._threads = numba.config.NUMBA_NUM_THREADS
         return Probe.ok(f"{base.device}; numba {numba.__version__}, {self._threads} threads")
 
     # -- weights ---------------------------------------------------------------
@@ -178,13 +182,14 @@ class CpuBackend(BlasBackend):
     def layernorm(self, x, g, b, eps=1e-5):
         x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         out = np.empty_like(x2)
-        self._k.layernorm(x2, np.ascontiguousarray(g), np.ascontiguousarray(b), np.float32(eps), out)
+        kernel = self._k.layernorm_serial if x2.size < SERIAL_MAX else self._k.layernorm
+        kernel(x2, np.ascontiguousarray(g), np.ascontiguousarray(b), np.float32(eps), out)
         return out.reshape(x.shape)
 
     def gelu(self, x):
         x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
         out = np.empty_like(x2)
-        self._k.gelu(x2, out)
+        (self._k.gelu_serial if x2.size < SERIAL_MAX else self._k.gelu)(x2, out)
         return out.reshape(x.shape)
 
     def attention(self, qkv, n_head, k_cache, v_cache, start, out=None):
@@ -197,8 +202,9 @@ class CpuBackend(BlasBackend):
         if out is None:
             out = np.empty((1, n_embd), dtype=np.float32)
         q = np.ascontiguousarray(qkv[0, :n_embd]).reshape(n_head, d)
-        self._k.decode_attention(q, k_cache, v_cache, start + 1, np.float32(1.0 / math.sqrt(d)),
-                                 out.reshape(n_head, d))
+        k = self._k
+        kernel = k.decode_attention_serial if (start + 1) * n_embd < SERIAL_MAX * 4 else k.decode_attention
+        kernel(q, k_cache, v_cache, start + 1, np.float32(1.0 / math.sqrt(d)), out.reshape(n_head, d))
         return out
 
     def _softmax_rows(self, scores, start):

@@ -165,31 +165,55 @@ def _tanh(x):
     return p / q
 
 
+@njit(fastmath=True, inline="always")
+def _gelu_row(x, out, r):
+    c = np.float32(0.7978845608028654)
+    for i in range(x.shape[1]):
+        v = x[r, i]
+        inner = c * (v + np.float32(0.044715) * v * v * v)
+        out[r, i] = np.float32(0.5) * v * (np.float32(1.0) + _tanh(inner))
+
+
+@njit(fastmath=True, inline="always")
+def _layernorm_row(x, g, b, eps, out, r):  # two reads and one write of the row
+    n = x.shape[1]
+    mean = np.float32(0.0)
+    for i in range(n):
+        mean += x[r, i]
+    mean /= n
+    var = np.float32(0.0)
+    for i in range(n):
+        d = x[r, i] - mean
+        var += d * d
+    inv = np.float32(1.0) / np.sqrt(var / n + eps)
+    for i in range(n):
+        out[r, i] = (x[r, i] - mean) * inv * g[i] + b[i]
+
+
+# Each has a parallel and a serial form: waking a thread pool costs ~20 µs on an idle
+# machine (and a scheduler slice on a busy one), more than a decode step's row takes.
 @njit(parallel=True, fastmath=True, cache=True)
 def gelu(x, out):  # [n_rows, n] -> [n_rows, n], tanh approximation in one pass
-    c = np.float32(0.7978845608028654)
     for r in prange(x.shape[0]):
-        for i in range(x.shape[1]):
-            v = x[r, i]
-            inner = c * (v + np.float32(0.044715) * v * v * v)
-            out[r, i] = np.float32(0.5) * v * (np.float32(1.0) + _tanh(inner))
+        _gelu_row(x, out, r)
+
+
+@njit(fastmath=True, cache=True)
+def gelu_serial(x, out):
+    for r in range(x.shape[0]):
+        _gelu_row(x, out, r)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def layernorm(x, g, b, eps, out):  # [n_rows, n] -> [n_rows, n]: two reads, one write per row
-    n = x.shape[1]
+def layernorm(x, g, b, eps, out):  # [n_rows, n] -> [n_rows, n]
     for r in prange(x.shape[0]):
-        mean = np.float32(0.0)
-        for i in range(n):
-            mean += x[r, i]
-        mean /= n
-        var = np.float32(0.0)
-        for i in range(n):
-            d = x[r, i] - mean
-            var += d * d
-        inv = np.float32(1.0) / np.sqrt(var / n + eps)
-        for i in range(n):
-            out[r, i] = (x[r, i] - mean) * inv * g[i] + b[i]
+        _layernorm_row(x, g, b, eps, out, r)
+
+
+@njit(fastmath=True, cache=True)
+def layernorm_serial(x, g, b, eps, out):
+    for r in range(x.shape[0]):
+        _layernorm_row(x, g, b, eps, out, r)
 
 
 @njit(fastmath=True, inline="always")
@@ -229,31 +253,42 @@ def causal_softmax(scores, start):  # [n_q, n_k] in place; query i sees keys 0 .
             scores[i, j] = 0.0
 
 
+@njit(fastmath=True, inline="always")
+def _attend_head(q, k_cache, v_cache, end, scale, out, h):
+    d = q.shape[1]
+    s = np.empty(end, dtype=np.float32)
+    m = np.float32(-np.inf)
+    for t in range(end):
+        acc = np.float32(0.0)
+        for c in range(d):
+            acc += q[h, c] * k_cache[h, t, c]
+        acc *= scale
+        s[t] = acc
+        m = max(m, acc)
+    total = np.float32(0.0)
+    for t in range(end):
+        e = _exp(s[t] - m)
+        s[t] = e
+        total += e
+    o = np.zeros(d, dtype=np.float32)  # local: the compiler keeps it out of memory
+    for t in range(end):
+        p = s[t]
+        for c in range(d):
+            o[c] += p * v_cache[h, t, c]
+    inv = np.float32(1.0) / total
+    for c in range(d):
+        out[h, c] = o[c] * inv
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def decode_attention(q, k_cache, v_cache, end, scale, out):
     """One query per head over the cache: q [n_head, d], caches [n_head, cap, d],
     rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
-    n_head, d = q.shape
-    for h in prange(n_head):
-        s = np.empty(end, dtype=np.float32)
-        m = np.float32(-np.inf)
-        for t in range(end):
-            acc = np.float32(0.0)
-            for c in range(d):
-                acc += q[h, c] * k_cache[h, t, c]
-            acc *= scale
-            s[t] = acc
-            m = max(m, acc)
-        total = np.float32(0.0)
-        for t in range(end):
-            e = _exp(s[t] - m)
-            s[t] = e
-            total += e
-        o = np.zeros(d, dtype=np.float32)  # local: the compiler keeps it out of memory
-        for t in range(end):
-            p = s[t]
-            for c in range(d):
-                o[c] += p * v_cache[h, t, c]
-        inv = np.float32(1.0) / total
-        for c in range(d):
-            out[h, c] = o[c] * inv
+    for h in prange(q.shape[0]):
+        _attend_head(q, k_cache, v_cache, end, scale, out, h)
+
+
+@njit(fastmath=True, cache=True)
+def decode_attention_serial(q, k_cache, v_cache, end, scale, out):
+    for h in range(q.shape[0]):
+        _attend_head(q, k_cache, v_cache, end, scale, out, h)
