@@ -59,7 +59,7 @@ class Packed:
 
 class CpuBackend(BlasBackend):
     name = "cpu"
-    priority = 60
+    priority = 45
     description = "blas + numba: fused dequantising GEMV for f16/bf16/int8, one thread pool in decode"
     dtypes = ("float32",)
     weight_formats = formats.FORMATS

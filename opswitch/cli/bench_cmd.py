@@ -114,10 +114,11 @@ def run(args: argparse.Namespace) -> int:
     formats = _formats(args.weights)
     backends = _backends(args.backend)
     config, params = _load(args)
-    longest = max(args.prompt_tokens, args.late, args.prefill) + args.new_tokens
-    if longest > config.n_positions:
-        raise OpswitchError(f"--late/--prefill/--prompt-tokens + new tokens exceed the context "
-                            f"of {config.n_positions}")
+    if args.prompt_tokens + args.new_tokens > config.n_positions:
+        raise OpswitchError(f"--prompt-tokens + --new-tokens exceed the context of {config.n_positions}")
+    # late decode and prefill follow a small model's context rather than fail on it
+    args.late = min(args.late, config.n_positions - args.new_tokens)
+    args.prefill = min(args.prefill, config.n_positions)
     threads = int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count() or 1))
     no_torch = "skipped (--no-reference)" if args.no_reference else _torch_available()
     if no_torch is None:

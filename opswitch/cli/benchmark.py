@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,6 +299,9 @@ def measure_bandwidth(quiet: Quiet, repeats: int, mbytes: int = 256) -> Bandwidt
     a = np.ones(n, dtype=np.float32)
     b, c = np.ones(n // 2, dtype=np.float32), np.ones(n // 2, dtype=np.float32)
     dst = np.empty(n // 2, dtype=np.float32)
+    wanted = os.environ.get("OPSWITCH_NUM_THREADS")
+    if wanted and "numba" not in sys.modules:  # the limit on the threads the engines get
+        os.environ["NUMBA_NUM_THREADS"] = wanted
     try:
         from opswitch.cli import bench_kernels as k
 
