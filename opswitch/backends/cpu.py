@@ -10,7 +10,10 @@ What it adds to ``blas``, each for a measured reason (``opswitch bench``):
   reads 2 or 1 bytes per weight instead of 4.  Prefill dequantises one
   matrix at a time into a scratch buffer and runs sgemm (the widening is
   negligible beside a GEMM with hundreds of rows).
-* layernorm and GELU in one pass each (GELU with a vectorisable tanh).
+* layernorm and GELU in one pass each (GELU with a vectorisable tanh), and a
+  causal softmax touching only the visible keys, on the calling thread: in
+  prefill OpenBLAS's pool owns the cores, and a second pool beside it was
+  measured to make prefill 1.8x slower.
 
 Every format computes with exactly the values ``opswitch.core.formats.decode``
 gives (the reference ``naive`` uses), accumulating in float32.
@@ -30,7 +33,7 @@ import numpy as np
 from opswitch.backends.blas import ENV_THREADS, BlasBackend
 from opswitch.core import Backend, Probe, formats, hookimpl
 
-SERIAL_MAX = 1 << 15  # elements below which an elementwise kernel or attention runs on one thread
+SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this runs on one thread
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
 
@@ -182,14 +185,13 @@ class CpuBackend(BlasBackend):
     def layernorm(self, x, g, b, eps=1e-5):
         x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         out = np.empty_like(x2)
-        kernel = self._k.layernorm_serial if x2.size < SERIAL_MAX else self._k.layernorm
-        kernel(x2, np.ascontiguousarray(g), np.ascontiguousarray(b), np.float32(eps), out)
+        self._k.layernorm(x2, np.ascontiguousarray(g), np.ascontiguousarray(b), np.float32(eps), out)
         return out.reshape(x.shape)
 
     def gelu(self, x):
         x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
         out = np.empty_like(x2)
-        (self._k.gelu_serial if x2.size < SERIAL_MAX else self._k.gelu)(x2, out)
+        self._k.gelu(x2, out)
         return out.reshape(x.shape)
 
     def attention(self, qkv, n_head, k_cache, v_cache, start, out=None):

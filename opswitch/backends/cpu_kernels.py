@@ -120,25 +120,25 @@ def gemv_cols_f32(w, x, partial):  # f32 [n_in, n_out], [n_in] -> partial [n_par
             i += 1
 
 
-# -- dequantisation (prefill: widen once, then one sgemm) -----------------------------
-@njit(parallel=True, fastmath=True, cache=True)
+# -- dequantisation (prefill: widen once, then one sgemm; serial, as OpenBLAS runs) ---
+@njit(fastmath=True, cache=True)
 def dequant_int8(w, scale, out):  # int8 [n, k], f32 [n] -> f32 [n, k]
-    for o in prange(w.shape[0]):
+    for o in range(w.shape[0]):
         s = scale[o]
         for i in range(w.shape[1]):
             out[o, i] = np.float32(w[o, i]) * s
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def dequant_bf16(w, out):
-    for o in prange(w.shape[0]):
+    for o in range(w.shape[0]):
         for i in range(w.shape[1]):
             out[o, i] = _bf16(w[o, i])
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def dequant_f16(w, out):
-    for o in prange(w.shape[0]):
+    for o in range(w.shape[0]):
         for i in range(w.shape[1]):
             out[o, i] = _f16_scaled(w[o, i]) * F16_SCALE
 
@@ -190,28 +190,17 @@ def _layernorm_row(x, g, b, eps, out, r):  # two reads and one write of the row
         out[r, i] = (x[r, i] - mean) * inv * g[i] + b[i]
 
 
-# Each has a parallel and a serial form: waking a thread pool costs ~20 µs on an idle
-# machine (and a scheduler slice on a busy one), more than a decode step's row takes.
-@njit(parallel=True, fastmath=True, cache=True)
-def gelu(x, out):  # [n_rows, n] -> [n_rows, n], tanh approximation in one pass
-    for r in prange(x.shape[0]):
-        _gelu_row(x, out, r)
-
-
+# Elementwise ops run on the calling thread: in decode a row is shorter than the
+# ~20 µs it takes to wake a pool, and in prefill OpenBLAS's pool owns the cores
+# (numba's pool spinning beside it made a 512-token prefill 1.8x slower, measured).
 @njit(fastmath=True, cache=True)
-def gelu_serial(x, out):
+def gelu(x, out):  # [n_rows, n] -> [n_rows, n], tanh approximation in one pass
     for r in range(x.shape[0]):
         _gelu_row(x, out, r)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def layernorm(x, g, b, eps, out):  # [n_rows, n] -> [n_rows, n]
-    for r in prange(x.shape[0]):
-        _layernorm_row(x, g, b, eps, out, r)
-
-
 @njit(fastmath=True, cache=True)
-def layernorm_serial(x, g, b, eps, out):
+def layernorm(x, g, b, eps, out):  # [n_rows, n] -> [n_rows, n]
     for r in range(x.shape[0]):
         _layernorm_row(x, g, b, eps, out, r)
 
@@ -233,10 +222,10 @@ def _exp(x):
     return p * _as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def causal_softmax(scores, start):  # [n_q, n_k] in place; query i sees keys 0 .. start + i
     n_q, n_k = scores.shape
-    for i in prange(n_q):
+    for i in range(n_q):
         last = min(n_k, start + i + 1)
         m = scores[i, 0]
         for j in range(1, last):

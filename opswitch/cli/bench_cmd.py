@@ -246,7 +246,7 @@ def _profiles(args, config, params, backends, formats) -> None:
     prompt = [1 + t % (config.vocab_size - 1) for t in range(args.prefill)]
     for label, backend, fmt in _engines(backends, formats):
         model = GPT2(config, params, backend, weights=fmt)
-        profile_model(model, prompt[:8], 2)  # warm-up: compile, allocate
+        profile_model(model, prompt, 2)  # warm-up: compile (every kernel the run uses), allocate
         prefill, decode, sampling = profile_model(model, prompt)
         print(f"\nprofile: {label} (fallback ops marked *)")
         for prof in (prefill, decode):

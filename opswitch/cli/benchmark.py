@@ -306,7 +306,7 @@ def measure_bandwidth(quiet: Quiet, repeats: int, mbytes: int = 256) -> Bandwidt
         from opswitch.cli import bench_kernels as k
 
         threads, how = k.num_threads(), "numba"
-        read, triad = (lambda: k.read(a, 8 * threads)), (lambda: k.triad(dst, b, c, np.float32(3.0)))
+        read, triad = (lambda: k.read(a, threads)), (lambda: k.triad(dst, b, c, np.float32(3.0)))
     except ImportError:
         threads, how = 1, "numpy (1 thread: pip install 'opswitch[jit]' for all cores)"
         read = a.sum
