@@ -186,7 +186,7 @@ def test_bench_runs_side_by_side_with_torch(tiny_model_dir):
                  "--prompt-tokens", "4", "--new-tokens", "3", "--ops", "--idle-wait", "0")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "decode, tokens/s" in out and "torch (HF transformers)" in out and "x torch" in out
+    assert "decode after 4 tokens, tok/s" in out and "torch (HF transformers)" in out and "x torch" in out
     assert "ops, GFLOP/s" in out and "decode lm_head 1x16x50257" in out and "interference:" in out
     r = opswitch("bench", "--backend", "warp", "--no-reference")
     assert r.returncode == 2 and "unknown backend 'warp'" in r.stderr

@@ -48,7 +48,8 @@ class BlasBackend(Backend):
         if wanted:
             threadpool_limits(limits=int(wanted), user_api="blas")
         libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        ours = [i for i in libs if "scipy" in i.get("filepath", "")]  # numpy may load its own
+        # numpy loads its own OpenBLAS (numpy.libs/libscipy_openblas64_...): report scipy's
+        ours = [i for i in libs if any(d in i.get("filepath", "") for d in ("scipy.libs", "/scipy/"))]
         lib = (ours or libs or [{}])[0]
         self.threads = lib.get("num_threads")
         name = f"{lib.get('internal_api', 'BLAS')} {lib.get('version') or ''}".strip()
@@ -109,23 +110,49 @@ class BlasBackend(Backend):
         return e
 
     def attention(self, qkv, n_head, k_cache, v_cache, start, out=None):
-        """[n_new, 3*n_embd] -> [n_new, n_embd]; caches [n_head, capacity, d], written at start.."""
+        """[n_new, 3*n_embd] -> [n_new, n_embd]; caches [n_head, capacity, d], written at start..
+
+        Every product goes through scipy's BLAS, one head at a time (a head's keys
+        are a contiguous [n_kv, d] matrix in the cache, read in place): numpy's
+        ``matmul`` would call numpy's own OpenBLAS, a second thread pool spinning
+        on the same cores as scipy's.
+        """
         n_new, n_embd = qkv.shape[0], qkv.shape[1] // 3
         d, end = n_embd // n_head, start + n_new
         heads = lambda t: t.reshape(n_new, n_head, d).transpose(1, 0, 2)  # noqa: E731
         k_cache[:, start:end] = heads(qkv[:, n_embd : 2 * n_embd])
         v_cache[:, start:end] = heads(qkv[:, 2 * n_embd :])
-        scores = np.matmul(heads(qkv[:, :n_embd]), k_cache[:, :end].transpose(0, 2, 1))  # [h, n_new, end]
-        scores *= 1.0 / math.sqrt(d)
-        if n_new > 1:  # query i (position start + i) sees keys 0 .. start + i
-            scores[:, np.triu(np.ones((n_new, end), bool), k=start + 1)] = -np.inf
+        if out is None:
+            out = np.empty((n_new, n_embd), dtype=self.dtype)
+        scale = 1.0 / math.sqrt(d)
+        if n_new == 1:  # decode: two GEMVs per head over the cache, one softmax for all heads
+            q = qkv[0, :n_embd].reshape(n_head, d)
+            scores = np.empty((n_head, end), dtype=self.dtype)
+            for h in range(n_head):  # C [end, d] keys = Fortran [d, end]: trans gives keys @ q
+                self._gemv(scale, k_cache[h, :end].T, q[h], trans=1, y=scores[h], overwrite_y=1)
+            self._softmax_rows(scores, None)
+            o = out.reshape(n_head, d)
+            for h in range(n_head):
+                o[h] = self._gemv(1.0, v_cache[h, :end].T, scores[h])
+            return out
+        for h in range(n_head):
+            cols = slice(h * d, (h + 1) * d)
+            keys, values = k_cache[h, :end], v_cache[h, :end]  # [end, d], contiguous
+            # scores [n_new, end] in C order is the Fortran keys·qᵀ [end, n_new]
+            scores = self._gemm(scale, keys.T, qkv[:, cols].T, trans_a=1).T
+            self._softmax_rows(scores, start)
+            out[:, cols] = self._gemm(1.0, values.T, scores.T).T  # Fortran vᵀ·pᵀ [d, n_new]
+        return out
+
+    def _softmax_rows(self, scores, start):
+        """Softmax in place over the rows of [n_q, n_k]; with a ``start``, causal:
+        query i sees keys 0 .. start + i."""
+        n_q, n_k = scores.shape
+        if start is not None and n_q > 1:
+            scores[np.triu(np.ones((n_q, n_k), bool), k=start + 1)] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
-        if out is None:
-            out = np.empty((n_new, n_embd), dtype=self.dtype)
-        np.matmul(scores, v_cache[:, :end], out=out.reshape(n_new, n_head, d).transpose(1, 0, 2))
-        return out
 
     def attention_batch(self, qkv, n_head, caches, starts, counts):
         out = np.empty((qkv.shape[0], qkv.shape[1] // 3), dtype=self.dtype)

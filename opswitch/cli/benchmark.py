@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,18 +201,26 @@ def op_shapes(n_embd: int, d_ff: int, vocab: int, prefill: int) -> list[tuple[st
     return shapes
 
 
+def _copies(m: int, nbytes: int) -> int:
+    """How many copies of a weight to cycle through: for a GEMV (decode) enough to
+    pass 4× the last-level cache, so it is read from DRAM as in a model; one for GEMM."""
+    return 1 if m > 1 else max(1, -(-4 * l3_bytes() // nbytes))
+
+
 def bench_op_ours(backend, ops, label, m, k, n, transpose_b, repeats, quiet: Quiet) -> Row:
     rng = np.random.default_rng(0)
     x = backend.to_device(rng.standard_normal((m, k), dtype=np.float32))
     w_host = rng.standard_normal((n, k) if transpose_b else (k, n), dtype=np.float32)
-    w = backend.to_device(w_host)
+    ws = [backend.to_device(w_host.copy()) for _ in range(_copies(m, w_host.nbytes))]
     b = backend.to_device(rng.standard_normal(n, dtype=np.float32))
-    if transpose_b:
-        def call():
-            return ops.matmul(x, w, transpose_b=True)
-    else:
-        def call():
-            return ops.linear(x, w, b)
+    turn = [0]
+
+    def call():
+        turn[0] = (turn[0] + 1) % len(ws)
+        if transpose_b:
+            return ops.matmul(x, ws[turn[0]], transpose_b=True)
+        return ops.linear(x, ws[turn[0]], b)
+
     return _bench_call(label, backend.name, call, backend.synchronize, m, k, n, repeats, quiet)
 
 
@@ -221,13 +230,16 @@ def bench_op_torch(label, m, k, n, transpose_b, repeats, quiet: Quiet) -> Row:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen)
     w = torch.randn(n, k, generator=gen)  # torch's Linear layout: [out, in]
+    ws = [w.clone() for _ in range(_copies(m, w.numel() * 4))]
     b = torch.randn(n, generator=gen)
-    if transpose_b:
-        def call():
-            return x @ w.T
-    else:
-        def call():
-            return torch.nn.functional.linear(x, w, b)
+    turn = [0]
+
+    def call():
+        turn[0] = (turn[0] + 1) % len(ws)
+        if transpose_b:
+            return x @ ws[turn[0]].T
+        return torch.nn.functional.linear(x, ws[turn[0]], b)
+
     with torch.inference_mode():
         return _bench_call(label, "torch", call, lambda: None, m, k, n, repeats, quiet)
 
@@ -255,3 +267,304 @@ def _once(call, sync) -> float:
     call()
     sync()
     return time.perf_counter() - start
+
+
+# -- the physical limit: memory bandwidth ------------------------------------------
+@dataclass
+class Bandwidth:
+    """DRAM bandwidth measured now: a parallel read of a large array and a STREAM triad."""
+
+    read: float  # bytes/s
+    triad: float  # bytes/s, counting the three arrays as STREAM does
+    threads: int
+    how: str
+
+
+def l3_bytes() -> int:
+    """The last-level cache size (so benchmarks can go past it), 32 MiB if unknown."""
+    for index in (3, 2):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+            return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
+        except (OSError, ValueError, KeyError):
+            continue
+    return 32 << 20
+
+
+def measure_bandwidth(quiet: Quiet, repeats: int, mbytes: int = 256) -> Bandwidth:
+    """Read and triad over arrays 8× the last-level cache (at least ``mbytes``): DRAM,
+    on all of numba's threads when numba is installed, else numpy on one thread."""
+    n = (mbytes << 20 if mbytes < 64 else max(mbytes << 20, 8 * l3_bytes())) // 4
+    a = np.ones(n, dtype=np.float32)
+    b, c = np.ones(n // 2, dtype=np.float32), np.ones(n // 2, dtype=np.float32)
+    dst = np.empty(n // 2, dtype=np.float32)
+    wanted = os.environ.get("OPSWITCH_NUM_THREADS")
+    if wanted and "numba" not in sys.modules:  # the limit on the threads the engines get
+        os.environ["NUMBA_NUM_THREADS"] = wanted
+    try:
+        from opswitch.cli import bench_kernels as k
+
+        threads, how = k.num_threads(), "numba"
+        read, triad = (lambda: k.read(a, threads)), (lambda: k.triad(dst, b, c, np.float32(3.0)))
+    except ImportError:
+        threads, how = 1, "numpy (1 thread: pip install 'opswitch[jit]' for all cores)"
+        read = a.sum
+
+        def triad() -> None:
+            np.multiply(c, np.float32(3.0), out=dst)
+            np.add(dst, b, out=dst)
+
+    read(), triad()  # warm-up: page faults, compilation
+    t_read = statistics.median(quiet.measure(timed(read)) for _ in range(repeats))
+    t_triad = statistics.median(quiet.measure(timed(triad)) for _ in range(repeats))
+    return Bandwidth(a.nbytes / t_read, 3 * dst.nbytes / t_triad, threads, how)
+
+
+def weight_bytes_per_token(config, fmt: str) -> int:
+    """Bytes of weights one decode step reads in storage format ``fmt``: every matrix
+    (the tied embedding once, as the lm_head) plus the float32 vectors."""
+    per = {"f32": 4, "f16": 2, "bf16": 2, "int8": 1}[fmt]
+    e, f, v, n_layer = config.n_embd, config.d_ff, config.vocab_size, config.n_layer
+    matrices = n_layer * (e * 3 * e + e * e + e * f + f * e) + v * e
+    vectors = n_layer * (3 * e + e + f + e + 4 * e) + 2 * e
+    scales = (n_layer * (3 * e + e + f + e) + v) * 4 if fmt == "int8" else 0
+    return matrices * per + vectors * 4 + scales
+
+
+def kv_bytes_read(config, position: int) -> int:
+    """Bytes of KV cache one decode step at ``position`` reads (float32 keys and values)."""
+    return 2 * config.n_layer * config.n_embd * position * 4
+
+
+# -- decode, prefill, late decode -------------------------------------------------------
+def decode_rate(model, prompt: list[int], new_tokens: int, repeats: int, quiet: Quiet) -> Row:
+    """Greedy decode tokens/s after ``prompt``, the engine alone (argmax, no sampling).
+
+    The prompt is prefilled once; each repeat rewinds the cache to the prompt's
+    end and decodes ``new_tokens`` (so decode late in the context costs no prefill)."""
+    row = Row("decode", model.backend.name, unit="tok/s")
+    cache = model.new_cache(len(prompt) + new_tokens)
+    first = int(np.argmax(model.next_logits(prompt, cache)))
+
+    def one() -> float:
+        cache.length, token = len(prompt), first
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(np.argmax(model.next_logits([token], cache)))
+        return new_tokens / (time.perf_counter() - start)
+
+    one()  # warm-up
+    for _ in range(repeats):
+        row.samples.append(quiet.measure(one))
+    return row
+
+
+def prefill_time(model, prompt: list[int], repeats: int, quiet: Quiet) -> Row:
+    """Seconds to process ``prompt`` and produce the first token's logits."""
+    row = Row("prefill", model.backend.name, unit="s")
+
+    def one() -> float:
+        cache = model.new_cache(len(prompt))
+        start = time.perf_counter()
+        model.next_logits(prompt, cache)
+        return time.perf_counter() - start
+
+    one()
+    for _ in range(repeats):
+        row.samples.append(quiet.measure(one))
+    return row
+
+
+def hf_model(config):
+    """HF ``GPT2LMHeadModel`` of ``config``'s shape, random weights, eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner,
+        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1,
+    )
+    return transformers.GPT2LMHeadModel(hf_config).eval()
+
+
+def torch_decode_rate(model, prompt: list[int], new_tokens: int, repeats: int, quiet: Quiet) -> Row:
+    """HF + torch greedy decode with ``past_key_values``, as ``generate`` does it; the
+    prompt's cache is computed once and cropped back to it before each repeat."""
+    import torch
+
+    row = Row("decode", "torch", unit="tok/s")
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        past, first = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+        def one() -> float:
+            extra = past.get_seq_length() - len(prompt)
+            if extra:
+                past.crop(-extra)  # transformers 5 crops by a negative count
+            token, cache = first, past
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                result = model(token, past_key_values=cache, use_cache=True)
+                cache, token = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+            return new_tokens / (time.perf_counter() - start)
+
+        one()
+        for _ in range(repeats):
+            row.samples.append(quiet.measure(one))
+    return row
+
+
+def torch_prefill_time(model, prompt: list[int], repeats: int, quiet: Quiet) -> Row:
+    import torch
+
+    row = Row("prefill", "torch", unit="s")
+    ids = torch.tensor([prompt])
+
+    def one() -> float:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(ids, use_cache=True).logits[:, -1].argmax(-1)
+            return time.perf_counter() - start
+
+    one()
+    for _ in range(repeats):
+        row.samples.append(quiet.measure(one))
+    return row
+
+
+# -- per-op profile ---------------------------------------------------------------------
+@dataclass
+class Profile:
+    """Wall time per op over some calls, and the step time they add up to."""
+
+    what: str
+    per_op: dict[str, list[float]] = field(default_factory=dict)
+    total: float = 0.0
+    calls: int = 1
+
+
+def profile_model(model, prompt: list[int], decode_steps: int = 8) -> tuple[Profile, Profile, float]:
+    """Per-op wall time of a prefill of ``prompt`` and of ``decode_steps`` decode steps
+    (averaged), by wrapping the bound op table; and sampling's time per step
+    (top-k 40, top-p 0.9 over the real vocabulary), for its share."""
+    from opswitch.core.ops import OP_NAMES
+    from opswitch.generation import GenerationConfig
+    from opswitch.generation.sampling import sample_next
+
+    ops, sync = model.ops, model.backend.synchronize
+    current: list[Profile] = []
+    depth = [0]
+    originals = {name: getattr(ops, name) for name in OP_NAMES}
+
+    def wrap(name, fn):
+        def run(*args, **kwargs):
+            if depth[0]:
+                return fn(*args, **kwargs)  # nested (per-sequence attention): counted by the outer op
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+                sync()
+            finally:
+                depth[0] -= 1
+            current[0].per_op.setdefault(name, []).append(time.perf_counter() - start)
+            return out
+
+        return run
+
+    for name, fn in originals.items():
+        setattr(ops, name, wrap(name, fn))
+    try:
+        prefill = Profile(f"prefill of {len(prompt)} tokens")
+        decode = Profile("decode step", calls=decode_steps)
+        cache = model.new_cache(len(prompt) + decode_steps + 1)
+        current[:] = [prefill]
+        start = time.perf_counter()
+        logits = model.next_logits(prompt, cache)
+        prefill.total = time.perf_counter() - start
+        current[:] = [decode]
+        token = int(np.argmax(logits))
+        start = time.perf_counter()
+        for _ in range(decode_steps):
+            logits = model.next_logits([token], cache)
+            token = int(np.argmax(logits))
+        decode.total = time.perf_counter() - start
+    finally:
+        for name, fn in originals.items():
+            setattr(ops, name, fn)
+    config = GenerationConfig(temperature=0.8, top_k=40, top_p=0.9)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(20):
+        sample_next(logits, config, rng)
+    return prefill, decode, (time.perf_counter() - start) / 20
+
+
+# -- load time and peak memory, in a fresh process -------------------------------------
+_LOAD_SCRIPT = """
+import json, sys, time
+def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's, kept over exec)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+engine, path, fmt, backend = sys.argv[1:5]
+if engine == "torch":
+    import torch, transformers
+    torch.set_num_threads(int(sys.argv[5]))
+else:
+    import opswitch
+    from opswitch.core.registry import get_registry
+    get_registry().select(backend)  # probe and import the backend's libraries before the clock
+base = hwm()
+start = time.perf_counter()
+if engine == "torch":
+    with torch.inference_mode():
+        model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+        loaded = time.perf_counter()
+        model(torch.tensor([[1, 2, 3]])).logits[0, -1].argmax()
+else:
+    lm = opswitch.load_model(path, backend=backend, weights=fmt)
+    loaded = time.perf_counter()
+    lm.model.forward([1, 2, 3])
+end = time.perf_counter()
+peak = hwm()
+print(json.dumps({"load": loaded - start, "first": end - start, "peak": peak, "base": base}))
+"""
+
+
+def load_and_first_token(engine: str, path: str, fmt: str = "f32", backend: str = "",
+                         threads: int = 1) -> dict:
+    """Load time, load + first token, and peak RSS (total, and the libraries' baseline
+    before loading) of a saved model directory, measured in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, engine, path, fmt, backend, str(threads)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr else "failed")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# -- tokenizer throughput ---------------------------------------------------------------
+def real_text(path: str | None, mbytes: float = 4.0) -> tuple[str, str]:
+    """A few MB of real text: ``path``, else the Python standard library's own source
+    (English docstrings and code, present on every machine, the same for one Python)."""
+    import sysconfig
+    from pathlib import Path
+
+    if path:
+        return Path(path).read_text(encoding="utf-8", errors="replace"), path
+    parts, size = [], 0
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = file.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        size += len(text.encode())
+        if size >= mbytes * 1e6:
+            break
+    return "".join(parts), "the Python standard library's *.py files"

@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "opswitch"
 BUILTIN_PLUGINS = (
     "opswitch.backends.naive",
     "opswitch.backends.blas",
+    "opswitch.backends.cpu",
     "opswitch.backends.opencl",
     "opswitch.backends.cuda",
 )

