@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import require
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = require("torch")
+require("transformers")
 
-from test_parity import LOGIT_RTOL, SHAPES, _perturbed_hf_model, _prompt  # noqa: E402
+from hf_models import perturbed_hf_model  # noqa: E402
+from test_parity import LOGIT_RTOL, SHAPES, _prompt  # noqa: E402
 
 from opswitch.api import LanguageModel  # noqa: E402
 from opswitch.core import formats  # noqa: E402
@@ -45,7 +47,7 @@ AMPLIFICATION = 8.0
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def hf_case(request, tmp_path_factory):
-    model = _perturbed_hf_model(SHAPES[request.param], seed=len(request.param))
+    model = perturbed_hf_model(seed=len(request.param), **SHAPES[request.param])
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory, safe_serialization=True)
     ids = _prompt(model.config.vocab_size, 11)
