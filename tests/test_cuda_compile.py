@@ -35,12 +35,15 @@ def compile_ptx(name: str, arch: str) -> tuple[bool, str, str]:
         options = [o.encode() for o in (*cuda.compile_options(name), f"--gpu-architecture={arch}")]
         (err,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
         size = _check(nvrtc.nvrtcGetProgramLogSize(program))
-        log = b" " * size
+        # a fresh, writable buffer: NVRTC writes into it, and ``b" " * 1`` would be
+        # CPython's shared one-byte b" " object (a size-1 empty log would turn every
+        # b" " in the process into b"\x00")
+        log = bytearray(size)
         _check(nvrtc.nvrtcGetProgramLog(program, log))
         ptx = b""
         if err == nvrtc.nvrtcResult.NVRTC_SUCCESS:
             size = _check(nvrtc.nvrtcGetPTXSize(program))
-            ptx = b" " * size
+            ptx = bytearray(size)
             _check(nvrtc.nvrtcGetPTX(program, ptx))
         ok = err == nvrtc.nvrtcResult.NVRTC_SUCCESS
         return ok, log.decode(errors="replace").strip(" \x00\n"), ptx.decode(errors="replace")
