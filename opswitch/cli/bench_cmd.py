@@ -194,40 +194,27 @@ def _engines(backends, formats):
 
 
 def _model_tables(args, config, params, backends, formats, bw, no_torch, quiet) -> list:
-    from opswitch.cli.benchmark import (
-        decode_rate,
-        hf_model,
-        kv_bytes_read,
-        prefill_time,
-        torch_decode_rate,
-        torch_prefill_time,
-        weight_bytes_per_token,
-    )
-    from opswitch.model.gpt2 import GPT2
+    """Each engine in its own process (torch's, numba's and OpenBLAS's pools never share
+    one, which halved some rates when they did); the same weights in each."""
+    from opswitch.cli.benchmark import Row, kv_bytes_read, run_engine, weight_bytes_per_token
 
-    longest = max(args.prompt_tokens, args.late, args.prefill)
-    prompt = [1 + t % (config.vocab_size - 1) for t in range(longest)]
-    early, late, pre = prompt[: args.prompt_tokens], prompt[: args.late], prompt[: args.prefill]
+    model_spec = "tiny" if args.quick else (args.model or f"shape:{args.shape}")
+    engines = [] if no_torch else [("torch", "torch", "", "f32")]
+    engines += [(label, "ours", b.spec, fmt) for label, b, fmt in _engines(backends, formats)]
     results: dict[str, dict] = {}
-    if not no_torch:
-        hf = hf_model(config)
-        results["torch"] = {
-            "fmt": "f32", "early": torch_decode_rate(hf, early, args.new_tokens, args.repeats, quiet),
-            "late": torch_decode_rate(hf, late, args.new_tokens, args.repeats, quiet) if args.late else None,
-            "prefill": torch_prefill_time(hf, pre, args.repeats, quiet),
-        }
-        del hf
-    for label, backend, fmt in _engines(backends, formats):
-        model = GPT2(config, params, backend, weights=fmt)
-        results[label] = {
-            "fmt": fmt, "early": decode_rate(model, early, args.new_tokens, args.repeats, quiet),
-            "late": decode_rate(model, late, args.new_tokens, args.repeats, quiet) if args.late else None,
-            "prefill": prefill_time(model, pre, args.repeats, quiet),
-        }
-        for r in results[label].values():
-            if hasattr(r, "impl"):
-                r.impl = label
-        del model
+    for label, engine, spec, fmt in engines:
+        r = run_engine(engine, model_spec, spec, fmt, args.repeats, args.prompt_tokens, args.late,
+                       args.prefill, args.new_tokens, args.idle_wait)
+        if "error" in r:
+            print(f"  {_name(label)}: failed: {r['error']}")
+            continue
+        quiet.report.disturbed += r["interference"][0]
+        quiet.report.repeats += r["interference"][1]
+        results[label] = {"fmt": fmt}
+        for what, unit in (("early", "tok/s"), ("late", "tok/s"), ("prefill", "s")):
+            if what in r:
+                results[label][what] = Row(what, label, r[what]["samples"], unit=unit)
+        results[label].setdefault("late", None)
 
     def limit(fmt: str, position: int) -> float:
         return bw.read / (weight_bytes_per_token(config, fmt) + kv_bytes_read(config, position))
@@ -303,12 +290,12 @@ def _op_table(args, config, backends, no_torch, quiet) -> list:
 
     shapes = op_shapes(config.n_embd, config.d_ff, config.vocab_size, args.prefill)
     rows = []
-    for label, m, k, n, tb in shapes:
-        if not no_torch:
-            rows.append(bench_op_torch(label, m, k, n, tb, args.repeats, quiet))
-        for backend in backends:
-            ops = get_registry().bind(backend)
+    for backend in backends:  # ours first: torch's thread pool, once started, spins beside ours
+        ops = get_registry().bind(backend)
+        for label, m, k, n, tb in shapes:
             rows.append(bench_op_ours(backend, ops, label, m, k, n, tb, args.repeats, quiet))
+    for label, m, k, n, tb in [] if no_torch else shapes:
+        rows.append(bench_op_torch(label, m, k, n, tb, args.repeats, quiet))
     impls = list(dict.fromkeys(r.impl for r in rows))
     print("\nops, GFLOP/s; for decode (GEMV) shapes also GB/s of weights, read from DRAM"
           " (copies cycled past the last-level cache, as in a model)")

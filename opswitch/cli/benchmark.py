@@ -132,61 +132,6 @@ def random_gpt2_params(config, seed: int = 0) -> dict:
     return nest_params(flat, config.n_layer)
 
 
-def bench_model_ours(
-    model, prompt: list[int], new_tokens: int, repeats: int, quiet: Quiet
-) -> tuple[Row, Row]:
-    """Prefill seconds and decode tokens/s of ``model`` (an opswitch GPT2)."""
-    from opswitch.generation import GenerationConfig, generate_ids
-
-    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_token=-1)
-    name = model.backend.name
-    prefill, decode = Row("prefill", name, unit="s"), Row("decode", name, unit="tok/s")
-    generate_ids(model, prompt, config.replace(max_new_tokens=2))  # warm-up: kernels, caches
-
-    def one() -> float:
-        result = generate_ids(model, prompt, config)
-        prefill.samples.append(result.prefill_seconds)
-        return result.tokens_per_second
-
-    for _ in range(repeats):
-        decode.samples.append(quiet.measure(one))
-    return prefill, decode
-
-
-def bench_model_torch(config, prompt: list[int], new_tokens: int, repeats: int, quiet: Quiet):
-    """HF transformers + torch on the CPU: the same shape, tokens and greedy decode."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner,
-    )
-    model = transformers.GPT2LMHeadModel(hf_config).eval()
-    ids = torch.tensor([prompt])
-    prefill, decode = Row("prefill", "torch", unit="s"), Row("decode", "torch", unit="tok/s")
-
-    def one() -> float:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = model(ids, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            first = time.perf_counter()
-            past = out.past_key_values
-            for _ in range(new_tokens - 1):
-                out = model(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            end = time.perf_counter()
-        prefill.samples.append(first - start)
-        return (new_tokens - 1) / (end - first)
-
-    one()  # warm-up
-    for _ in range(repeats):
-        decode.samples.append(quiet.measure(one))
-    return prefill, decode
-
-
 # -- op benchmarks ---------------------------------------------------------------
 def op_shapes(n_embd: int, d_ff: int, vocab: int, prefill: int) -> list[tuple[str, int, int, int, bool]]:
     """(label, m, k, n, transpose_b): GPT-2's GEMV (decode) and GEMM (prefill) shapes."""
@@ -568,3 +513,77 @@ def real_text(path: str | None, mbytes: float = 4.0) -> tuple[str, str]:
         if size >= mbytes * 1e6:
             break
     return "".join(parts), "the Python standard library's *.py files"
+
+
+# -- one engine in its own process ------------------------------------------------------
+def engine_main(argv: list[str] | None = None) -> None:
+    """Entry of an engine's process: decode early and late and prefill -> one JSON line.
+
+    argv: engine (``torch`` or ``ours``), model (a directory, or ``shape:NAME`` for
+    random weights of a preset, ``tiny`` for the --quick model), backend spec,
+    weight format, repeats, prompt, late, prefill and new tokens, idle wait."""
+    import json
+    import sys
+
+    engine, model_spec, spec, fmt, *numbers = argv if argv is not None else sys.argv[1:]
+    repeats, prompt, late, prefill, new = (int(v) for v in numbers[:5])
+    quiet = Quiet(max_wait=float(numbers[5]))
+    config, params = _engine_weights(model_spec, engine)
+    if engine == "torch":
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count() or 1)))
+        model = hf_model(config) if params is None else params
+        decode, first = torch_decode_rate, torch_prefill_time
+    else:
+        from opswitch.core.registry import get_registry
+        from opswitch.model.gpt2 import GPT2
+
+        model = GPT2(config, params, get_registry().select(spec).backend, weights=fmt)
+        decode, first = decode_rate, prefill_time
+    tokens = [1 + t % (config.vocab_size - 1) for t in range(max(prompt, late, prefill))]
+    rows = {"early": decode(model, tokens[:prompt], new, repeats, quiet),
+            "late": decode(model, tokens[:late], new, repeats, quiet) if late else None,
+            "prefill": first(model, tokens[:prefill], repeats, quiet)}
+    out = {k: {"median": r.median, "samples": r.samples} for k, r in rows.items() if r}
+    out["interference"] = [quiet.report.disturbed, quiet.report.repeats]
+    print(json.dumps(out))
+
+
+def _engine_weights(model_spec: str, engine: str):
+    """(config, params) for ours; (config, None) for torch's random model, or (config, HF model)."""
+    from opswitch.model.config import PRESETS, GPT2Config
+
+    if model_spec == "tiny":
+        config = GPT2Config(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=2)
+    elif model_spec.startswith("shape:"):
+        config = PRESETS[model_spec[6:]]
+    else:
+        from opswitch.model.hub import resolve_model
+        from opswitch.model.weights import load_gpt2
+
+        path = resolve_model(model_spec)
+        config, params = load_gpt2(path)
+        if engine == "torch":
+            import transformers
+
+            return config, transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+        return config, params
+    return config, (None if engine == "torch" else random_gpt2_params(config))
+
+
+def run_engine(engine: str, model_spec: str, spec: str, fmt: str, repeats: int, prompt: int, late: int,
+               prefill: int, new: int, idle_wait: float) -> dict:
+    """``engine_main`` in a fresh process (thread pools of engines never share one)."""
+    import json
+    import subprocess
+    import sys
+
+    code = "from opswitch.cli.benchmark import engine_main; engine_main()"
+    numbers = (repeats, prompt, late, prefill, new, idle_wait)
+    args = [engine, model_spec, spec, fmt, *(str(v) for v in numbers)]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {result.returncode}"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
