@@ -13,7 +13,7 @@ What it adds to ``blas``, each for a measured reason (``opswitch bench``):
 * layernorm and GELU in one pass each (GELU with a vectorisable tanh), and a
   causal softmax touching only the visible keys, on the calling thread: in
   prefill OpenBLAS's pool owns the cores, and a second pool beside it was
-  measured to make prefill 1.8x slower.
+  measured to make a 512-token prefill 2.2x slower (2440 vs 1104 ms).
 
 Every format computes with exactly the values ``opswitch.core.formats.decode``
 gives (the reference ``naive`` uses), accumulating in float32.

@@ -192,7 +192,7 @@ def _layernorm_row(x, g, b, eps, out, r):  # two reads and one write of the row
 
 # Elementwise ops run on the calling thread: in decode a row is shorter than the
 # ~20 µs it takes to wake a pool, and in prefill OpenBLAS's pool owns the cores
-# (numba's pool spinning beside it made a 512-token prefill 1.8x slower, measured).
+# (numba's pool spinning beside it made a 512-token prefill 2.2x slower, measured).
 @njit(fastmath=True, cache=True)
 def gelu(x, out):  # [n_rows, n] -> [n_rows, n], tanh approximation in one pass
     for r in range(x.shape[0]):

@@ -360,8 +360,9 @@ def _tokenizer_table(args, quiet) -> None:
         Path(d, "vocab.json").write_bytes((data / "encoder.json").read_bytes())
         Path(d, "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
         ours = load_tokenizer(d)
-        theirs = GPT2TokenizerFast(vocab_file=str(Path(d, "vocab.json")),
-                                   merges_file=str(Path(d, "merges.txt")))
+        # from_pretrained: built from vocab_file/merges_file directly, transformers 5's
+        # fast tokenizer encodes everything to [] (measured), which would time nothing
+        theirs = GPT2TokenizerFast.from_pretrained(d)
     mb = len(text.encode()) / 1e6
     rates = {}
     for name, encode in (("opswitch", ours.encode), ("GPT2TokenizerFast", theirs.encode)):
@@ -373,6 +374,8 @@ def _tokenizer_table(args, quiet) -> None:
             times.append(time.perf_counter() - start)
         rates[name] = mb / sorted(times)[len(times) // 2]
     same = ours.encode(text[:200000]) == theirs.encode(text[:200000])
+    if not theirs.encode("hello world"):
+        raise OpswitchError("GPT2TokenizerFast encoded 'hello world' to nothing: the comparison is void")
     print(f"\ntokenizer encode, {mb:.1f} MB of {source}: opswitch {rates['opswitch']:.2f} MB/s, "
           f"GPT2TokenizerFast {rates['GPT2TokenizerFast']:.2f} MB/s "
           f"({rates['opswitch'] / rates['GPT2TokenizerFast']:.2f}x); same ids on the first 200 kB: {same}")
