@@ -119,8 +119,8 @@ def test_constructor_and_probe_failures_are_contained(monkeypatch):
     hangs = _backend(name="hangs", priority=997, _probe_impl=lambda self: time.sleep(30))
     loud = _backend(name="loud", priority=996, _probe_impl=lambda self: print("LOUD") or Probe.missing("no"))
     r = _registry(raising, none_probe, hangs, loud)
-    selection = r.select("auto")  # every one above blas fails, each in its own way
-    assert selection.backend.name == "blas"
+    selection = r.select("auto")  # every one above the built-ins fails, each in its own way
+    assert selection.backend.name in ("cpu", "blas")  # the best built-in CPU backend here
     why = dict(selection.skipped)
     assert "SystemExit: 4" in why["ctor"]
     assert "not an opswitch Probe" in why["noneprobe"]
