@@ -83,24 +83,14 @@ def bench_batch_torch(hf_model, prompts: list[list[int]], new_tokens: int, repea
     return row
 
 
-def _hf_model(config):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner,
-    )
-    return transformers.GPT2LMHeadModel(hf_config).eval()
-
-
 def run_batch(args, backends, config, params, no_torch: str | None, quiet: Quiet) -> int:
     """The --batch table: one row per batch size, one column per implementation."""
     from opswitch.model.gpt2 import GPT2
 
     sizes = parse_batches(args.batch)
-    hf_model = None if no_torch else _hf_model(config)
+    from opswitch.cli.benchmark import hf_model as build_hf_model
+
+    hf_model = None if no_torch else build_hf_model(config)
     models = [GPT2(config, params, backend) for backend in backends]
     impls = (["torch"] if hf_model is not None else []) + [m.backend.name for m in models]
     print(f"\nbatched decode, aggregate tokens/s over {args.new_tokens - 1} decode steps after a"
