@@ -49,6 +49,8 @@ class Device:
     id: str
     description: str
     memory_bytes: int | None = None
+    works: bool | None = None  # None: not checked; False: ``description`` says why not
+    runtime: str = ""  # the driver/compiler stack ("PoCL 3.0-rc2 (LLVM 14.0.6)"), when a backend has several
 
 
 class Backend:
