@@ -260,9 +260,10 @@ def _check(cl: Any, device: Any) -> DeviceCheck:
 
 
 def _one_kernel_check(cl: Any, context: Any, program: Any, tune: dict[str, int]) -> str:
-    """Run ``add`` on a length that is no multiple of any vector or group size;
-    "" when every element (and the guard past the end) is exact."""
-    n = 1000
+    """Run ``add`` on a length that is no multiple of any vector or group size (so
+    both the vector body and the scalar tail run); "" when every element, and
+    the guard past the end, is exact."""
+    n = 1001
     x = np.arange(n, dtype=np.float32)
     y = (x * 0.5).astype(np.float32)
     out = np.full(n + 1, -1.0, np.float32)  # one guard element the kernel must not touch
@@ -302,6 +303,9 @@ class OpenCLBackend(Backend):
     description = "own OpenCL kernels via PyOpenCL (GPU, or CPU through PoCL)"
     dtypes = ("float32",)
     thread_safe = False
+    # the probe builds our whole program per device it checks: seconds when cold
+    # (Intel's compiler takes ~3 s on an idle 2-core VM), milliseconds from pyopencl's cache
+    probe_seconds = 180.0
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)

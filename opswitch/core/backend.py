@@ -73,6 +73,9 @@ class Backend:
     weight_formats: ClassVar[tuple[str, ...]] = ("f32",)
     # may two threads call ops at once?  If not, the model layer serialises calls.
     thread_safe: ClassVar[bool] = True
+    # seconds probe() and list_devices() may take unless $OPSWITCH_PROBE_TIMEOUT says
+    # otherwise (None: 10); a probe that builds kernels to check a device needs more
+    probe_seconds: ClassVar[float | None] = None
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         if dtype not in self.dtypes:

@@ -29,7 +29,7 @@ import pluggy
 
 from opswitch.core import formats, hookspecs
 from opswitch.core.backend import DTYPES, Backend, Device, Probe
-from opswitch.core.containment import contained
+from opswitch.core.containment import contained, probe_timeout
 from opswitch.core.errors import BackendError
 from opswitch.core.ops import CATALOGUE, OP_NAMES, row_counts
 
@@ -336,7 +336,7 @@ class Registry:
     def probe(self, backend: Backend) -> Probe:
         """``backend.probe()``, contained: quiet, time-limited, never raising."""
         if backend._probe is None:
-            outcome = contained(backend.probe)
+            outcome = contained(backend.probe, timeout=probe_timeout(_probe_seconds(type(backend))))
             if not outcome.ok:
                 backend._probe = Probe.missing(f"probe {outcome.error}")
             elif not isinstance(outcome.value, Probe):
@@ -362,7 +362,8 @@ class Registry:
 
     def devices(self, name: str) -> list[Device]:
         """``name``'s devices (``list_devices``, contained: a broken one lists none)."""
-        outcome = contained(self.backend_class(name).list_devices)
+        cls = self.backend_class(name)
+        outcome = contained(cls.list_devices, timeout=probe_timeout(_probe_seconds(cls)))
         if not outcome.ok or not isinstance(outcome.value, list):
             return []
         return [d for d in outcome.value if isinstance(d, Device)]
@@ -546,6 +547,13 @@ def contract_problem(cls: Any) -> str | None:
     if not isinstance(cls.thread_safe, bool):
         return f"{label}: `thread_safe` must be True or False, got {cls.thread_safe!r}"
     return None
+
+
+def _probe_seconds(cls: type[Backend]) -> float | None:
+    """A backend's own probe time budget, if it declares a sane one."""
+    value = getattr(cls, "probe_seconds", None)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600
+    return float(value) if ok else None
 
 
 def _why(choice: str, backend: Backend, index: int, skipped: list, probe: Probe) -> str:
