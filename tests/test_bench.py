@@ -24,3 +24,4 @@ def test_quick_bench_runs_every_section(capsys, tmp_path, monkeypatch) -> None:
                     "load + first token", "tokenizer encode", "interference:"):
         assert section in out, f"missing section {section!r}"
     assert "decoy" not in out and "1 threads" in out
+    assert "CPU: " in out and "smoke run (--quick)" in out

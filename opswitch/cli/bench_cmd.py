@@ -109,7 +109,7 @@ def _quick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.cli.benchmark import Quiet, measure_bandwidth
+    from opswitch.cli.benchmark import Quiet, cpu_description, measure_bandwidth
 
     if args.quick:
         _quick(args)
@@ -136,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"opswitch bench: {args.model or ('tiny (--quick)' if args.quick else args.shape)} "
           f"({config.n_params / 1e6:.1f}M params), {args.repeats} repeats, medians; "
           f"{threads} threads (OPSWITCH_NUM_THREADS)" + ("" if no_torch else f"; torch {torch.__version__}"))
+    print(f"CPU: {cpu_description()}")
+    if args.quick:
+        print("smoke run (--quick): a tiny model that fits in cache, one repeat; its rates and ratios"
+              " say nothing about speed (run without --quick to measure)")
     if args.batch:
         from opswitch.cli.batch_bench import run_batch
 

@@ -225,6 +225,34 @@ class Bandwidth:
     how: str
 
 
+SIMD_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx2", "fma", "f16c")
+
+
+def cpu_description() -> str:
+    """The CPU's model and the vector features our speed depends on: claims are per CPU kind."""
+    import platform
+
+    name, family, model, flags = platform.processor() or platform.machine(), "?", "?", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    name = value
+                elif key == "cpu family":
+                    family = value
+                elif key == "model":
+                    model = value
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    features = [flag for flag in SIMD_FLAGS if flag in flags] or ["features unknown"]
+    return f"{name} (family {family}, model {model}; {os.cpu_count()} logical CPUs; {' '.join(features)})"
+
+
 def l3_bytes() -> int:
     """The last-level cache size (so benchmarks can go past it), 32 MiB if unknown."""
     for index in (3, 2):

@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace) -> GenerationConfig:
     """Validate every flag before anything slow happens."""
+    from opswitch.cli.main import UsageError
+
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens {args.max_tokens}: generate at least 1 token")
     return GenerationConfig(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
