@@ -11,7 +11,7 @@ import random
 import sys
 from pathlib import Path
 
-from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.model_args import add_model_arguments, loading_label
 from opswitch.cli.session import Console, generate_once, model_summary, show_settings
 from opswitch.core.errors import GenerationError
 from opswitch.generation import GenerationConfig
@@ -83,7 +83,7 @@ def load(args: argparse.Namespace):
     from opswitch.api import load_model
     from opswitch.cli.progress import Progress
 
-    with Progress("Loading model"):
+    with Progress(loading_label(args)):
         lm = load_model(args.model, args.backend, tokenizer=args.tokenizer or None, revision=args.revision,
                         weights=args.weights)
     lm.require_tokenizer()  # text in, text out: the CLI needs one

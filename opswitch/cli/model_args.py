@@ -60,3 +60,14 @@ def apply_threads(args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None)
     if threads:
         os.environ[ENV_THREADS] = str(threads)
+
+
+def loading_label(args: argparse.Namespace) -> str:
+    """What the load progress line says it is doing: reduced formats and ONNX checks take seconds."""
+    model = str(getattr(args, "model", None) or "")
+    weights = getattr(args, "weights", "f32")
+    if model.lower().endswith(".onnx"):
+        return "Loading model (reading and checking the ONNX graph)"
+    if weights and weights != "f32":
+        return f"Loading model (encoding the weights as {weights})"
+    return "Loading model"
