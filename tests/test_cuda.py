@@ -89,7 +89,9 @@ def probe(device=None):
 def test_without_cupy_the_reason_is_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
     got = probe()
-    assert not got.available and got.reason == "CuPy is not installed: pip install 'opswitch[cuda]'"
+    assert not got.available and got.reason == cuda.INSTALL_HINT
+    assert got.reason.startswith("CuPy is not installed: pip install 'opswitch[cuda]'")
+    assert "'opswitch[cuda13]'" in got.reason
 
 
 def test_without_a_driver_the_reason_says_so_and_what_to_do(monkeypatch):
@@ -518,3 +520,130 @@ def test_the_arena_copies_at_once_or_when_flushed():
         arena.put(range(5))
     arena.deferred = False
     assert arena.put(range(5)) == 0 and drained == [1]  # eager: drain, then start over
+
+
+# -- the backend itself, on a stand-in CuPy that emulates its kernels (tests/cuda_standin.py) ---
+def standin(monkeypatch, **kwargs):
+    from tests.cuda_standin import StandIn
+
+    return StandIn(**kwargs).install(monkeypatch)
+
+
+def test_the_probe_says_when_the_cuda_headers_are_missing(monkeypatch):
+    """CuPy 14 compiles every kernel with cuda_runtime.h; a driver-only machine has none."""
+    standin(monkeypatch, headers=False)
+    got = probe()
+    assert not got.available
+    assert got.reason.startswith("the CUDA runtime headers are not installed")
+    assert "pip install 'opswitch[cuda]'" in got.reason and "'opswitch[cuda13]'" in got.reason
+    assert "CUDA_PATH" in got.reason
+    standin(monkeypatch, headers=True)
+    assert probe().available
+    standin(monkeypatch, headers=False, version="13.6.0")  # CuPy 13 finds its headers its own way
+    assert probe().available
+
+
+def test_the_cuda_extras_bring_the_toolkit_wheels():
+    """CuPy alone needs a CUDA toolkit on the machine; the [ctk] extra brings its wheels."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(r.startswith("cupy-cuda12x[ctk]") for r in extras["cuda"])
+    assert any(r.startswith("cupy-cuda13x[ctk]") for r in extras["cuda13"])
+    assert any(r.startswith("nvidia-cuda-runtime-cu12") for r in extras["cuda"])  # the headers
+    assert any(r.startswith("nvidia-cuda-runtime>=13") for r in extras["cuda13"])
+
+
+def test_prepared_in_a_worker_thread_it_still_multiplies_in_another(monkeypatch):
+    """The registry prepares in a contained worker thread that then ends; CuPy's per-thread
+    cuBLAS handle dies with it.  The backend's own handle works from any thread, runs on the
+    backend's stream, and is destroyed with the backend."""
+    import gc
+    import threading
+
+    si = standin(monkeypatch)
+    backend = Registry(autoload=False).select("cuda").backend
+    x, w, b = randn(20, 7), randn(7, 5), randn(5)  # 20 rows: cuBLAS
+    want = (x.astype(np.float32) @ w.astype(np.float32)) + b.astype(np.float32)
+    results = []
+
+    def work(backend):
+        args = [backend.to_device(a) for a in (x, w, b)]
+        results.append(backend.to_host(backend.linear(*args)))
+
+    work(backend)
+    thread = threading.Thread(target=work, args=(backend,))
+    thread.start()
+    thread.join()
+    for got in results:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert si.counts["sgemm"] == 2
+    handle = si.handles[backend._handle]
+    assert handle["stream"] == backend._stream.ptr and not handle["destroyed"]
+    del backend
+    gc.collect()
+    assert handle["destroyed"]
+
+
+def tiny_gpt2(n_layer=2, n_head=2, n_embd=32, vocab=64, n_positions=64):
+    from opswitch.cli.benchmark import random_gpt2_params
+    from opswitch.model.config import GPT2Config
+
+    config = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head)  # fmt: skip
+    return config, random_gpt2_params(config, seed=1)
+
+
+def generate(model, prompt, n_new):
+    """Greedy decode: every step's logits."""
+    cache = model.new_cache()
+    logits = [model.step([(prompt, cache)])]
+    for _ in range(n_new):
+        logits.append(model.step([([int(np.argmax(logits[-1][0]))], cache)]))
+    return np.concatenate(logits)
+
+
+@pytest.mark.parametrize("weights", ["f32", "int8"])
+def test_decode_with_cuda_graphs_captures_every_step_and_matches_the_reference(monkeypatch, weights):
+    """A prompt of 20 rows (cuBLAS, run eagerly), then decode steps: with
+    OPSWITCH_CUDA_GRAPHS=1 the decode steps are captured once and replayed,
+    with no cuBLAS call (CuPy raises NotImplementedError for one during a
+    capture), and the logits are the naive backend's."""
+    from opswitch.model.gpt2 import GPT2
+
+    monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
+    si = standin(monkeypatch)
+    registry = Registry(autoload=False)
+    config, params = tiny_gpt2()
+    prompt = list(range(3, 23))
+    gpu = GPT2(config, params, registry.select("cuda").backend, weights=weights)
+    naive = registry.select("naive:float32").backend
+    want = generate(GPT2(config, params, naive, weights=weights), prompt, 8)
+    before = si.counts["sgemm"]
+    got = generate(gpu, prompt, 8)
+    graphs = gpu.backend.graphs
+    assert graphs.enabled, graphs.disabled_reason
+    assert graphs.counts["captured"] == 1 and graphs.counts["replayed"] == 5, graphs.counts
+    assert si.counts["graph_launch"] == 6
+    assert si.counts["sgemm"] - before == 2 * (4 + 2)  # the prompt's: 4 products, 2 for attention, per layer
+    # float32 throughout, different summation orders: a few float32 roundings of |logit| ~ 1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_repeated_cublas_step_runs_eagerly_and_graphs_stay_on(monkeypatch):
+    """A step with cuBLAS in it (a prompt-sized product) repeats: its capture is
+    abandoned before cuBLAS is called, the step runs eagerly, and it is not tried again."""
+    monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
+    si = standin(monkeypatch)
+    backend = Registry(autoload=False).select("cuda").backend
+    x, w, b = (backend.to_device(a) for a in (randn(20, 7), randn(7, 5), randn(5)))
+    want = backend.to_host(backend.linear(x, w, b))
+    for _ in range(5):
+        np.testing.assert_array_equal(backend.to_host(backend.linear(x, w, b)), want)
+    graphs = backend.graphs
+    assert graphs.enabled and not graphs.tapes and graphs.counts["fallbacks"] == 1, graphs.counts
+    assert si.counts["sgemm"] == 6 and si.counts["graph_launch"] == 0

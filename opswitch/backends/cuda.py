@@ -14,12 +14,18 @@ Why the shape of things here:
 - Weights are uploaded once; activations stay on the device from op to op
   and only ``to_host`` reads back (a decode step reads the last logits).
   All work goes to one non-blocking stream per backend instance.
-- ``linear``/``matmul`` with float32 weights are one cuBLAS SGEMM each, the
-  bias folded in (``fill_rows`` writes the bias rows, SGEMM adds ``x @ w``
-  with beta = 1).  Weights kept as f16/bf16/int8 (``weight_formats``) are
-  widened as read by our GEMV kernels (``gemv.cu``, up to ``GEMV_MAX_M``
-  rows: decode), with float32 accumulation; more rows widen the weight to a
-  float32 scratch copy and take SGEMM.
+- ``linear``/``matmul`` of up to ``GEMV_MAX_M`` rows (decode) are one of our
+  GEMV kernels (``gemv.cu``), the bias added in the same pass, for every
+  weight format: float32 as it is, f16/bf16/int8 (``weight_formats``) widened
+  as read, float32 accumulation.  More rows (a prompt) are one cuBLAS SGEMM,
+  the bias folded in (``fill_rows`` writes the bias rows, SGEMM adds
+  ``x @ w`` with beta = 1); a reduced-format weight is first widened to a
+  float32 scratch copy.  Decode needs no cuBLAS, because CuPy's cuBLAS calls
+  refuse to run while a stream is being captured (``NotImplementedError``
+  since CuPy 11): a step that calls cuBLAS (a prompt) runs eagerly instead.
+- The cuBLAS handle is the backend's own (``cublas.create``), not CuPy's
+  per-thread one: ``prepare`` runs in a worker thread that ends, and CuPy
+  destroys a thread's handles with it.  A finalizer destroys ours.
 - Attention writes into and reads the caller's head-major KV cache in
   place, for the whole ragged batch in one launch (``attention.cu``).  Each
   short sequence's query rows (decode) run the split kernels: keys cut into
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,8 +62,16 @@ import numpy as np
 from opswitch.core import Backend, BackendError, Device, Probe, formats, hookimpl
 
 PRIORITY = 90  # above every CPU backend: auto takes a working GPU
-INSTALL_HINT = "CuPy is not installed: pip install 'opswitch[cuda]'"
-LIBS_HINT = "pip install 'opswitch[cuda]' (it brings nvidia-cublas-cu12 and nvidia-cuda-nvrtc-cu12)"
+INSTALL_HINT = "CuPy is not installed: pip install 'opswitch[cuda]' (CUDA 12 drivers) or 'opswitch[cuda13]'"
+LIBS_HINT = (
+    "pip install 'opswitch[cuda]' (CUDA 12) or 'opswitch[cuda13]' (CUDA 13):"
+    " they bring CuPy with the CUDA toolkit wheels (cupy-cuda1Nx[ctk])"
+)
+HEADERS_HINT = (
+    "CuPy compiles every kernel against cuda_runtime.h: pip install 'opswitch[cuda]' (CUDA 12:"
+    " nvidia-cuda-runtime-cu12) or 'opswitch[cuda13]' (CUDA 13: nvidia-cuda-runtime), or set"
+    " CUDA_PATH to a CUDA toolkit that has include/cuda_runtime.h"
+)
 ENV_GRAPHS = "OPSWITCH_CUDA_GRAPHS"
 KERNEL_DIR = Path(__file__).with_name("cuda_kernels")
 COMMON = "common.cuh"
@@ -85,8 +100,8 @@ KERNELS: dict[str, tuple[str, ...]] = {  # the extern "C" kernels the backend lo
                        "gather_int8"),
     "norm.cu": ("layernorm", "softmax"),
     "attention.cu": ("kv_write", "attn_split", "attn_combine"),
-    "gemv.cu": tuple(f"{kind}_{fmt}" for fmt in ("f16", "bf16", "int8")
-                     for kind in ("gemv_n", "gemv_t", "widen")),
+    "gemv.cu": ("gemv_n_f32", "gemv_t_f32", *(f"{kind}_{fmt}" for fmt in ("f16", "bf16", "int8")
+                                              for kind in ("gemv_n", "gemv_t", "widen"))),
 }  # fmt: skip
 BASE_OPTIONS = ("--std=c++17",)
 
@@ -271,6 +286,11 @@ class SlotArena:
 
 # -- CUDA graphs of repeated steps ----------------------------------------------
 EAGER, CAPTURE, REPLAY = "eager", "capture", "replay"
+MAX_EAGER_KEYS = 64  # steps remembered as not capturable
+
+
+class NotCapturable(RuntimeError):
+    """Raised by an op that cannot be captured (a cuBLAS call): its step runs eagerly, graphs stay on."""
 
 
 @dataclass
@@ -304,8 +324,10 @@ class StepGraphs:
     sequence), an early boundary, or an upload in the middle falls back: the
     ops so far are run eagerly into the same outputs and the step goes on
     eagerly.  If capturing fails where eager work succeeds, graphs are
-    switched off for good, with the reason in ``disabled_reason``.  At most
-    ``max_graphs`` tapes are kept, least recently used dropped first.
+    switched off for good, with the reason in ``disabled_reason``; an op that
+    raises ``NotCapturable`` instead makes its step eager, and that step's key
+    is not captured again (a prompt's SGEMMs).  At most ``max_graphs`` tapes
+    are kept, least recently used dropped first.
 
     ``runtime`` provides ``begin_capture()``, ``end_capture() -> graph``,
     ``launch(graph)`` and ``capture_pool(on)``; impls are called as
@@ -319,6 +341,7 @@ class StepGraphs:
         self.warmup, self.max_graphs = warmup, max_graphs
         self.enabled, self.disabled_reason = True, ""
         self.tapes: OrderedDict[tuple, Tape] = OrderedDict()
+        self.eager_keys: OrderedDict[tuple, None] = OrderedDict()  # steps that refused a capture
         self.last_key: tuple | None = None
         self.last_refs: list = []
         self.streak = 0
@@ -334,6 +357,7 @@ class StepGraphs:
         self.refs: list = []
         self.tape: Tape | None = None
         self.poisoned = False
+        self.refused = False
 
     # -- one op -------------------------------------------------------------
     def call(self, name: str, impl: Callable, args: tuple) -> Any:
@@ -350,6 +374,10 @@ class StepGraphs:
             self._leave_graph()
         if self.mode == CAPTURE:
             try:
+                out = impl(*args)
+            except NotCapturable:
+                self._leave_graph()
+                self.refused = True
                 out = impl(*args)
             except Exception as exc:
                 self._leave_graph()
@@ -395,7 +423,7 @@ class StepGraphs:
         if tape is not None:
             self.tapes.move_to_end(self.last_key)
             self.tape, self.mode, self.arena.deferred = tape, REPLAY, True
-        elif self.streak >= self.warmup:
+        elif self.streak >= self.warmup and self.last_key not in self.eager_keys:
             try:
                 self.runtime.begin_capture()
             except Exception as exc:
@@ -445,6 +473,10 @@ class StepGraphs:
 
     def _end_step(self) -> None:
         key = (*self.tokens, ("interrupted", object())) if self.poisoned else tuple(self.tokens)
+        if self.refused:
+            self.eager_keys[key] = None
+            while len(self.eager_keys) > MAX_EAGER_KEYS:
+                self.eager_keys.popitem(last=False)
         self.streak = self.streak + 1 if key == self.last_key else 1
         self.last_key, self.last_refs = key, self.refs
         self.mode, self.arena.deferred = None, False
@@ -539,6 +571,37 @@ def describe_device(rt: Any, index: int) -> tuple[str, int]:
         f" CUDA runtime {_version(rt.runtimeGetVersion())}, driver {_version(rt.driverGetVersion())})",
         memory,
     )
+
+
+def cuda_headers_reason(cupy: Any) -> str:
+    """Why CuPy will fail to compile a kernel for want of the CUDA runtime headers, or "".
+
+    CuPy 14 adds ``-I`` the ``cudart`` headers to every NVRTC compile and looks
+    them up with ``cuda.pathfinder`` (CUDA_PATH/CUDA_HOME, then the pip wheels);
+    a driver-only machine has none, and fails at the first kernel.  Older CuPy
+    finds its headers its own way, so nothing is checked for it."""
+    try:
+        major = int(str(getattr(cupy, "__version__", "0")).split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 14:
+        return ""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+    except Exception as exc:  # cuda-pathfinder is a dependency of CuPy 14: a broken install
+        return f"CuPy cannot look for the CUDA headers ({type(exc).__name__}: {exc}); {HEADERS_HINT}"
+    if found:
+        return ""
+    return f"the CUDA runtime headers are not installed; {HEADERS_HINT}"
+
+
+def _destroy_cublas(cublas: Any, handle: int) -> None:
+    try:
+        cublas.destroy(handle)
+    except Exception:  # the context may be gone already: nothing left to free
+        pass
 
 
 class _Scope:
@@ -637,6 +700,9 @@ class CudaBackend(Backend):
             nvrtc.getVersion()  # NVRTC is loaded on first use
         except Exception as exc:
             return Probe.missing(f"NVRTC (the CUDA runtime compiler) cannot be loaded ({exc}): {LIBS_HINT}")
+        headers = cuda_headers_reason(cupy)
+        if headers:
+            return Probe.missing(headers)
         try:  # a round trip through the device: a context and memory work
             with cupy.cuda.Device(self.index):
                 back = cupy.asarray(np.arange(4, dtype=np.float32)).get()
@@ -669,7 +735,12 @@ class CudaBackend(Backend):
     def _open(self, cupy: Any) -> None:
         self._stream = cupy.cuda.Stream(non_blocking=True)
         self._scope = _Scope(self._rt, self.index, self._stream)
-        self._handle = cupy.cuda.device.get_cublas_handle()
+        # our own handle: CuPy's (get_cublas_handle) belongs to this thread, which
+        # may be a worker that ends after prepare, destroying it
+        self._handle = self._cublas.create()
+        self._handle_finalizer = weakref.finalize(self, _destroy_cublas, self._cublas, self._handle)
+        self._handle_finalizer.atexit = False  # at exit the context goes, and the handle with it
+        self._cublas.setStream(self._handle, self._stream.ptr)
         self._k: dict[str, Any] = {}
         for name, kernels in KERNELS.items():
             module = cupy.RawModule(code=kernel_source(name), options=compile_options(name))
@@ -842,7 +913,10 @@ class CudaBackend(Backend):
         self._k[kernel]((elementwise_grid(n),), (EW_THREADS,), args)
 
     def _sgemm(self, g: Gemm, a: Any, b: Any, c: Any, alpha: float = 1.0, beta: float = 0.0) -> None:
-        """One cuBLAS call for ``g`` over device buffers a, b, c (float32)."""
+        """One cuBLAS call for ``g`` over device buffers a, b, c (float32); never in a capture,
+        where CuPy's cuBLAS calls raise (and an unsupported one would invalidate the capture)."""
+        if self._capture is not None:
+            raise NotCapturable("cuBLAS is not called while a CUDA graph is captured")
         alpha_beta = np.array([alpha, beta], dtype=np.float32)  # read by cuBLAS during the call
         pa, pb = alpha_beta.ctypes.data, alpha_beta.ctypes.data + 4
         A, B, C = a.data.ptr + 4 * g.a_off, b.data.ptr + 4 * g.b_off, c.data.ptr + 4 * g.c_off
@@ -873,16 +947,18 @@ class CudaBackend(Backend):
         if not launch or out.size == 0:
             return out
         x = self._contiguous(x)
-        if isinstance(w, Packed) and m <= GEMV_MAX_M and w.fits_gemv(transpose_b):
-            scale = w.scale if w.scale is not None else np.uint64(0)
+        packed = isinstance(w, Packed)
+        if m <= GEMV_MAX_M and (not packed or w.fits_gemv(transpose_b)):  # decode rows: no cuBLAS
+            fmt, data = (w.fmt, w.data) if packed else ("f32", self._contiguous(w))
+            scale = w.scale if packed and w.scale is not None else np.uint64(0)
             if transpose_b:
                 warps = GEMVT_THREADS // 32
-                self._k[f"gemv_t_{w.fmt}"]((-(-n // warps),), (GEMVT_THREADS,),
-                                           (x, w.data, scale, out, np.int32(m), np.int32(k), np.int32(n)))
+                self._k[f"gemv_t_{fmt}"]((-(-n // warps),), (GEMVT_THREADS,),
+                                         (x, data, scale, out, np.int32(m), np.int32(k), np.int32(n)))
             else:
                 b = bias if bias is not None else np.uint64(0)
-                self._k[f"gemv_n_{w.fmt}"]((-(-n // 32),), (32, GEMV_WARPS),
-                                           (x, w.data, scale, b, out, np.int32(m), np.int32(k), np.int32(n)))
+                self._k[f"gemv_n_{fmt}"]((-(-n // 32),), (32, GEMV_WARPS),
+                                         (x, data, scale, b, out, np.int32(m), np.int32(k), np.int32(n)))
             return out  # fmt: skip
         if isinstance(w, Packed):
             w = self._widen(w)

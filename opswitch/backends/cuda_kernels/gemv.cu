@@ -1,7 +1,8 @@
-/* Products with weights kept in a reduced storage format (f16, bf16, int8),
- * widened to float32 as they are read, with float32 accumulation.  float32
- * weights go to cuBLAS instead; so do reduced ones for more than GEMV_MAX_M
- * rows, after `widen` makes a float32 copy.
+/* Products of few rows (decode: m <= GEMV_MAX_M) with weights in any storage
+ * format (f32, f16, bf16, int8), widened to float32 as they are read, with
+ * float32 accumulation.  More rows go to cuBLAS, reduced formats after `widen`
+ * makes a float32 copy; decode never needs cuBLAS, so it can be captured in a
+ * CUDA graph (CuPy refuses cuBLAS calls while a stream is captured).
  *
  * gemv_n: y [m, n] = x [m, k] @ w [k, n] * scale[n] + bias[n]   (GPT-2 Conv1D)
  *   block (32, GEMV_WARPS): a warp's lanes take 32 neighbouring columns, so
@@ -80,17 +81,21 @@ __device__ void widen(const W *w, const float *scale, float *out, long long rows
         out[i] = wload(w, i) * (scale ? scale[axis ? i % cols : i / cols] : 1.0f);
 }
 
-#define FORMAT_KERNELS(NAME, W)                                                                      \
+#define GEMV_KERNELS(NAME, W)                                                                        \
     extern "C" __global__ void gemv_n_##NAME(const float *x, const W *w, const float *scale,       \
                                              const float *bias, float *y, int m, int k, int n)     \
     { gemv_n(x, w, scale, bias, y, m, k, n); }                                                     \
     extern "C" __global__ void gemv_t_##NAME(const float *x, const W *w, const float *scale,       \
                                              float *y, int m, int k, int n)                        \
-    { gemv_t(x, w, scale, y, m, k, n); }                                                           \
+    { gemv_t(x, w, scale, y, m, k, n); }
+
+#define FORMAT_KERNELS(NAME, W)                                                                      \
+    GEMV_KERNELS(NAME, W)                                                                          \
     extern "C" __global__ void widen_##NAME(const W *w, const float *scale, float *out,            \
                                             long long rows, long long cols, int axis)              \
     { widen(w, scale, out, rows, cols, axis); }
 
+GEMV_KERNELS(f32, float)  /* float32 weights need no widening copy: no widen_f32 */
 FORMAT_KERNELS(f16, f16_t)
 FORMAT_KERNELS(bf16, unsigned short)
 FORMAT_KERNELS(int8, signed char)
