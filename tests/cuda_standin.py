@@ -14,7 +14,9 @@ shows up here as a wrong number.  It keeps CuPy's rules that bit before:
   thread (CuPy destroys a thread's handles when it ends);
 - CuPy 14 needs the CUDA runtime headers (``cuda.pathfinder``).
 
-Launches, copies and cuBLAS calls are counted (``StandIn.counts``).
+Launches, copies and cuBLAS calls are counted (``StandIn.counts``): "kernel"
+(and "kernel:<name>"), "memcpy" and "sgemm" as they execute, in a graph or
+not; "issued" for what the host issued (a graph launch is one).
 Not emulated: timing, concurrency between streams (everything runs at once,
 in order), and the CUDA code itself (``test_cuda_compile.py`` compiles it).
 """
@@ -86,7 +88,7 @@ class StandIn:
 
     def __init__(self, headers: bool = True, version: str = "14.2.0") -> None:
         self.heap = Heap()
-        self.counts: Counter = Counter()  # "kernel", "kernel:<name>", "memcpy", "sgemm", "graph_launch"
+        self.counts: Counter = Counter()
         self.capturing: list | None = None  # the closures of the capture in progress
         self.capture_stream: Stream | None = None
         self.local = threading.local()
@@ -105,6 +107,7 @@ class StandIn:
         if self.capturing is not None and stream is self.capture_stream:
             self.capturing.append((what, fn))
             return
+        self.counts["issued"] += 1
         self._execute(what, fn)
 
     def _execute(self, what: str, fn) -> None:
@@ -339,6 +342,7 @@ class Graph:
 
     def launch(self, stream=None) -> None:
         self.si.counts["graph_launch"] += 1
+        self.si.counts["issued"] += 1
         for what, fn in self.steps:
             self.si._execute(what, fn)
 

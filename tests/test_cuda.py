@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -647,3 +648,94 @@ def test_a_repeated_cublas_step_runs_eagerly_and_graphs_stay_on(monkeypatch):
     graphs = backend.graphs
     assert graphs.enabled and not graphs.tapes and graphs.counts["fallbacks"] == 1, graphs.counts
     assert si.counts["sgemm"] == 6 and si.counts["graph_launch"] == 0
+
+
+@pytest.fixture
+def standin_backend(monkeypatch):
+    si = standin(monkeypatch)
+    return si, Registry(autoload=False).select("cuda").backend
+
+
+def test_the_conformance_suite_passes_on_the_emulated_kernels(standin_backend):
+    """Every op's host side (checks, launch geometry, arena slots, cuBLAS
+    operands, to_host everywhere) through the conformance suite; the kernels
+    are emulated, so this checks what the backend asks of them."""
+    from opswitch.testing import test_conformance as suite
+    from opswitch.testing.cases import CASES
+
+    _, backend = standin_backend
+    for case in CASES:
+        suite.test_op_matches_reference(backend, case)
+    suite.test_decoding_through_the_cache_equals_attending_at_once(backend, 70)
+    suite.test_a_batch_equals_each_sequence_alone(backend)
+
+
+def test_a_ragged_batch_of_decodes_chunks_and_prompts_through_the_backend(standin_backend):
+    """The split kernels and the SGEMM path in one attention_batch call, on the device."""
+    _, be = standin_backend
+    n_head, d, capacity = 3, 8, 600
+    starts, counts = [0, 5, 300, 0, 280], [1, 1, 20, 7, 300]
+    host = [(np.zeros((n_head, capacity, d)), np.zeros((n_head, capacity, d))) for _ in counts]
+    for (k, v), start in zip(host, starts):
+        k[:, :start], v[:, :start] = randn(n_head, start, d), randn(n_head, start, d)
+    qkv = randn(sum(counts), 3 * n_head * d).astype(np.float32)
+    host = [(k.astype(np.float32), v.astype(np.float32)) for k, v in host]
+    caches = [(be.to_device(k), be.to_device(v)) for k, v in host]
+    want = ops.attention_batch(qkv.astype(np.float64), n_head, [(k.astype(np.float64), v.astype(np.float64))
+                                                               for k, v in host], starts, counts)  # fmt: skip
+    got = be.to_host(be.attention_batch(be.to_device(qkv), n_head, caches, starts, counts))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32 sums of <= 600 terms of |x| < 5
+
+
+# GPT-2 small's depth and heads; the launch count does not depend on the width
+GPT2_SMALL_DEPTH = {"n_layer": 12, "n_head": 12, "n_embd": 96, "vocab": 256}
+
+
+def decode_counts(si, model, steps=4):
+    """The stand-in's counters for the last of ``steps`` decode steps after a 20-token prompt."""
+    cache = model.new_cache()
+    model.step([(list(range(20)), cache)])
+    for t in range(steps):
+        si.counts.clear()
+        model.step([([t], cache)])
+    return Counter(si.counts)
+
+
+@pytest.mark.parametrize("weights", ["f32", "int8"])
+def test_kernel_launches_per_decode_token(monkeypatch, weights):
+    """GPT-2 small's depth and heads, batch 1: per layer 2 layernorms, 4 GEMVs
+    (bias fused), kv_write + attn_split + attn_combine, GELU and 2 residual adds;
+    then 2 embedding gathers and their add, the final layernorm, the gather of
+    the last row (take_rows) and the lm_head GEMV.  No cuBLAS; a slot-arena
+    copy per gather and 2 per attention layer (its sequences, its rows).
+    Printed for the record."""
+    from opswitch.model.gpt2 import GPT2
+
+    si = standin(monkeypatch)
+    config, params = tiny_gpt2(**GPT2_SMALL_DEPTH)
+    model = GPT2(config, params, Registry(autoload=False).select("cuda").backend, weights=weights)
+    counts = decode_counts(si, model)
+    kernels = {k.split(":")[1]: n for k, n in counts.items() if k.startswith("kernel:")}
+    total = counts["kernel"] + counts["sgemm"]
+    print(f"\ncuda, {weights}, one decode token at GPT-2 small's depth: {total} kernel launches"
+          f" ({', '.join(f'{n} {k}' for k, n in sorted(kernels.items()))}), {counts['memcpy']} host-to-device"
+          f" copies")  # fmt: skip
+    n_layer = config.n_layer
+    assert counts["sgemm"] == 0
+    assert total == 12 * n_layer + 6 and counts["memcpy"] == 2 * n_layer + 3
+
+
+def test_a_replayed_decode_step_is_one_graph_launch_and_one_copy(monkeypatch):
+    """With OPSWITCH_CUDA_GRAPHS=1 a decode step is one CUDA graph (its kernels
+    inside) after one copy of the step's integers into the slot arena."""
+    from opswitch.model.gpt2 import GPT2
+
+    monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
+    si = standin(monkeypatch)
+    config, params = tiny_gpt2(**GPT2_SMALL_DEPTH)
+    model = GPT2(config, params, Registry(autoload=False).select("cuda").backend)
+    counts = decode_counts(si, model, steps=5)
+    print(f"\ncuda graphs, f32, a replayed decode token: {counts['issued']} host launches"
+          f" ({counts['graph_launch']} graph of {counts['kernel']} kernels, {counts['memcpy']} copy)")
+    assert counts["graph_launch"] == 1 and counts["memcpy"] == 1 and counts["issued"] == 2
+    assert counts["kernel"] == 12 * config.n_layer + 6
