@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from opswitch.backends import cuda
+
 IMPLICIT = "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct one."
 PROPS = {"name": b"NVIDIA H200 (stand-in)", "totalGlobalMem": 141 * 2**30, "major": 9, "minor": 0}
 
@@ -86,7 +88,8 @@ class Pointer:
 class StandIn:
     """One stand-in CuPy: its device, streams, handles and counters."""
 
-    def __init__(self, headers: bool = True, version: str = "14.2.0") -> None:
+    def __init__(self, headers: bool = True, version: str = "14.2.0", kernels: str = "numpy") -> None:
+        self.kernels = kernels  # "numpy": emulated from their semantics; "cpu": the CUDA code, on the CPU
         self.heap = Heap()
         self.counts: Counter = Counter()
         self.capturing: list | None = None  # the closures of the capture in progress
@@ -418,6 +421,7 @@ def _unwrap(x):
 class RawModule:
     def __init__(self, si: StandIn, code: str, options: tuple) -> None:
         self.si, self.code = si, code
+        self.file = next((f for f in cuda.MODULES if cuda.kernel_source(f) == code), None)
         self.defines = {}
         for opt in options:
             if opt.startswith("-D") and "=" in opt:
@@ -443,10 +447,25 @@ class Function:
         for a in args:
             if not isinstance(a, (DeviceArray, np.generic)):
                 raise TypeError(f"{self.name}: a kernel argument of type {type(a).__name__}")
-        launch = Launch(self.module.si, grid, block, shared_mem, self.module.defines)
-        fn = KERNELS[self.name]
         si = self.module.si
-        si.run(stream or si.current_stream(), f"kernel:{self.name}", lambda: fn(launch, *args))
+        if si.kernels == "cpu":
+            from tests import cuda_cpu
+
+            built, raw = cuda_cpu.build(self.module.file), [_raw(a) for a in args]
+            fn = lambda: built.launch(self.name, grid, block, shared_mem, raw)  # noqa: E731
+        else:
+            launch, emulate = Launch(si, grid, block, shared_mem, self.module.defines), KERNELS[self.name]
+            fn = lambda: emulate(launch, *args)  # noqa: E731
+        si.run(stream or si.current_stream(), f"kernel:{self.name}", fn)
+
+
+def _raw(a):
+    """A kernel argument as the C launcher takes it: an address, or the scalar."""
+    if isinstance(a, DeviceArray):
+        if not a._a.flags.c_contiguous:
+            raise CUDARuntimeError("a non-contiguous kernel argument (a kernel reads its base pointer)")
+        return a._a.ctypes.data
+    return float(a) if isinstance(a, np.floating) else int(a)
 
 
 class Launch:
