@@ -506,11 +506,14 @@ def k_add_bcast(L, a, b, out, n, n_b):
     L.f32(out)[:n] = L.f32(a)[:n] + np.tile(L.f32(b)[:n_b], n // n_b)
 
 
+def gelu_f32(v):
+    c = np.float32(0.7978845608028654)
+    return np.float32(0.5) * v * (np.float32(1) + np.tanh(c * (v + np.float32(0.044715) * v**3)))
+
+
 def k_gelu(L, x, out, n):
     n = int(n)
-    v = L.f32(x)[:n]
-    c = np.float32(0.7978845608028654)
-    L.f32(out)[:n] = np.float32(0.5) * v * (np.float32(1) + np.tanh(c * (v + np.float32(0.044715) * v**3)))
+    L.f32(out)[:n] = gelu_f32(L.f32(x)[:n])
 
 
 def k_fill_rows(L, bias, out, n, n_b):
@@ -537,6 +540,12 @@ def k_layernorm(L, x, g, b, out, n, eps):
     var = ((xr - mean) ** 2).mean(axis=1, keepdims=True, dtype=np.float32)
     normed = (xr - mean) / np.sqrt(var + np.float32(eps))
     L.f32(out)[: rows * n] = (L.f32(g)[:n] * normed + L.f32(b)[:n]).reshape(-1)
+
+
+def k_add_layernorm(L, a, b, total, g, beta, out, n, eps):
+    n, rows = int(n), L.grid[0]
+    L.f32(total)[: rows * n] = L.f32(a)[: rows * n] + L.f32(b)[: rows * n]
+    k_layernorm(L, total, g, beta, out, n, eps)
 
 
 def k_softmax(L, x, out, n_k, n_q, causal, scale):
@@ -614,14 +623,17 @@ def k_attn_combine(L, part, rows, out, n_embd, d, n_splits):
 
 
 def gemv_n(fmt):
-    def k(L, x, w, scale, bias, y, m, k_, n):
+    def k(L, x, w, scale, bias, y, act, m, k_, n):
         m, k_, n = int(m), int(k_), int(n)
         if L.block[:2] != (32, L.defines["GEMV_WARPS"]) or m > L.defines["GEMV_MAX_M"]:
             raise AssertionError(f"gemv_n: block {L.block}, {m} rows")
         L.need(L.grid[0] * 32, n, "gemv_n columns")
         s, b = L.f32(scale), L.f32(bias)
         res = L.f32(x)[: m * k_].reshape(m, k_) @ L.weights(w, fmt)[: k_ * n].reshape(k_, n)
-        L.f32(y)[: m * n] = (res * (s[:n] if s is not None else 1) + (b[:n] if b is not None else 0)).ravel()
+        res = (res * (s[:n] if s is not None else 1) + (b[:n] if b is not None else 0)).ravel()
+        L.f32(y)[: m * n] = res
+        if L.f32(act) is not None:
+            L.f32(act)[: m * n] = gelu_f32(res)
 
     return k
 
@@ -653,7 +665,7 @@ def widen(fmt):
 
 KERNELS = {
     "add": k_add, "add_bcast": k_add_bcast, "gelu": k_gelu, "fill_rows": k_fill_rows,
-    "layernorm": k_layernorm, "softmax": k_softmax,
+    "layernorm": k_layernorm, "add_layernorm": k_add_layernorm, "softmax": k_softmax,
     "kv_write": k_kv_write, "attn_split": k_attn_split, "attn_combine": k_attn_combine,
 }  # fmt: skip
 for _fmt in ("f32", "f16", "bf16", "int8"):

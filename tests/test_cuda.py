@@ -703,12 +703,13 @@ def decode_counts(si, model, steps=4):
 
 @pytest.mark.parametrize("weights", ["f32", "int8"])
 def test_kernel_launches_per_decode_token(monkeypatch, weights):
-    """GPT-2 small's depth and heads, batch 1: per layer 2 layernorms, 4 GEMVs
-    (bias fused), kv_write + attn_split + attn_combine, GELU and 2 residual adds;
-    then 2 embedding gathers and their add, the final layernorm, the gather of
-    the last row (take_rows) and the lm_head GEMV.  No cuBLAS; a slot-arena
-    copy per gather and 2 per attention layer (its sequences, its rows).
-    Printed for the record."""
+    """GPT-2 small's depth and heads, batch 1: per layer 2 layernorms, each with
+    the residual add before it (the first layer's: the embeddings' add), 4
+    GEMVs (bias fused, GELU fused into c_fc's), kv_write + attn_split +
+    attn_combine; then 2 embedding gathers, the final add + layernorm, the
+    gather of the last row (take_rows) and the lm_head GEMV.  No cuBLAS; a
+    slot-arena copy per gather and 2 per attention layer (its sequences, its
+    rows).  Printed for the record."""
     from opswitch.model.gpt2 import GPT2
 
     si = standin(monkeypatch)
@@ -722,7 +723,8 @@ def test_kernel_launches_per_decode_token(monkeypatch, weights):
           f" copies")  # fmt: skip
     n_layer = config.n_layer
     assert counts["sgemm"] == 0
-    assert total == 12 * n_layer + 6 and counts["memcpy"] == 2 * n_layer + 3
+    assert counts["kernel:add_layernorm"] == 2 * n_layer + 1 and "kernel:gelu" not in counts
+    assert total == 9 * n_layer + 5 and counts["memcpy"] == 2 * n_layer + 3
 
 
 def test_a_replayed_decode_step_is_one_graph_launch_and_one_copy(monkeypatch):
@@ -738,4 +740,37 @@ def test_a_replayed_decode_step_is_one_graph_launch_and_one_copy(monkeypatch):
     print(f"\ncuda graphs, f32, a replayed decode token: {counts['issued']} host launches"
           f" ({counts['graph_launch']} graph of {counts['kernel']} kernels, {counts['memcpy']} copy)")
     assert counts["graph_launch"] == 1 and counts["memcpy"] == 1 and counts["issued"] == 2
-    assert counts["kernel"] == 12 * config.n_layer + 6
+    assert counts["kernel"] == 9 * config.n_layer + 5
+
+
+def check_fused_pairs(be):
+    """add -> layernorm and linear -> gelu, fused on the device: the fused op's result
+    and the first op's output (still readable) are the reference's; other orders flush."""
+    x, y = randn(3, 700).astype(np.float32), randn(3, 700).astype(np.float32)
+    g, b = randn(700).astype(np.float32), randn(700).astype(np.float32)
+    dx, dy, dg, db = (be.to_device(v) for v in (x, y, g, b))  # an upload between them would flush
+    total = be.add(dx, dy)
+    normed = be.layernorm(total, dg, db)
+    want_total = x.astype(np.float64) + y
+    np.testing.assert_allclose(be.to_host(normed), ops.layernorm(want_total, g, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(be.to_host(total), x + y)
+    a, w, bias = (randn(*s).astype(np.float32) for s in ((3, 70), (70, 100), (100,)))
+    for fmt in ("f32", "f16", "bf16", "int8"):
+        stored = formats.encode(w, fmt, "linear")
+        wide = formats.decode(stored).astype(np.float64)
+        args = be.to_device(a), be.upload_weight(stored), be.to_device(bias)
+        pre = be.linear(*args)
+        act = be.gelu(pre)
+        want_pre = a.astype(np.float64) @ wide + bias
+        np.testing.assert_allclose(be.to_host(act), ops.gelu(want_pre), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(be.to_host(pre), want_pre, rtol=1e-5, atol=1e-5)
+    other = be.gelu(be.add(dx, dy))  # not a fused pair: the add launches first
+    np.testing.assert_allclose(be.to_host(other), ops.gelu(want_total), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pairs_keep_every_output(standin_backend):
+    si, be = standin_backend
+    si.counts.clear()  # prepare's own check ran an add
+    check_fused_pairs(be)
+    assert si.counts["kernel:add_layernorm"] == 1 and si.counts["kernel:add"] == 1
+    assert si.counts["kernel:gelu"] == 1 and si.counts["kernel:gemv_n_f32"] == 1

@@ -69,3 +69,10 @@ def test_greedy_decode_with_graphs_equals_the_naive_backend(monkeypatch, si, wei
     scale = np.abs(want).max()
     # float32 sums of <= 128 products, in another order than numpy's: a few ulps of the largest logit
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+
+
+def test_fused_pairs_keep_every_output(backend):
+    """add_layernorm and gemv_n's GELU epilogue, as CUDA code, on rows wider than a block."""
+    from tests.test_cuda import check_fused_pairs
+
+    check_fused_pairs(backend)

@@ -38,6 +38,12 @@ Why the shape of things here:
   a value that changes from one decode step to the next, which is what lets
   ``StepGraphs`` capture a decode step as a CUDA graph once and replay it
   (``OPSWITCH_CUDA_GRAPHS=1``; off by default until measured on hardware).
+- Two pairs of ops are fused without the model asking: a GEMV's launch waits
+  for the next op (``Deferred``), and if that is the GELU of its output the
+  GEMV writes both (``act``); a residual ``add`` waits the same way for the
+  ``layernorm`` of its sum (``add_layernorm``).  Anything else launches the
+  waiting kernel first, as does every boundary (``to_host``, an upload, the
+  end of a capture), so each op's output still holds what the op promises.
 - Kernel sources and their ``-D`` options live in ``MODULES``: the backend
   compiles exactly what ``tests/test_cuda_compile.py`` compiles with NVRTC
   for sm_80 and sm_90 in CI, where there is no GPU.
@@ -98,7 +104,7 @@ MODULES: dict[str, tuple[str, ...]] = {
 KERNELS: dict[str, tuple[str, ...]] = {  # the extern "C" kernels the backend loads from each file
     "elementwise.cu": ("add", "add_bcast", "gelu", "fill_rows", "gather_f32", "gather_f16", "gather_bf16",
                        "gather_int8"),
-    "norm.cu": ("layernorm", "softmax"),
+    "norm.cu": ("layernorm", "add_layernorm", "softmax"),
     "attention.cu": ("kv_write", "attn_split", "attn_combine"),
     "gemv.cu": ("gemv_n_f32", "gemv_t_f32", *(f"{kind}_{fmt}" for fmt in ("f16", "bf16", "int8")
                                               for kind in ("gemv_n", "gemv_t", "widen"))),
@@ -513,6 +519,15 @@ class StepGraphs:
 
 
 # -- the backend ------------------------------------------------------------------
+class Deferred(NamedTuple):
+    """A kernel launched by the next op, which may fold it into its own: ``kind``
+    ("gemv_n" or "add"), its output, and what the launch needs."""
+
+    kind: str
+    out: Any
+    args: tuple
+
+
 @dataclass(frozen=True)
 class Packed:
     """A weight kept on the device in a reduced format (f16, bf16 bits, int8 + scales)."""
@@ -651,6 +666,7 @@ class CudaBackend(Backend):
         super().__init__(dtype, device)
         self.index = 0
         self.graphs: StepGraphs | None = None
+        self._deferred: Deferred | None = None
 
     # -- devices and probing -------------------------------------------------------
     @classmethod
@@ -766,9 +782,11 @@ class CudaBackend(Backend):
         self._stream.begin_capture()
 
     def end_capture(self) -> Any:
+        self._flush()  # the step's last kernel belongs to its graph
         return self._stream.end_capture()
 
     def launch(self, graph: Any) -> None:
+        self._flush()
         graph.launch(stream=self._stream)
 
     def capture_pool(self, on: bool) -> None:
@@ -790,6 +808,7 @@ class CudaBackend(Backend):
         return self._cp.empty(shape, dtype=np.float32)
 
     def _mid_step(self) -> None:
+        self._flush()
         if self.graphs is not None:
             self.graphs.interrupt()
 
@@ -810,6 +829,7 @@ class CudaBackend(Backend):
         if isinstance(x, Packed):
             return formats.decode(x.stored)
         with self._scope:
+            self._flush()
             if self.graphs is not None:
                 self.graphs.finish()
             host = x.get(stream=self._stream)
@@ -839,6 +859,7 @@ class CudaBackend(Backend):
 
     def synchronize(self) -> None:
         with self._scope:
+            self._flush()
             if self.graphs is not None:
                 self.graphs.finish()
             self._stream.synchronize()
@@ -893,6 +914,7 @@ class CudaBackend(Backend):
         of a decode step, so never captured in a graph."""
         cp = self._cp
         with self._scope, self._stream:
+            self._flush()
             x = logits.astype(cp.float64)
             top = x.max(axis=-1, keepdims=True)
             lse = top[:, 0] + cp.log(cp.exp(x - top).sum(axis=-1))
@@ -908,6 +930,22 @@ class CudaBackend(Backend):
         out = self._empty(x.shape)
         out[...] = x
         return out
+
+    def _flush(self) -> None:
+        """Launch the deferred kernel, if any: before anything that may read its output."""
+        d, self._deferred = self._deferred, None
+        if d is None:
+            return
+        if d.kind == "gemv_n":
+            self._gemv_n(*d.args, d.out, np.uint64(0))
+        else:
+            a, b = d.args
+            self._ew("add", d.out.size, (a, b, d.out, np.int64(d.out.size)))
+
+    def _gemv_n(self, fmt: str, x: Any, w: Any, scale: Any, bias: Any, m: int, k: int, n: int, y: Any,
+                act: Any) -> None:  # fmt: skip
+        args = (x, w, scale, bias, y, act, np.int32(m), np.int32(k), np.int32(n))
+        self._k[f"gemv_n_{fmt}"]((-(-n // 32),), (32, GEMV_WARPS), args)
 
     def _ew(self, kernel: str, n: int, args: tuple) -> None:
         self._k[kernel]((elementwise_grid(n),), (EW_THREADS,), args)
@@ -946,6 +984,7 @@ class CudaBackend(Backend):
             out = self._empty((m, n))
         if not launch or out.size == 0:
             return out
+        self._flush()
         x = self._contiguous(x)
         packed = isinstance(w, Packed)
         if m <= GEMV_MAX_M and (not packed or w.fits_gemv(transpose_b)):  # decode rows: no cuBLAS
@@ -955,10 +994,9 @@ class CudaBackend(Backend):
                 warps = GEMVT_THREADS // 32
                 self._k[f"gemv_t_{fmt}"]((-(-n // warps),), (GEMVT_THREADS,),
                                          (x, data, scale, out, np.int32(m), np.int32(k), np.int32(n)))
-            else:
+            else:  # launched by the next op: the GELU of `out` takes it into its own launch
                 b = bias if bias is not None else np.uint64(0)
-                self._k[f"gemv_n_{fmt}"]((-(-n // 32),), (32, GEMV_WARPS),
-                                         (x, data, scale, b, out, np.int32(m), np.int32(k), np.int32(n)))
+                self._deferred = Deferred("gemv_n", out, (fmt, x, data, scale, b, m, k, n))
             return out  # fmt: skip
         if isinstance(w, Packed):
             w = self._widen(w)
@@ -982,9 +1020,10 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty(a.shape)
         if launch and out.size:
+            self._flush()
             a, b = self._contiguous(a), self._contiguous(b)
-            if a.shape == b.shape:
-                self._ew("add", a.size, (a, b, out, np.int64(a.size)))
+            if a.shape == b.shape:  # launched by the next op: the layernorm of `out` takes it in
+                self._deferred = Deferred("add", out, (a, b))
             else:
                 self._ew("add_bcast", a.size, (a, b, out, np.int64(a.size), np.int64(b.size)))
         return out
@@ -993,6 +1032,12 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty(x.shape)
         if launch and out.size:
+            d = self._deferred
+            if d is not None and d.kind == "gemv_n" and d.out is x:  # GELU in the GEMV's epilogue
+                self._deferred = None
+                self._gemv_n(*d.args, d.out, out)
+                return out
+            self._flush()
             self._ew("gelu", x.size, (self._contiguous(x), out, np.int64(x.size)))
         return out
 
@@ -1001,6 +1046,13 @@ class CudaBackend(Backend):
             out = self._empty(x.shape)
         if launch and out.size:
             n = x.shape[-1]
+            d = self._deferred
+            if d is not None and d.kind == "add" and d.out is x:  # the residual add in the same pass
+                self._deferred = None
+                self._k["add_layernorm"]((x.size // n,), (NORM_THREADS,),
+                                         (*d.args, x, g, b, out, np.int32(n), np.float32(eps)))  # fmt: skip
+                return out
+            self._flush()
             self._k["layernorm"]((x.size // n,), (NORM_THREADS,),
                                  (self._contiguous(x), g, b, out, np.int32(n), np.float32(eps)))  # fmt: skip
         return out
@@ -1009,6 +1061,7 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty(x.shape)
         if launch and out.size:
+            self._flush()
             n_k = x.shape[-1]
             n_q = x.shape[-2] if x.ndim > 1 else 1
             self._softmax_rows(self._contiguous(x), out, x.size // n_k, n_k, n_q, bool(causal), 1.0)
@@ -1027,6 +1080,7 @@ class CudaBackend(Backend):
             out = self._empty((*shape, n))
         count = int(np.prod(shape, dtype=np.int64))
         if launch and count and n:
+            self._flush()
             if isinstance(table, Packed) and not table.fits_gemv(True):
                 table = Packed("f32", self._widen(table), None, 0, table.stored)
             fmt = table.fmt if isinstance(table, Packed) else "f32"
@@ -1046,6 +1100,7 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
         if launch:
+            self._flush()
             offset = out.data.ptr
             for part in parts:
                 part = self._contiguous(part)
@@ -1077,6 +1132,7 @@ class CudaBackend(Backend):
             out = self._empty((n_rows, n_embd))
         if not launch or not n_rows:
             return out
+        self._flush()
         qkv = self._contiguous(qkv)
         e, d32 = np.int32(n_embd), np.int32(d)
         self._k["kv_write"]((n_rows, -(-n_embd // 256)), (256,), (qkv, seqs, rows, e, d32))

@@ -46,6 +46,13 @@ __device__ float block_max(float v, float *red)
     return warp_max(v);
 }
 
+/* GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+__device__ __forceinline__ float gelu_f(float x)
+{
+    const float c = 0.7978845608028654f;
+    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+}
+
 /* Weight storage formats (opswitch.core.formats), widened to float32 as read. */
 __device__ __forceinline__ float wload(const float *w, long long i) { return w[i]; }
 

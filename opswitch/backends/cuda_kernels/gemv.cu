@@ -5,6 +5,7 @@
  * CUDA graph (CuPy refuses cuBLAS calls while a stream is captured).
  *
  * gemv_n: y [m, n] = x [m, k] @ w [k, n] * scale[n] + bias[n]   (GPT-2 Conv1D)
+ *   and, where `act` is not null, act = gelu(y) too (the MLP's GELU, fused);
  *   block (32, GEMV_WARPS): a warp's lanes take 32 neighbouring columns, so
  *   each row of w is read coalesced; the warps split k and add up in shared memory.
  * gemv_t: y [m, n] = x [m, k] @ w[n, k]^T * scale[n]             (tied lm_head)
@@ -20,7 +21,7 @@
 
 template <typename W>
 __device__ void gemv_n(const float *x, const W *w, const float *scale, const float *bias, float *y,
-                       int m, int k, int n)
+                       float *act, int m, int k, int n)
 {
     __shared__ float red[GEMV_MAX_M][GEMV_WARPS][32];
     const int j = blockIdx.x * 32 + threadIdx.x;
@@ -43,7 +44,9 @@ __device__ void gemv_n(const float *x, const W *w, const float *scale, const flo
         for (int r = 0; r < m; ++r) {
             float t = 0.0f;
             for (int g = 0; g < GEMV_WARPS; ++g) t += red[r][g][threadIdx.x];
-            y[(long long)r * n + j] = t * s + b;
+            const float v = t * s + b;
+            y[(long long)r * n + j] = v;
+            if (act) act[(long long)r * n + j] = gelu_f(v);
         }
     }
 }
@@ -83,8 +86,9 @@ __device__ void widen(const W *w, const float *scale, float *out, long long rows
 
 #define GEMV_KERNELS(NAME, W)                                                                        \
     extern "C" __global__ void gemv_n_##NAME(const float *x, const W *w, const float *scale,       \
-                                             const float *bias, float *y, int m, int k, int n)     \
-    { gemv_n(x, w, scale, bias, y, m, k, n); }                                                     \
+                                             const float *bias, float *y, float *act,              \
+                                             int m, int k, int n)                                  \
+    { gemv_n(x, w, scale, bias, y, act, m, k, n); }                                                \
     extern "C" __global__ void gemv_t_##NAME(const float *x, const W *w, const float *scale,       \
                                              float *y, int m, int k, int n)                        \
     { gemv_t(x, w, scale, y, m, k, n); }
