@@ -1,12 +1,15 @@
-"""The cuda backend without a GPU: its probe's reasons, its registration, and the
-plain array logic it launches with, run under numpy.
+"""The cuda backend without a GPU: its probe's reasons, its registration, the
+plain array logic it launches with, run under numpy, and the backend itself
+on a stand-in CuPy whose kernels are emulated in numpy (``cuda_standin.py``).
 
-What needs a GPU (the kernels' numerics, cuBLAS, graph capture itself) is
-not checked here; ``test_cuda_compile.py`` compiles the kernels with NVRTC,
-and the conformance suite runs them where a GPU is (``--opswitch-backend=cuda``).
-The probe is tested against stand-in CuPy modules, one per situation a user
-meets, and against whatever CuPy is installed (none in CI, which keeps the
-136 MB wheel out of the test extra).
+The stand-in keeps the CuPy rules that broke the backend before: per-thread
+cuBLAS handles that die with their thread, no cuBLAS call during a graph
+capture, no implicit conversion to numpy, headers needed by CuPy 14.  The
+real CUDA code runs on the CPU in ``test_cuda_kernels_cpu.py``; NVRTC compiles
+it in ``test_cuda_compile.py``; the conformance suite runs it where a GPU is
+(``--opswitch-backend=cuda``).  The probe is also tested against simple
+stand-ins, one per situation a user meets, and against whatever CuPy is
+installed (none in CI, which keeps the 136 MB wheel out of the test extra).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Devices are ``cuda:0``, ``cuda:1``, … in the CUDA runtime's order (so
 ``CUDA_VISIBLE_DEVICES`` applies).  The probe imports CuPy, asks the driver
 for the device, its name, memory, compute capability and the CUDA
-runtime/driver versions, checks that cuBLAS and NVRTC load, and copies a few
+runtime/driver versions, checks that cuBLAS and NVRTC load and (CuPy 14) that
+the CUDA runtime headers CuPy compiles with can be found, and copies a few
 bytes through the device; it builds nothing.  ``prepare()`` compiles our
 kernels (``cuda_kernels/*.cu``, NVRTC through ``cupy.RawModule``) and runs
 one of them on a known input before the backend is used.  Every reason it
@@ -657,7 +658,7 @@ class CudaBackend(Backend):
     name = "cuda"
     priority = PRIORITY
     max_priority = PRIORITY
-    description = "CuPy: cuBLAS SGEMM with fused bias, our own CUDA kernels (NVRTC) for the rest"
+    description = "CuPy: cuBLAS SGEMM for prompts, our own CUDA kernels (NVRTC) for decode and the rest"
     dtypes = ("float32",)
     weight_formats = ("f32", "f16", "bf16", "int8")
     thread_safe = False  # one stream, one slot arena, one graph recorder per instance
