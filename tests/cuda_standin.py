@@ -623,7 +623,7 @@ def k_attn_combine(L, part, rows, out, n_embd, d, n_splits):
 
 
 def gemv_n(fmt):
-    def k(L, x, w, scale, bias, y, act, m, k_, n):
+    def k(L, x, w, scale, bias, y, act, kv_seqs, kv_rows, kv_e, kv_d, m, k_, n):
         m, k_, n = int(m), int(k_), int(n)
         if L.block[:2] != (32, L.defines["GEMV_WARPS"]) or m > L.defines["GEMV_MAX_M"]:
             raise AssertionError(f"gemv_n: block {L.block}, {m} rows")
@@ -634,6 +634,13 @@ def gemv_n(fmt):
         L.f32(y)[: m * n] = res
         if L.f32(act) is not None:
             L.f32(act)[: m * n] = gelu_f32(res)
+        if int(kv_rows):  # row r of y (a qkv) is new row r of an attention batch
+            rows, seqs = _att_rows(L, kv_seqs, kv_rows, m)
+            e, d = int(kv_e), int(kv_d)
+            for r, (seq, pos, _) in enumerate(rows):
+                for part, col in ((0, e), (1, 2 * e)):
+                    cache = L.si.heap.view(seqs[seq, part], np.float32)[: e * seqs[seq, 2]]
+                    cache.reshape(e // d, -1, d)[:, pos] = res.reshape(m, n)[r, col : col + e].reshape(-1, d)
 
     return k
 

@@ -708,8 +708,8 @@ def decode_counts(si, model, steps=4):
 def test_kernel_launches_per_decode_token(monkeypatch, weights):
     """GPT-2 small's depth and heads, batch 1: per layer 2 layernorms, each with
     the residual add before it (the first layer's: the embeddings' add), 4
-    GEMVs (bias fused, GELU fused into c_fc's), kv_write + attn_split +
-    attn_combine; then 2 embedding gathers, the final add + layernorm, the
+    GEMVs (bias fused, GELU fused into c_fc's, the cache write into c_attn's),
+    attn_split + attn_combine; then 2 embedding gathers, the final add + layernorm, the
     gather of the last row (take_rows) and the lm_head GEMV.  No cuBLAS; a
     slot-arena copy per gather and 2 per attention layer (its sequences, its
     rows).  Printed for the record."""
@@ -727,7 +727,8 @@ def test_kernel_launches_per_decode_token(monkeypatch, weights):
     n_layer = config.n_layer
     assert counts["sgemm"] == 0
     assert counts["kernel:add_layernorm"] == 2 * n_layer + 1 and "kernel:gelu" not in counts
-    assert total == 9 * n_layer + 5 and counts["memcpy"] == 2 * n_layer + 3
+    assert "kernel:kv_write" not in counts
+    assert total == 8 * n_layer + 5 and counts["memcpy"] == 2 * n_layer + 3
 
 
 def test_a_replayed_decode_step_is_one_graph_launch_and_one_copy(monkeypatch):
@@ -743,7 +744,7 @@ def test_a_replayed_decode_step_is_one_graph_launch_and_one_copy(monkeypatch):
     print(f"\ncuda graphs, f32, a replayed decode token: {counts['issued']} host launches"
           f" ({counts['graph_launch']} graph of {counts['kernel']} kernels, {counts['memcpy']} copy)")
     assert counts["graph_launch"] == 1 and counts["memcpy"] == 1 and counts["issued"] == 2
-    assert counts["kernel"] == 9 * config.n_layer + 5
+    assert counts["kernel"] == 8 * config.n_layer + 5
 
 
 def check_fused_pairs(be):
@@ -769,6 +770,24 @@ def check_fused_pairs(be):
         np.testing.assert_allclose(be.to_host(pre), want_pre, rtol=1e-5, atol=1e-5)
     other = be.gelu(be.add(dx, dy))  # not a fused pair: the add launches first
     np.testing.assert_allclose(be.to_host(other), ops.gelu(want_total), rtol=1e-5, atol=1e-5)
+    # the qkv GEMV writes the new keys and values into the caches: 2 sequences, 3 new rows
+    n_head, d, capacity, starts, counts = 2, 8, 300, [290, 4], [2, 1]
+    e = n_head * d
+    h, wq, bq = (randn(*s).astype(np.float32) for s in ((3, 40), (40, 3 * e), (3 * e,)))
+    past = [(randn(n_head, capacity, d), randn(n_head, capacity, d)) for _ in counts]
+    past = [(k.astype(np.float32), v.astype(np.float32)) for k, v in past]
+    caches = [(be.to_device(k), be.to_device(v)) for k, v in past]
+    args = be.to_device(h), be.to_device(wq), be.to_device(bq)
+    qkv = be.linear(*args)
+    att = be.attention_batch(qkv, n_head, caches, starts, counts)
+    want_qkv = h.astype(np.float64) @ wq + bq
+    ref_caches = [(k.astype(np.float64), v.astype(np.float64)) for k, v in past]
+    want_att = ops.attention_batch(want_qkv, n_head, ref_caches, starts, counts)
+    np.testing.assert_allclose(be.to_host(att), want_att, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(be.to_host(qkv), want_qkv, rtol=1e-5, atol=1e-5)
+    for (k, v), (rk, rv) in zip(caches, ref_caches):
+        np.testing.assert_allclose(be.to_host(k), rk, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(be.to_host(v), rv, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_pairs_keep_every_output(standin_backend):
@@ -776,4 +795,5 @@ def test_fused_pairs_keep_every_output(standin_backend):
     si.counts.clear()  # prepare's own check ran an add
     check_fused_pairs(be)
     assert si.counts["kernel:add_layernorm"] == 1 and si.counts["kernel:add"] == 1
-    assert si.counts["kernel:gelu"] == 1 and si.counts["kernel:gemv_n_f32"] == 1
+    assert si.counts["kernel:gelu"] == 1 and si.counts["kernel:gemv_n_f32"] == 2
+    assert "kernel:kv_write" not in si.counts

@@ -39,10 +39,11 @@ Why the shape of things here:
   a value that changes from one decode step to the next, which is what lets
   ``StepGraphs`` capture a decode step as a CUDA graph once and replay it
   (``OPSWITCH_CUDA_GRAPHS=1``; off by default until measured on hardware).
-- Two pairs of ops are fused without the model asking: a GEMV's launch waits
-  for the next op (``Deferred``), and if that is the GELU of its output the
-  GEMV writes both (``act``); a residual ``add`` waits the same way for the
-  ``layernorm`` of its sum (``add_layernorm``).  Anything else launches the
+- Ops are fused without the model asking: a GEMV's launch waits for the next
+  op (``Deferred``); if that is the GELU of its output, the GEMV writes both
+  (``act``), and if it is the attention of that qkv, the GEMV also writes the
+  new keys and values into the caches (no ``kv_write``).  A residual ``add``
+  waits the same way for the ``layernorm`` of its sum (``add_layernorm``).  Anything else launches the
   waiting kernel first, as does every boundary (``to_host``, an upload, the
   end of a capture), so each op's output still holds what the op promises.
 - Kernel sources and their ``-D`` options live in ``MODULES``: the backend
@@ -938,14 +939,18 @@ class CudaBackend(Backend):
         if d is None:
             return
         if d.kind == "gemv_n":
-            self._gemv_n(*d.args, d.out, np.uint64(0))
+            self._gemv_n(*d.args, d.out, np.uint64(0), None)
         else:
             a, b = d.args
             self._ew("add", d.out.size, (a, b, d.out, np.int64(d.out.size)))
 
     def _gemv_n(self, fmt: str, x: Any, w: Any, scale: Any, bias: Any, m: int, k: int, n: int, y: Any,
-                act: Any) -> None:  # fmt: skip
-        args = (x, w, scale, bias, y, act, np.int32(m), np.int32(k), np.int32(n))
+                act: Any, kv: tuple | None) -> None:  # fmt: skip
+        """y = x w (+ bias); act = gelu(y) unless null; kv: (seqs, rows, n_embd, d) of an
+        attention batch whose new keys and values y holds, written into its caches too."""
+        null = np.uint64(0)
+        kv = kv or (null, null, np.int32(0), np.int32(1))
+        args = (x, w, scale, bias, y, act, *kv, np.int32(m), np.int32(k), np.int32(n))
         self._k[f"gemv_n_{fmt}"]((-(-n // 32),), (32, GEMV_WARPS), args)
 
     def _ew(self, kernel: str, n: int, args: tuple) -> None:
@@ -1036,7 +1041,7 @@ class CudaBackend(Backend):
             d = self._deferred
             if d is not None and d.kind == "gemv_n" and d.out is x:  # GELU in the GEMV's epilogue
                 self._deferred = None
-                self._gemv_n(*d.args, d.out, out)
+                self._gemv_n(*d.args, d.out, out, None)
                 return out
             self._flush()
             self._ew("gelu", x.size, (self._contiguous(x), out, np.int64(x.size)))
@@ -1133,10 +1138,15 @@ class CudaBackend(Backend):
             out = self._empty((n_rows, n_embd))
         if not launch or not n_rows:
             return out
-        self._flush()
-        qkv = self._contiguous(qkv)
         e, d32 = np.int32(n_embd), np.int32(d)
-        self._k["kv_write"]((n_rows, -(-n_embd // 256)), (256,), (qkv, seqs, rows, e, d32))
+        pending = self._deferred
+        if pending is not None and pending.kind == "gemv_n" and pending.out is qkv:  # qkv's own GEMV
+            self._deferred = None  # writes the new keys and values into the caches as it makes them
+            self._gemv_n(*pending.args, pending.out, np.uint64(0), (seqs, rows, e, d32))
+        else:
+            self._flush()
+            qkv = self._contiguous(qkv)
+            self._k["kv_write"]((n_rows, -(-n_embd // 256)), (256,), (qkv, seqs, rows, e, d32))
         scale = np.float32(1.0 / math.sqrt(d))
         n_split_rows = len(plan.split_rows)
         if n_split_rows:

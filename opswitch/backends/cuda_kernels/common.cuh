@@ -46,6 +46,13 @@ __device__ float block_max(float v, float *red)
     return warp_max(v);
 }
 
+/* The slot arena's records of a ragged attention batch (attention.cu, and the
+ * GEMV that writes the new keys and values straight into the caches):
+ *   seqs [n_seq][4]  = k cache address, v cache address, capacity, unused
+ *   rows [n_rows][3] = sequence, position, row of qkv / out */
+#define SEQ_FIELDS 4
+#define ROW_FIELDS 3
+
 /* GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
 __device__ __forceinline__ float gelu_f(float x)
 {

@@ -6,6 +6,8 @@
  *
  * gemv_n: y [m, n] = x [m, k] @ w [k, n] * scale[n] + bias[n]   (GPT-2 Conv1D)
  *   and, where `act` is not null, act = gelu(y) too (the MLP's GELU, fused);
+ *   and, where `kv_rows` is not null, y is a qkv [m, 3 kv_e] whose k and v
+ *   columns also go into each row's caches (attention.cu's kv_write, fused);
  *   block (32, GEMV_WARPS): a warp's lanes take 32 neighbouring columns, so
  *   each row of w is read coalesced; the warps split k and add up in shared memory.
  * gemv_t: y [m, n] = x [m, k] @ w[n, k]^T * scale[n]             (tied lm_head)
@@ -21,7 +23,8 @@
 
 template <typename W>
 __device__ void gemv_n(const float *x, const W *w, const float *scale, const float *bias, float *y,
-                       float *act, int m, int k, int n)
+                       float *act, const long long *kv_seqs, const long long *kv_rows, int kv_e, int kv_d,
+                       int m, int k, int n)
 {
     __shared__ float red[GEMV_MAX_M][GEMV_WARPS][32];
     const int j = blockIdx.x * 32 + threadIdx.x;
@@ -47,6 +50,13 @@ __device__ void gemv_n(const float *x, const W *w, const float *scale, const flo
             const float v = t * s + b;
             y[(long long)r * n + j] = v;
             if (act) act[(long long)r * n + j] = gelu_f(v);
+            if (kv_rows && j >= kv_e) {  /* row r of qkv is new row r of the batch */
+                const long long *row = kv_rows + (long long)r * ROW_FIELDS;
+                const long long *seq = kv_seqs + row[0] * SEQ_FIELDS;
+                const int is_v = j >= 2 * kv_e, c = j - (is_v ? 2 : 1) * kv_e;
+                float *cache = (float *)seq[is_v];
+                cache[((long long)(c / kv_d) * seq[2] + row[1]) * kv_d + c % kv_d] = v;
+            }
         }
     }
 }
@@ -87,8 +97,9 @@ __device__ void widen(const W *w, const float *scale, float *out, long long rows
 #define GEMV_KERNELS(NAME, W)                                                                        \
     extern "C" __global__ void gemv_n_##NAME(const float *x, const W *w, const float *scale,       \
                                              const float *bias, float *y, float *act,              \
-                                             int m, int k, int n)                                  \
-    { gemv_n(x, w, scale, bias, y, act, m, k, n); }                                                \
+                                             const long long *kv_seqs, const long long *kv_rows,   \
+                                             int kv_e, int kv_d, int m, int k, int n)              \
+    { gemv_n(x, w, scale, bias, y, act, kv_seqs, kv_rows, kv_e, kv_d, m, k, n); }                  \
     extern "C" __global__ void gemv_t_##NAME(const float *x, const W *w, const float *scale,       \
                                              float *y, int m, int k, int n)                        \
     { gemv_t(x, w, scale, y, m, k, n); }
