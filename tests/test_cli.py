@@ -204,3 +204,19 @@ def test_model_dependent_errors_are_one_line_before_any_summary(tiny_model_dir):
         r = opswitch("generate", "--model", tiny_model_dir, *extra)
         assert r.returncode == 2 and r.stdout == ""
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr
+
+
+def test_threads_flag_sets_the_pools_and_is_shown(tiny_model_dir):
+    r = opswitch("generate", "--model", tiny_model_dir, "--backend", "blas", "--threads", "1",
+                 "--prompt", "Hi", *GREEDY)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    backend_line = next(line for line in r.stderr.splitlines() if "Backend:" in line)
+    assert "1 threads" in backend_line
+    assert "--threads" in opswitch("generate", "--help").stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1e3", "99999"])
+def test_a_bad_thread_count_is_a_one_line_usage_error(value):
+    r = opswitch("generate", "--threads", value, "--prompt", "Hi")
+    assert r.returncode == 2 and "thread count" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

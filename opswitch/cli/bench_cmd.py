@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 
+from opswitch.cli.model_args import add_threads_argument
 from opswitch.core.errors import OpswitchError
 
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also decode after N tokens of context (default 900; 0 = skip)")
     p.add_argument("--prefill", type=int, default=512, metavar="N", help="prefill length (default 512)")
     p.add_argument("--repeats", type=int, default=5, metavar="N")
+    add_threads_argument(p)
     p.add_argument("--ops", action="store_true", help="also time the model's GEMV/GEMM shapes per op")
     p.add_argument("--profile", action="store_true", help="time per op of a prefill and a decode step")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model benchmarks")

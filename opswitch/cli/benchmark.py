@@ -449,6 +449,16 @@ def profile_model(model, prompt: list[int], decode_steps: int = 8) -> tuple[Prof
 
 
 # -- load time and peak memory, in a fresh process -------------------------------------
+# `python -c` puts the current directory first on sys.path: run from the parent of a clone
+# (which holds a folder named opswitch), the child would import that folder, not opswitch
+_NO_CWD_ON_PATH = "import sys\nif sys.path and sys.path[0] in ('', '.'):\n    del sys.path[0]\n"
+
+
+def python_command(code: str) -> list[str]:
+    """``python -c code`` that imports the opswitch this process runs, whatever the cwd holds."""
+    return [sys.executable, "-c", _NO_CWD_ON_PATH + code]
+
+
 _LOAD_SCRIPT = """
 import json, sys, time
 def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's, kept over exec)
@@ -485,10 +495,9 @@ def load_and_first_token(engine: str, path: str, fmt: str = "f32", backend: str 
     before loading) of a saved model directory, measured in a fresh process."""
     import json
     import subprocess
-    import sys
 
     result = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, engine, path, fmt, backend, str(threads)],
+        [*python_command(_LOAD_SCRIPT), engine, path, fmt, backend, str(threads)],
         capture_output=True, text=True, timeout=600,
     )
     if result.returncode != 0:
@@ -577,12 +586,11 @@ def run_engine(engine: str, model_spec: str, spec: str, fmt: str, repeats: int, 
     """``engine_main`` in a fresh process (thread pools of engines never share one)."""
     import json
     import subprocess
-    import sys
 
     code = "from opswitch.cli.benchmark import engine_main; engine_main()"
     numbers = (repeats, prompt, late, prefill, new, idle_wait)
     args = [engine, model_spec, spec, fmt, *(str(v) for v in numbers)]
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    result = subprocess.run([*python_command(code), *args], capture_output=True, text=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else f"exit status {result.returncode}"}
