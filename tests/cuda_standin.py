@@ -623,8 +623,15 @@ def k_attn_combine(L, part, rows, out, n_embd, d, n_splits):
 
 
 def gemv_n(fmt):
-    def k(L, x, w, scale, bias, y, act, kv_seqs, kv_rows, kv_e, kv_d, m, k_, n):
+    def k(L, x, w, scale, bias, y, act, kv_seqs, kv_rows, kv_e, kv_d,
+          a, b_, g, beta, total, ln_x, eps, m, k_, n):
         m, k_, n = int(m), int(k_), int(n)
+        if L.f32(a) is not None:  # the layernorm prologue: x = layernorm(a + b); sum and x written out
+            if L.shared_mem < 4 * m * k_:
+                raise CUDARuntimeError("gemv_n: too little shared memory for its layernorm prologue")
+            rows = L.f32(a)[: m * k_] + L.f32(b_)[: m * k_]
+            L.f32(total)[: m * k_] = rows
+            k_layernorm(Launch(L.si, (m, 1, 1), L.block, 0, L.defines), total, g, beta, ln_x, k_, eps)
         if L.block[:2] != (32, L.defines["GEMV_WARPS"]) or m > L.defines["GEMV_MAX_M"]:
             raise AssertionError(f"gemv_n: block {L.block}, {m} rows")
         L.need(L.grid[0] * 32, n, "gemv_n columns")
@@ -634,7 +641,7 @@ def gemv_n(fmt):
         L.f32(y)[: m * n] = res
         if L.f32(act) is not None:
             L.f32(act)[: m * n] = gelu_f32(res)
-        if int(kv_rows):  # row r of y (a qkv) is new row r of an attention batch
+        if L.i64(kv_rows) is not None:  # row r of y (a qkv) is new row r of an attention batch
             rows, seqs = _att_rows(L, kv_seqs, kv_rows, m)
             e, d = int(kv_e), int(kv_d)
             for r, (seq, pos, _) in enumerate(rows):

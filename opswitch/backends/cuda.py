@@ -43,7 +43,9 @@ Why the shape of things here:
   op (``Deferred``); if that is the GELU of its output, the GEMV writes both
   (``act``), and if it is the attention of that qkv, the GEMV also writes the
   new keys and values into the caches (no ``kv_write``).  A residual ``add``
-  waits the same way for the ``layernorm`` of its sum (``add_layernorm``).  Anything else launches the
+  waits the same way for the ``layernorm`` of its sum (``add_layernorm``),
+  and that waits for a GEMV of the normalised rows, which then computes them
+  itself first (its layernorm prologue): a decode layer is 6 launches.  Anything else launches the
   waiting kernel first, as does every boundary (``to_host``, an upload, the
   end of a capture), so each op's output still holds what the op promises.
 - Kernel sources and their ``-D`` options live in ``MODULES``: the backend
@@ -91,6 +93,7 @@ ATT_CHUNK = 256  # keys per attention split (its scores sit in shared memory)
 GEMV_WARPS = 8  # gemv_n: warps splitting k
 GEMV_MAX_M = 8  # rows a GEMV kernel takes; more go through SGEMM
 GEMVT_THREADS = 256  # gemv_t: one warp per output column
+GEMV_LN_FLOATS = 40 * 1024 // 4  # a layernorm prologue's rows in shared memory (48 KiB less gemv_n's 8)
 EW_THREADS = 256  # elementwise kernels
 EW_MAX_BLOCKS = 1 << 16  # elementwise kernels loop over the rest
 PREFILL_GEMM_MIN = 16  # a sequence with this many new rows takes the SGEMM attention path
@@ -523,7 +526,7 @@ class StepGraphs:
 # -- the backend ------------------------------------------------------------------
 class Deferred(NamedTuple):
     """A kernel launched by the next op, which may fold it into its own: ``kind``
-    ("gemv_n" or "add"), its output, and what the launch needs."""
+    ("gemv_n", "add" or "add_ln"), its output, and what the launch needs."""
 
     kind: str
     out: Any
@@ -940,18 +943,31 @@ class CudaBackend(Backend):
             return
         if d.kind == "gemv_n":
             self._gemv_n(*d.args, d.out, np.uint64(0), None)
+        elif d.kind == "add_ln":
+            self._add_layernorm(*d.args, d.out)
         else:
             a, b = d.args
             self._ew("add", d.out.size, (a, b, d.out, np.int64(d.out.size)))
 
-    def _gemv_n(self, fmt: str, x: Any, w: Any, scale: Any, bias: Any, m: int, k: int, n: int, y: Any,
-                act: Any, kv: tuple | None) -> None:  # fmt: skip
+    def _add_layernorm(self, a: Any, b: Any, total: Any, g: Any, beta: Any, eps: float, out: Any) -> None:
+        n = out.shape[-1]
+        self._k["add_layernorm"]((out.size // n,), (NORM_THREADS,),
+                                 (a, b, total, g, beta, out, np.int32(n), np.float32(eps)))  # fmt: skip
+
+    def _gemv_n(self, fmt: str, x: Any, w: Any, scale: Any, bias: Any, m: int, k: int, n: int,
+                ln: tuple | None, y: Any, act: Any, kv: tuple | None) -> None:  # fmt: skip
         """y = x w (+ bias); act = gelu(y) unless null; kv: (seqs, rows, n_embd, d) of an
-        attention batch whose new keys and values y holds, written into its caches too."""
+        attention batch whose new keys and values y holds, written into its caches too;
+        ln: (a, b, sum, g, beta, eps) when x is layernorm(a + b), made by the kernel first."""
         null = np.uint64(0)
         kv = kv or (null, null, np.int32(0), np.int32(1))
-        args = (x, w, scale, bias, y, act, *kv, np.int32(m), np.int32(k), np.int32(n))
-        self._k[f"gemv_n_{fmt}"]((-(-n // 32),), (32, GEMV_WARPS), args)
+        if ln is None:
+            prologue, shared = (null,) * 6 + (np.float32(0),), 0
+        else:
+            a, b, total, g, beta, eps = ln
+            prologue, shared = (a, b, g, beta, total, x, np.float32(eps)), 4 * m * k
+        args = (x, w, scale, bias, y, act, *kv, *prologue, np.int32(m), np.int32(k), np.int32(n))
+        self._k[f"gemv_n_{fmt}"]((-(-n // 32),), (32, GEMV_WARPS), args, shared_mem=shared)
 
     def _ew(self, kernel: str, n: int, args: tuple) -> None:
         self._k[kernel]((elementwise_grid(n),), (EW_THREADS,), args)
@@ -990,10 +1006,14 @@ class CudaBackend(Backend):
             out = self._empty((m, n))
         if not launch or out.size == 0:
             return out
+        packed = isinstance(w, Packed)
+        gemv = m <= GEMV_MAX_M and (not packed or w.fits_gemv(transpose_b))
+        ln, d = None, self._deferred
+        if gemv and not transpose_b and d is not None and d.kind == "add_ln" and d.out is x:
+            ln, self._deferred = d.args, None  # x = layernorm(a + b), made by the GEMV itself
         self._flush()
         x = self._contiguous(x)
-        packed = isinstance(w, Packed)
-        if m <= GEMV_MAX_M and (not packed or w.fits_gemv(transpose_b)):  # decode rows: no cuBLAS
+        if gemv:  # decode rows: no cuBLAS
             fmt, data = (w.fmt, w.data) if packed else ("f32", self._contiguous(w))
             scale = w.scale if packed and w.scale is not None else np.uint64(0)
             if transpose_b:
@@ -1002,7 +1022,7 @@ class CudaBackend(Backend):
                                          (x, data, scale, out, np.int32(m), np.int32(k), np.int32(n)))
             else:  # launched by the next op: the GELU of `out` takes it into its own launch
                 b = bias if bias is not None else np.uint64(0)
-                self._deferred = Deferred("gemv_n", out, (fmt, x, data, scale, b, m, k, n))
+                self._deferred = Deferred("gemv_n", out, (fmt, x, data, scale, b, m, k, n, ln))
             return out  # fmt: skip
         if isinstance(w, Packed):
             w = self._widen(w)
@@ -1055,8 +1075,10 @@ class CudaBackend(Backend):
             d = self._deferred
             if d is not None and d.kind == "add" and d.out is x:  # the residual add in the same pass
                 self._deferred = None
-                self._k["add_layernorm"]((x.size // n,), (NORM_THREADS,),
-                                         (*d.args, x, g, b, out, np.int32(n), np.float32(eps)))  # fmt: skip
+                if x.size // n <= GEMV_MAX_M and x.size <= GEMV_LN_FLOATS:  # a GEMV next may take both
+                    self._deferred = Deferred("add_ln", out, (*d.args, x, g, b, eps))
+                else:
+                    self._add_layernorm(*d.args, x, g, b, eps, out)
                 return out
             self._flush()
             self._k["layernorm"]((x.size // n,), (NORM_THREADS,),

@@ -23,10 +23,13 @@ __device__ __forceinline__ float warp_max(float v)
 }
 
 /* Sum (or max) over the block; every thread gets the result.  `red` is
- * shared scratch of 32 floats; blockDim.x is a multiple of 32. */
+ * shared scratch of 32 floats; the block's size is a multiple of 32 (warps are
+ * cut from the linear thread index, so a 2D block (32, n) works too). */
+__device__ __forceinline__ int linear_tid() { return threadIdx.x + threadIdx.y * blockDim.x; }
+
 __device__ float block_sum(float v, float *red)
 {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int t = linear_tid(), lane = t & 31, warp = t >> 5, n_warps = (blockDim.x * blockDim.y) >> 5;
     v = warp_sum(v);
     __syncthreads();  /* red may still be read by a previous call */
     if (lane == 0) red[warp] = v;
@@ -37,7 +40,7 @@ __device__ float block_sum(float v, float *red)
 
 __device__ float block_max(float v, float *red)
 {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int t = linear_tid(), lane = t & 31, warp = t >> 5, n_warps = (blockDim.x * blockDim.y) >> 5;
     v = warp_max(v);
     __syncthreads();
     if (lane == 0) red[warp] = v;
