@@ -810,3 +810,15 @@ def test_fused_pairs_keep_every_output(standin_backend):
     assert si.counts["kernel:add_layernorm"] == 1 and si.counts["kernel:add"] == 1
     assert si.counts["kernel:gelu"] == 1 and si.counts["kernel:gemv_n_f32"] == 3
     assert "kernel:kv_write" not in si.counts
+
+
+def test_a_layernorm_prologue_too_big_for_shared_memory_is_not_fused(standin_backend):
+    """8 rows of GPT-2 large (1280 wide) exceed the 48 KiB a launch gets: add_layernorm runs alone."""
+    si, be = standin_backend
+    x, g, w = randn(8, 1280).astype(np.float32), randn(1280).astype(np.float32), randn(1280, 4)
+    dx, dg, dw = be.to_device(x), be.to_device(g), be.to_device(w.astype(np.float32))
+    si.counts.clear()
+    out = be.to_host(be.linear(be.layernorm(be.add(dx, dx), dg, dg), dw))
+    want = ops.layernorm(2 * x.astype(np.float64), g, g) @ w.astype(np.float32)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    assert si.counts["kernel:add_layernorm"] == 1 and si.counts["kernel:gemv_n_f32"] == 1

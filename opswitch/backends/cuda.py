@@ -93,7 +93,8 @@ ATT_CHUNK = 256  # keys per attention split (its scores sit in shared memory)
 GEMV_WARPS = 8  # gemv_n: warps splitting k
 GEMV_MAX_M = 8  # rows a GEMV kernel takes; more go through SGEMM
 GEMVT_THREADS = 256  # gemv_t: one warp per output column
-GEMV_LN_FLOATS = 40 * 1024 // 4  # a layernorm prologue's rows in shared memory (48 KiB less gemv_n's 8)
+# a layernorm prologue's rows in shared memory: 48 KiB (no opt-in) less gemv_n's static 8 KiB + 128 B
+GEMV_LN_FLOATS = (48 * 1024 - 8 * 1024 - 1024) // 4  # (a 1 KiB margin)
 EW_THREADS = 256  # elementwise kernels
 EW_MAX_BLOCKS = 1 << 16  # elementwise kernels loop over the rest
 PREFILL_GEMM_MIN = 16  # a sequence with this many new rows takes the SGEMM attention path
