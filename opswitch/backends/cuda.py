@@ -45,9 +45,10 @@ Why the shape of things here:
   new keys and values into the caches (no ``kv_write``).  A residual ``add``
   waits the same way for the ``layernorm`` of its sum (``add_layernorm``),
   and that waits for a GEMV of the normalised rows, which then computes them
-  itself first (its layernorm prologue): a decode layer is 6 launches.  Anything else launches the
-  waiting kernel first, as does every boundary (``to_host``, an upload, the
-  end of a capture), so each op's output still holds what the op promises.
+  itself first (its layernorm prologue): a decode layer is 6 launches.
+  Anything else launches the waiting kernel first, as does every boundary
+  (``to_host``, an upload, the end of a capture), so each op's output still
+  holds what the op promises.
 - Kernel sources and their ``-D`` options live in ``MODULES``: the backend
   compiles exactly what ``tests/test_cuda_compile.py`` compiles with NVRTC
   for sm_80 and sm_90 in CI, where there is no GPU.
