@@ -23,7 +23,7 @@
 
 struct dim3 { unsigned x, y, z; };
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
 extern "C" void emu_switch(void **save_sp, void *next_sp);
 asm(R"(
     .text
