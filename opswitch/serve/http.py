@@ -1,0 +1,111 @@
+"""The connection layer under the app: limits uvicorn does not have, and a clean shutdown.
+
+uvicorn bounds the idle time between requests (keep-alive) but not the time a
+client may take to send a request's headers, and its ``limit_concurrency``
+only answers 503 once a request has arrived, so connections that never send
+one are never counted out.  ``guarded_protocol`` adds both: a connection over
+``max_connections`` is answered 503 and closed at once, and one that has not
+sent its headers ``header_timeout`` seconds after connecting (or after its
+previous response) is closed.  ``Server`` tells the app when a signal asks it
+to stop, so running streams and waiting requests are answered before uvicorn
+closes their connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from opswitch.serve.protocol import error_body
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection may hold: the `serve` flags of the same names."""
+
+    max_connections: int = 512
+    header_timeout: float = 10.0  # seconds to send a request's headers
+    keep_alive: float = 5.0  # seconds idle between requests
+
+
+def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
+    body = json.dumps(error_body(message, "server_error", code=code)).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a connection limit and a header-read timeout."""
+    too_many = _refusal(503, "Service Unavailable",
+                        f"the server has its maximum of {limits.max_connections} connections open"
+                        " (--max-connections): retry later", "too_many_connections")
+
+    class GuardedProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                transport.write(too_many)
+                transport.close()
+                return
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in: the app reads the body
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()  # the next request's headers get the same time
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.transport.close()
+
+    return GuardedProtocol
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, calling ``on_exit`` as soon as SIGINT/SIGTERM asks it to stop."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._on_exit()
+
+
+def serve(app, sock: socket.socket, limits: ConnectionLimits, grace: float,
+          on_exit: Callable[[], None]) -> None:
+    """Run ``app`` on the bound ``sock`` until a signal stops it (within ``grace`` seconds)."""
+    config = uvicorn.Config(app, log_level="warning", access_log=False, http=guarded_protocol(limits),
+                            timeout_keep_alive=limits.keep_alive, timeout_graceful_shutdown=grace)
+    Server(config, on_exit).run(sockets=[sock])
