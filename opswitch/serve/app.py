@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -49,6 +49,16 @@ class JSONResponse(StarletteJSON):
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+class _EventStream(EventSourceResponse):
+    """Server-sent events whose send timeout ends the response quietly: the client stopped
+    reading, its request is cancelled (the generator's ``finally``) and uvicorn closes the
+    connection; there is nobody to tell, and nothing for the log to explain."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        with contextlib.suppress(SendTimeoutError):
+            await super().__call__(scope, receive, send)
 
 
 class ServeApp:
@@ -131,7 +141,7 @@ class ServeApp:
             raise APIError(503, str(exc), code="not_serving", kind="server_error") from None
         cid = completion_id()
         if req.stream:
-            return EventSourceResponse(self._stream(ticket, req, cid), sep="\n", ping=15,
+            return _EventStream(self._stream(ticket, req, cid), sep="\n", ping=15,
                                        headers={"Cache-Control": "no-cache"}, send_timeout=self.send_timeout,
                                        shutdown_grace_period=self.grace)
         return await self._whole(request, ticket, req, cid)

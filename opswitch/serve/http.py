@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ class ConnectionLimits:
     max_connections: int = 512
     header_timeout: float = 10.0  # seconds to send a request's headers
     keep_alive: float = 5.0  # seconds idle between requests
+    # the kernel's send buffer per connection: what a client that stops reading pins in the
+    # kernel (autotuned, it grows to megabytes); a stream needs a few kB a second
+    send_buffer: int = 64 << 10
 
 
 def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
@@ -58,6 +62,9 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 transport.write(too_many)
                 transport.close()
                 return
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits.send_buffer)
             self._arm_header_timer()
 
         def data_received(self, data: bytes) -> None:
@@ -92,14 +99,17 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, calling ``on_exit`` as soon as SIGINT/SIGTERM asks it to stop."""
+    """uvicorn's server, calling ``on_exit`` as soon as SIGINT/SIGTERM asks it to stop.
+
+    SIGTERM is taken as SIGINT: the same graceful stop, a second one forces it, and
+    the command ends as after Ctrl-C (status 0) rather than killed by the signal."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_exit = on_exit
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        super().handle_exit(sig, frame)
+        super().handle_exit(signal.SIGINT if sig == signal.SIGTERM else sig, frame)
         self._on_exit()
 
 

@@ -152,7 +152,7 @@ class Scheduler:
         self.tokenizer = lm.require_tokenizer()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.pool = lm.model.cache_pool(cache_bytes)
-        self.generator = BatchGenerator(lm.model, self.pool, lm.n_vocab_allowed)
+        self.generator = BatchGenerator(lm.model, self.pool, lm.n_vocab_allowed, lm.unused_ids)
         self.metrics = metrics or Metrics()
         self._waiting: deque[_Choice] = deque()
         self._running: dict[Running, _Choice] = {}
