@@ -8,6 +8,7 @@ made from the outside: status codes, timings, /metrics, the process's RSS.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import BACKEND, KEY, PROMPT, ROOT, Server, http
+httpx = pytest.importorskip("httpx")
 
-import httpx  # noqa: E402  (test_serve skips the module when the serve extra is missing)
+from test_serve import BACKEND, KEY, PROMPT, ROOT, Server, http  # noqa: E402  (it skips without the extra)
 
 N_CTX = 256  # the demo model's context
 HEADER_TIMEOUT = BODY_TIMEOUT = SEND_TIMEOUT = 1.0
@@ -248,7 +249,7 @@ def test_a_key_header_that_is_not_text_is_a_401(server):
     assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_api_key"
 
 
-# -- one bad token: gaps in the tokenizer's id table -----------------------------------------------------------
+# -- one bad token: gaps in the tokenizer's id table -------------------------------------------------------
 GAP_PROMPT = "The weather"
 
 
@@ -300,7 +301,7 @@ def test_a_gap_in_the_id_table_is_never_sampled_and_the_server_keeps_serving(gap
         assert s.stop() == 0, "".join(s.log)
 
 
-# -- the command line: a budget that cannot serve ---------------------------------------------------------------
+# -- the command line: a budget that cannot serve ---------------------------------------------------------
 @pytest.mark.parametrize("value, fragment", [
     ("inf", "positive number of MiB"), ("nan", "positive number of MiB"),
     ("1e-9", "smallest budget that serves one is"),
@@ -308,6 +309,6 @@ def test_a_gap_in_the_id_table_is_never_sampled_and_the_server_keeps_serving(gap
 def test_a_cache_budget_that_cannot_serve_is_refused_at_start(value, fragment):
     r = subprocess.run([sys.executable, "-m", "opswitch", "serve", "--port", "0", "--backend", BACKEND,
                         "--cache-mib", value], capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     errors = [line for line in r.stderr.splitlines() if not line.startswith("✓") and "Model:" not in line]
     assert r.returncode == 2 and len(errors) == 1 and fragment in errors[0], r.stderr
