@@ -140,6 +140,36 @@ def test_a_prompt_list_is_counted_before_it_is_encoded(server):
     assert r.status_code == 400 and _openai_error(r)["param"] in ("prompt", "n")
 
 
+def test_the_tokenizers_word_cache_is_bounded_in_bytes(monkeypatch):
+    """Many long distinct words (a server's refused prompts, say) are not all kept: the cache
+    holds at most CACHE_BYTES, however few entries that is."""
+    import gc
+    import random
+    import string
+    import tracemalloc
+
+    import opswitch.tokenizer.bpe as bpe
+    from opswitch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ROOT / "opswitch" / "data" / "demo-model")
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(300)) for _ in range(200)]
+    monkeypatch.setattr(bpe, "CACHE_BYTES", 64 << 10)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        ids = [tok.encode(w) for w in words]
+        del ids
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # every word kept would be ~380 KiB (300 characters and ~150 ids each); the budget is 64 KiB
+    assert kept < 192 << 10, f"the tokenizer kept {kept / 1024:.0f} KiB for a 64 KiB cache"
+    assert tok.encode(words[0]) == tok.encode(words[0])  # still encodes the same
+
+
 # -- connections: header and body timeouts, a connection limit, a client that never reads -------------------
 def test_a_client_that_never_finishes_its_headers_is_closed(server):
     sock = _connect(server)
@@ -235,6 +265,27 @@ def test_hostile_bodies_are_client_errors(server, body, status, param):
     if status != 200:
         assert _openai_error(r)["param"] == param
     assert http(server, "GET", "/health", key=None).status_code == 200
+
+
+def test_a_key_that_is_not_utf8_works_and_a_wrong_one_is_a_401(monkeypatch):
+    """A key from the environment (or argv) in bytes that are not UTF-8 is compared as bytes:
+    before, encoding it raised on every request (500)."""
+    monkeypatch.setenv("OPSWITCH_API_KEY", "k\udcff\udcfe")  # os.fsdecode(b"k\xff\xfe")
+    s = Server("--backend", BACKEND, "--max-batch", "2", "--max-queue", "4")
+    try:
+        answers = {}
+        for name, key in (("right", b"k\xff\xfe"), ("wrong", b"k\xff")):
+            sock = _connect(s)
+            try:
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + key
+                             + b"\r\nconnection: close\r\n\r\n")
+                answers[name], _ = _drain(sock, within=10)
+            finally:
+                sock.close()
+    finally:
+        assert s.stop() == 0, "".join(s.log)
+    assert answers["right"].startswith(b"HTTP/1.1 200"), answers["right"][:200]
+    assert answers["wrong"].startswith(b"HTTP/1.1 401"), answers["wrong"][:200]
 
 
 def test_a_key_header_that_is_not_text_is_a_401(server):
