@@ -183,6 +183,22 @@ def test_a_client_that_never_finishes_its_headers_is_closed(server):
         sock.close()
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GARBAGE\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nhost: x\r\nnot a header line\r\n\r\n",
+], ids=["not-http", "bad-header"])
+def test_a_request_that_is_not_http_is_a_400_in_openai_shape(server, request_bytes):
+    sock = _connect(server)
+    try:
+        sock.sendall(request_bytes)
+        data, closed = _drain(sock, within=5)
+    finally:
+        sock.close()
+    assert closed and data.startswith(b"HTTP/1.1 400"), data[:200]
+    error = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_http"
+
+
 def test_a_body_that_never_arrives_is_a_408(server):
     sock = _connect(server)
     try:

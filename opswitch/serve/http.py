@@ -81,6 +81,17 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             self._cancel_header_timer()
             super().connection_lost(exc)
 
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot parse (bad syntax, headers over the size limit): OpenAI's error
+            JSON, as for every other error, instead of uvicorn's plain text."""
+            body = json.dumps(error_body(f"invalid HTTP request: {msg}", code="invalid_http")).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def _arm_header_timer(self) -> None:
             self._cancel_header_timer()
             self._header_timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
