@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     console.info(f"✓ Serving {name!r} at http://{shown}:{port}/v1 (max batch {args.max_batch},"
                  f" queue {args.max_queue}, KV cache {args.cache_mib:g} MiB); Ctrl-C stops")
     sys.stderr.flush()
-    limits = ConnectionLimits(args.max_connections, args.header_timeout, args.keep_alive)
+    limits = ConnectionLimits(args.max_connections, args.header_timeout, args.keep_alive,
+                              send_timeout=args.send_timeout)
     try:
         serve(served.build(), sock, limits, args.shutdown_grace, served.begin_shutdown)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,13 +52,41 @@ class JSONResponse(StarletteJSON):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-class _EventStream(EventSourceResponse):
-    """Server-sent events whose send timeout ends the response quietly: the client stopped
-    reading, its request is cancelled (the generator's ``finally``) and uvicorn closes the
-    connection; there is nobody to tell, and nothing for the log to explain."""
+class ClientTooSlow(Exception):
+    """A send waited longer than the send timeout: the client is not reading."""
+
+
+class SendTimeout:
+    """ASGI wrapper: every send of a response (whole or streamed) must finish within
+    ``seconds``, or the response is abandoned and uvicorn closes the connection.
+
+    Without it a client that never reads holds its connection, and the response
+    waiting for it, for as long as it likes."""
+
+    def __init__(self, app, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
 
     async def __call__(self, scope, receive, send) -> None:
-        with contextlib.suppress(SendTimeoutError):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def timed_send(message) -> None:
+            with anyio.move_on_after(self.seconds) as waited:
+                await send(message)
+            if waited.cancelled_caught:
+                raise ClientTooSlow(f"a send waited over {self.seconds:g} s (--send-timeout)")
+
+        with contextlib.suppress(ClientTooSlow):  # nobody to tell: the connection is closed
+            await self.app(scope, receive, timed_send)
+
+
+class _EventStream(EventSourceResponse):
+    """Server-sent events that end quietly when the client stops reading: its request is
+    cancelled (the generator's ``finally``) and uvicorn closes the connection."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        with contextlib.suppress(SendTimeoutError, ClientTooSlow):
             await super().__call__(scope, receive, send)
 
 
@@ -142,8 +171,7 @@ class ServeApp:
         cid = completion_id()
         if req.stream:
             return _EventStream(self._stream(ticket, req, cid), sep="\n", ping=15,
-                                       headers={"Cache-Control": "no-cache"}, send_timeout=self.send_timeout,
-                                       shutdown_grace_period=self.grace)
+                                headers={"Cache-Control": "no-cache"}, shutdown_grace_period=self.grace)
         return await self._whole(request, ticket, req, cid)
 
     async def _whole(self, request: Request, ticket: Ticket, req: CompletionRequest, cid: str) -> Response:
@@ -245,7 +273,7 @@ class ServeApp:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- the app -----------------------------------------------------------------------
-    def build(self) -> Starlette:
+    def build(self) -> SendTimeout:
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette):
             self.scheduler.start()
@@ -262,7 +290,8 @@ class ServeApp:
             Route("/metrics", self.prometheus, methods=["GET"]),
         ]
         handlers = {APIError: self._api_error, HTTPException: _http_error, Exception: self._crash}
-        return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+        return SendTimeout(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan),
+                           self.send_timeout)
 
     async def _api_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -271,6 +300,9 @@ class ServeApp:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     async def _crash(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, ClientTooSlow):  # not an error of ours; the answer cannot be sent anyway
+            self.metrics.request_done(499)
+            return Response(status_code=499)
         self.metrics.request_done(500)
         return JSONResponse(error_body(f"internal server error: {type(exc).__name__}: {exc}", "server_error"),
                             status_code=500)
@@ -301,6 +333,6 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def create_app(lm, model_name: str, **settings: Any) -> Starlette:
+def create_app(lm, model_name: str, **settings: Any) -> SendTimeout:
     """The ASGI app serving ``lm`` (a LanguageModel) as ``model_name``."""
     return ServeApp(lm, model_name, **settings).build()

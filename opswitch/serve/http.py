@@ -38,6 +38,7 @@ class ConnectionLimits:
     # the kernel's send buffer per connection: what a client that stops reading pins in the
     # kernel (autotuned, it grows to megabytes); a stream needs a few kB a second
     send_buffer: int = 64 << 10
+    send_timeout: float = 30.0  # seconds a connection's unsent output may wait for the client to read
 
 
 def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
@@ -66,6 +67,24 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits.send_buffer)
             self._arm_header_timer()
+            self._unsent: int | None = None
+            self.loop.call_later(limits.send_timeout, self._check_unsent)
+
+        def _check_unsent(self) -> None:
+            """Abort a connection whose output has not moved for a send timeout.
+
+            uvicorn writes a whole response into the transport's buffer and, when the client
+            does not read, closing waits for that buffer to drain, so without this a client
+            that never reads would hold its connection and the unsent answer for ever."""
+            if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+                return  # closed, or closing with nothing left to send
+            unsent = self.transport.get_write_buffer_size()
+            waiting = unsent and (self.flow.write_paused or self.transport.is_closing())
+            if waiting and self._unsent is not None and unsent >= self._unsent:
+                self.transport.abort()
+                return
+            self._unsent = unsent if waiting else None
+            self.loop.call_later(limits.send_timeout, self._check_unsent)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
