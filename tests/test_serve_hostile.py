@@ -271,10 +271,11 @@ BIG_INT = b"9" * 5000  # past Python's int digit limit: json.loads raises ValueE
     (b'{"model": "demo", "prompt": ["ok", "\\udfff"]}', 400, "prompt"),
     (b'{"model": "\\ud800", "prompt": "x"}', 404, "model"),
     (b'{"model": "demo", "prompt": "x", "\\udc80": 1}', 400, "\udc80"),
+    (b'{"model": "demo", "prompt": "x", "stop": "' + b"ab" * 5000 + b'"}', 400, "stop"),
     (b'{"model": "demo", "prompt": "x", "stop": "\\ud800", "max_tokens": 2}', 200, None),
     (b'{"model": "demo", "prompt": "x", "user": "\\ud800", "max_tokens": 2}', 200, None),
 ], ids=["deep", "big-int", "big-int-prompt", "surrogate-prompt", "surrogate-in-list", "surrogate-model",
-        "surrogate-key", "surrogate-stop", "surrogate-user"])
+        "surrogate-key", "long-stop", "surrogate-stop", "surrogate-user"])
 def test_hostile_bodies_are_client_errors(server, body, status, param):
     r = http(server, "POST", "/v1/completions", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text[:300]

@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     limits.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                         help="seconds a client has to send a request's body; then 408 (default 30)")
     limits.add_argument("--send-timeout", type=float, default=30.0, metavar="S",
-                        help="seconds a stream may wait for a client that does not read; then the request"
-                        " is cancelled and the connection closed (default 30)")
+                        help="seconds a response may wait for a client that does not read it; then the"
+                        " connection is closed and its request cancelled (default 30)")
     limits.add_argument("--keep-alive", type=float, default=5.0, metavar="S",
                         help="seconds an idle connection stays open between requests (default 5)")
     limits.add_argument("--stream-buffer", type=int, default=STREAM_BUFFER, metavar="N",

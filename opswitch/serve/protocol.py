@@ -20,6 +20,9 @@ from opswitch.serve.scheduler import Delta, SequenceSpec
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 128
 MAX_STOPS = 4
+# a stop string is looked for in the text after every token, on the model thread: longer
+# than any text a context can hold, it could never match, only slow every step
+MAX_STOP_CHARS = 1024
 MAX_LOGPROBS = 5
 
 SUPPORTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
@@ -179,8 +182,9 @@ def parse_completion(body: Any, lm, model_name: str, scheduler) -> CompletionReq
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise bad(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop",
+                             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise bad(f"stop must be a non-empty string of at most {MAX_STOP_CHARS} characters, or a list of"
+                  f" at most {MAX_STOPS} of them", "stop",
                   "invalid_value")
     prompts = _prompts(body.get("prompt"), lm, scheduler.max_queue // n)
     if len(prompts) * n > scheduler.max_queue:
