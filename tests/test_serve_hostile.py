@@ -237,6 +237,7 @@ def test_a_client_that_never_reads_its_stream_is_cut_off(server):
     body = json.dumps({"model": "demo", "prompt": "Hello", "max_tokens": max_tokens, "n": n, "seed": 1,
                        "temperature": 1.0, "stream": True, "logprobs": 5}).encode()
     generated_before = _metric(server, "opswitch_generated_tokens_total")
+    connections_before = _metric(server, "opswitch_open_connections")  # (counting the scrape's own)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's kernel takes little
     sock.connect(_address(server))
@@ -249,6 +250,12 @@ def test_a_client_that_never_reads_its_stream_is_cut_off(server):
             time.sleep(0.2)
         generated = _metric(server, "opswitch_generated_tokens_total") - generated_before
         assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
+        # the server lets go of the connection (and its unsent output) while the client still
+        # holds it open, unread: closing gracefully would wait for it to read, for ever
+        deadline = time.monotonic() + 4 * SEND_TIMEOUT + 5
+        while _metric(server, "opswitch_open_connections") > connections_before:
+            assert time.monotonic() < deadline, "the server kept the connection of a client that never read"
+            time.sleep(0.2)
         data, closed = _drain(sock, within=SEND_TIMEOUT + 10)
     finally:
         sock.close()

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     limits = ConnectionLimits(args.max_connections, args.header_timeout, args.keep_alive,
                               send_timeout=args.send_timeout)
     try:
-        serve(served.build(), sock, limits, args.shutdown_grace, served.begin_shutdown)
+        serve(served.build(), sock, limits, args.shutdown_grace, served.begin_shutdown, served.metrics)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
         pass
     console.info("✓ Server stopped")

@@ -25,6 +25,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from opswitch.serve.metrics import Metrics
 from opswitch.serve.protocol import error_body
 
 
@@ -144,8 +145,12 @@ class Server(uvicorn.Server):
 
 
 def serve(app, sock: socket.socket, limits: ConnectionLimits, grace: float,
-          on_exit: Callable[[], None]) -> None:
+          on_exit: Callable[[], None], metrics: Metrics | None = None) -> None:
     """Run ``app`` on the bound ``sock`` until a signal stops it (within ``grace`` seconds)."""
     config = uvicorn.Config(app, log_level="warning", access_log=False, http=guarded_protocol(limits),
                             timeout_keep_alive=limits.keep_alive, timeout_graceful_shutdown=grace)
-    Server(config, on_exit).run(sockets=[sock])
+    server = Server(config, on_exit)
+    if metrics is not None:
+        metrics.gauge("opswitch_open_connections", "HTTP connections open (at most --max-connections).",
+                      lambda: len(server.server_state.connections))
+    server.run(sockets=[sock])
