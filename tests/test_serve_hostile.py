@@ -360,6 +360,11 @@ def test_a_gap_in_the_id_table_is_never_sampled_and_the_server_keeps_serving(gap
     assert gap in lm.tokenizer.unused_ids
     expected = lm.generate_ids(GAP_PROMPT, max_new_tokens=8, temperature=0)
     assert gap not in expected.new_ids and expected.new_ids
+    # the same mask in every way of generating (a batch job uses generate_batch)
+    batched = lm.generate_batch([GAP_PROMPT] * 2, [{"max_new_tokens": 8, "temperature": 0},
+                                                   {"max_new_tokens": 20, "temperature": 2.0, "seed": 3}])
+    assert batched[0].new_ids == expected.new_ids and gap not in batched[1].new_ids
+    assert lm.generate(GAP_PROMPT, max_new_tokens=8, temperature=0) == lm.decode(expected.new_ids)
     s = Server("--backend", BACKEND, "--tokenizer", str(folder), "--max-batch", "4", "--max-queue", "8")
     try:
         client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0, timeout=60)
