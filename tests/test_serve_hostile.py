@@ -89,7 +89,8 @@ def test_a_huge_one_word_prompt_is_refused_at_once_and_streams_keep_flowing(serv
     off the event loop, and leaves nothing behind (no cached 1 MB word per request)."""
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to read the server's RSS")
-    huge = {"model": "demo", "prompt": "a" * 1_000_000, "max_tokens": 5}
+    def huge(letter: str) -> dict:  # a different word each time: nothing is reused from a cache
+        return {"model": "demo", "prompt": letter * 1_000_000, "max_tokens": 5}
     headers = {"Authorization": f"Bearer {KEY}"}
     gaps: list[float] = []
     refusing = threading.Event()
@@ -106,16 +107,16 @@ def test_a_huge_one_word_prompt_is_refused_at_once_and_streams_keep_flowing(serv
                         gaps.append(now - last)
                     last = now
 
-    first = http(server, "POST", "/v1/completions", json=huge)  # warms the allocator's arenas
+    first = http(server, "POST", "/v1/completions", json=huge("z"))  # warms the allocator's arenas
     assert first.status_code == 400 and _openai_error(first)["code"] == "context_length_exceeded"
     before = _rss_bytes(server.proc.pid)
     streamer = threading.Thread(target=stream)
     streamer.start()
     try:
         time.sleep(0.5)
-        for _ in range(8):
+        for letter in "abcdefgh":
             started = time.monotonic()
-            r = http(server, "POST", "/v1/completions", json=huge)
+            r = http(server, "POST", "/v1/completions", json=huge(letter))
             took = time.monotonic() - started
             assert r.status_code == 400 and _openai_error(r)["code"] == "context_length_exceeded"
             assert took < 1.0, f"refusing a 1 MB prompt took {took:.2f} s"
