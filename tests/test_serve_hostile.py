@@ -393,3 +393,12 @@ def test_a_cache_budget_that_cannot_serve_is_refused_at_start(value, fragment):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     errors = [line for line in r.stderr.splitlines() if not line.startswith("✓") and "Model:" not in line]
     assert r.returncode == 2 and len(errors) == 1 and fragment in errors[0], r.stderr
+    smallest = re.search(r"serves one is (\S+) MiB", errors[0])
+    if smallest:  # and the budget it names does serve one (the smallest) request
+        s = Server("--backend", BACKEND, "--cache-mib", smallest.group(1))
+        try:
+            r = http(s, "POST", "/v1/completions", json={"model": "demo", "prompt": [5], "max_tokens": 1,
+                                                                "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
+        finally:
+            assert s.stop() == 0, "".join(s.log)
