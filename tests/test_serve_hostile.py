@@ -136,6 +136,7 @@ def test_a_huge_one_word_prompt_is_refused_at_once_and_streams_keep_flowing(serv
 def test_a_prompt_list_is_counted_before_it_is_encoded(server):
     r = http(server, "POST", "/v1/completions", json={"model": "demo", "prompt": ["x"] * 33, "max_tokens": 1})
     assert r.status_code == 400 and "33 prompts" in _openai_error(r)["message"]
+    assert _openai_error(r)["param"] == "prompt"
     r = http(server, "POST", "/v1/completions",
              json={"model": "demo", "prompt": ["hello"] * 4, "n": 9, "max_tokens": 1})
     assert r.status_code == 400 and _openai_error(r)["param"] in ("prompt", "n")

@@ -91,10 +91,10 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int) ->
     return value
 
 
-def _prompts(value: Any, lm, most: int) -> list[list[int]]:
+def _prompts(value: Any, lm, n: int, max_queue: int) -> list[list[int]]:
     """Text, a list of texts, token ids, or a list of token-id lists -> token ids per prompt.
 
-    At most ``most`` prompts, counted before any is encoded; each text is encoded
+    Prompts times ``n`` at most ``max_queue``, counted before any prompt is encoded; each text is encoded
     with the context as its bound, so a huge prompt costs about a context's worth
     of work before it is refused, not the work of all of it."""
     n_vocab, n_ctx = lm.config.vocab_size, lm.config.n_positions
@@ -125,9 +125,9 @@ def _prompts(value: Any, lm, most: int) -> list[list[int]]:
     if value is None:
         raise bad("you must provide a prompt", "prompt", "missing_required_parameter")
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value) \
-            and len(value) > most:
-        raise bad(f"this request has {len(value)} prompts; the server queues at most {most}"
-                  " completions (--max-queue)", "prompt", "invalid_value")
+            and len(value) * n > max_queue:
+        raise bad(f"this request asks for {len(value) * n} completions ({len(value)} prompts, n {n});"
+                  f" the server queues at most {max_queue} (--max-queue)", "prompt", "invalid_value")
     if isinstance(value, str):
         prompts = [text(value)]
     elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
@@ -186,7 +186,7 @@ def parse_completion(body: Any, lm, model_name: str, scheduler) -> CompletionReq
         raise bad(f"stop must be a non-empty string of at most {MAX_STOP_CHARS} characters, or a list of"
                   f" at most {MAX_STOPS} of them", "stop",
                   "invalid_value")
-    prompts = _prompts(body.get("prompt"), lm, scheduler.max_queue // n)
+    prompts = _prompts(body.get("prompt"), lm, n, scheduler.max_queue)
     if len(prompts) * n > scheduler.max_queue:
         raise bad(f"this request asks for {len(prompts) * n} completions; the server queues at most"
                   f" {scheduler.max_queue} (--max-queue)", "n", "invalid_value")
