@@ -56,30 +56,33 @@ def read_model(path: Path):
     return model
 
 
-def all_tensors(model) -> Iterator[tuple[object, bool]]:
-    """(tensor, is_initializer) for every TensorProto in the model, subgraphs and functions included."""
+def all_tensors(model) -> Iterator[tuple[object, bool, str]]:
+    """(tensor, is_initializer, what it is) for every TensorProto in the model, subgraphs and
+    functions included."""
     from onnx import AttributeProto
 
     def graph_tensors(graph, top: bool):
         for t in graph.initializer:
-            yield t, top
+            yield t, top, f"tensor {t.name!r}"
         for s in graph.sparse_initializer:
-            yield s.values, False
-            yield s.indices, False
+            yield s.values, False, f"sparse tensor {s.values.name!r}"
+            yield s.indices, False, f"sparse tensor {s.values.name!r}'s indices"
         yield from node_tensors(graph.node)
 
     def node_tensors(nodes):
         for node in nodes:
             for a in node.attribute:
+                label = node.name or (node.output[0] if node.output else "")
+                what = f"tensor {a.t.name or a.name!r} of {node.op_type} node {label!r}"
                 if a.type == AttributeProto.TENSOR:
-                    yield a.t, False
+                    yield a.t, False, what
                 elif a.type == AttributeProto.TENSORS:
-                    yield from ((t, False) for t in a.tensors)
+                    yield from ((t, False, what) for t in a.tensors)
                 elif a.type in (AttributeProto.SPARSE_TENSOR, AttributeProto.SPARSE_TENSORS):
                     one = a.type == AttributeProto.SPARSE_TENSOR
                     for s in [a.sparse_tensor] if one else a.sparse_tensors:
-                        yield s.values, False
-                        yield s.indices, False
+                        yield s.values, False, what
+                        yield s.indices, False, what
                 elif a.type == AttributeProto.GRAPH:
                     yield from graph_tensors(a.g, False)
                 elif a.type == AttributeProto.GRAPHS:
@@ -96,49 +99,49 @@ def check_tensors(model, path: Path) -> None:
     the external data of the small non-initializer ones into the tensor (bounded)."""
     from onnx import TensorProto
 
-    for tensor, initializer in all_tensors(model):
-        needed = tensor_bytes(tensor, path)
+    for tensor, initializer, what in all_tensors(model):
+        needed = tensor_bytes(tensor, path, what)
         if tensor.data_location == TensorProto.EXTERNAL:
-            target, offset = external_span(tensor, path, needed)
+            target, offset = external_span(tensor, path, needed, what)
             if not initializer:
-                inline_external(tensor, path, target, offset, needed)
+                inline_external(tensor, path, target, offset, needed, what)
         else:
-            check_inline(tensor, path, needed)
+            check_inline(tensor, path, needed, what)
 
 
-def tensor_bytes(tensor, source: Path) -> int:
+def tensor_bytes(tensor, source: Path, what: str) -> int:
     """The bytes ``tensor``'s dims need, refusing negative dims and dtypes no GPT-2 has."""
     if tensor.data_type not in _ITEMSIZE:
-        raise OnnxError(f"{source}: tensor {tensor.name!r} has data type {_dtype_name(tensor.data_type)}, "
+        raise OnnxError(f"{source}: {what} has data type {_dtype_name(tensor.data_type)}, "
                         "which no GPT-2 graph holds")
     if any(d < 0 for d in tensor.dims):
-        raise OnnxError(f"{source}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
+        raise OnnxError(f"{source}: {what} has negative dims {list(tensor.dims)}")
     n = 1
     for d in tensor.dims:
         n *= int(d)
     return n * _ITEMSIZE[tensor.data_type]
 
 
-def check_inline(tensor, source: Path, needed: int) -> None:
+def check_inline(tensor, source: Path, needed: int, what: str) -> None:
     """Inline data must fill the dims exactly: ``raw_data`` byte for byte, or the typed field."""
     if tensor.HasField("raw_data"):
         have, want = len(tensor.raw_data), needed
     else:
         have, want = len(getattr(tensor, _FIELD[tensor.data_type])), needed // _ITEMSIZE[tensor.data_type]
     if have != want:
-        raise OnnxError(f"{source}: tensor {tensor.name!r} has dims {list(tensor.dims)} but "
+        raise OnnxError(f"{source}: {what} has dims {list(tensor.dims)} but "
                         f"{have:,} {'bytes' if tensor.HasField('raw_data') else 'values'} of data "
                         f"({want:,} needed); the file is damaged")
 
 
-def external_span(tensor, source: Path, needed: int) -> tuple[Path, int]:
+def external_span(tensor, source: Path, needed: int, what: str) -> tuple[Path, int]:
     """(file, offset) of an external tensor, after checking that the file is a regular file inside
     the model's folder (no absolute path, no ``..`` or symlink out of it) and that
     offset + length lie inside it and match the tensor's dims."""
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
     base = source.parent
-    what = f"{source}: tensor {tensor.name!r} points at external data {location!r}"
+    what = f"{source}: {what} points at external data {shown(location)}"
     try:
         inside = bool(location) and "\0" not in location and not Path(location).is_absolute() \
             and not os.path.isabs(location) and (base / location).resolve().is_relative_to(base.resolve())
@@ -162,17 +165,17 @@ def external_span(tensor, source: Path, needed: int) -> tuple[Path, int]:
     return target, offset
 
 
-def inline_external(tensor, source: Path, target: Path, offset: int, needed: int) -> None:
+def inline_external(tensor, source: Path, target: Path, offset: int, needed: int, what: str) -> None:
     from onnx import TensorProto
 
     if needed > CONSTANT_LIMIT:
-        raise OnnxError(f"{source}: constant tensor {tensor.name!r} holds {needed:,} bytes of external data; "
-                        f"no GPT-2 constant is that large ({CONSTANT_LIMIT // MiB} MiB at most)")
+        raise OnnxError(f"{source}: {what} holds {needed:,} bytes of external data; no GPT-2 constant "
+                        f"is that large ({CONSTANT_LIMIT // MiB} MiB at most)")
     with open(target, "rb") as f:  # a regular file, checked just before
         f.seek(offset)
         data = f.read(needed)
     if len(data) != needed:
-        raise OnnxError(f"{source}: external data of {tensor.name!r} ends early in {target.name}")
+        raise OnnxError(f"{source}: external data of {what} ends early in {target.name}")
     tensor.raw_data = data
     tensor.data_location = TensorProto.DEFAULT
     del tensor.external_data[:]
@@ -188,8 +191,9 @@ def tensor_array(tensor, source: Path) -> np.ndarray:
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise OnnxError(f"{source}: cannot read tensor {tensor.name!r} ({e}); "
                             "the file is damaged") from None
-    needed = tensor_bytes(tensor, source)
-    target, offset = external_span(tensor, source, needed)
+    what = f"tensor {tensor.name!r}"
+    needed = tensor_bytes(tensor, source, what)
+    target, offset = external_span(tensor, source, needed, what)
     shape = tuple(int(d) for d in tensor.dims)
     dtype = np.dtype(np.uint16 if tensor.data_type == 16 else onnx_dtype(tensor.data_type))
     if needed == 0:
