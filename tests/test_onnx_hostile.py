@@ -314,3 +314,10 @@ def test_dims_that_do_not_match_the_inline_data_are_one_line_errors(models, tmp_
         model = fresh(models)
         edit(model)
         refused(save(model, tmp_path / str(i)), "dims")
+
+
+def test_generate_without_a_tokenizer_names_the_flag_not_the_python_argument(models, tmp_path, capsys):
+    path = save(fresh(models), tmp_path)
+    assert main(["generate", "--model", str(path), "--prompt", "Hello", "--backend", "naive"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tokenizer DIR" in err and "tokenizer=PATH" not in err
