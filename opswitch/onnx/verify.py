@@ -184,7 +184,7 @@ class BoundedRun:
                 raise self.error(node, f"it would need {size:,} more values or {work:,} operations, far "
                                        "beyond what this model's GPT-2 needs; refusing to run it")
             try:
-                outputs = impl.run(*inputs)
+                outputs = product(*inputs) if _is_linear(node, inputs) else impl.run(*inputs)
             except Exception as e:  # as varied as the graphs it runs
                 raise self.error(node, e) from None
             for name, value in zip(node.output, outputs):
@@ -197,6 +197,18 @@ class BoundedRun:
             if time.monotonic() - started > TIME_LIMIT:
                 raise self.error(node, f"it ran for over {TIME_LIMIT:.0f} s")
         return values
+
+
+def _is_linear(node, inputs) -> bool:
+    return node.op_type == "MatMul" and len(inputs) == 2 and np.ndim(inputs[0]) >= 2 \
+        and np.ndim(inputs[1]) == 2
+
+
+def product(a, b) -> tuple[np.ndarray]:
+    """MatMul of [..., k] by a matrix [k, n], as one 2-D GEMM: numpy's matmul of a stacked
+    [2, 2, k] input takes a loop that was measured 7x slower on GPT-2's weights."""
+    a = np.asarray(a)
+    return ((np.ascontiguousarray(a).reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[1]),)
 
 
 def bound(op: str, inputs: list, node) -> tuple[int, int]:
