@@ -321,3 +321,17 @@ def test_generate_without_a_tokenizer_names_the_flag_not_the_python_argument(mod
     assert main(["generate", "--model", str(path), "--prompt", "Hello", "--backend", "naive"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tokenizer DIR" in err and "tokenizer=PATH" not in err
+
+
+def test_a_graph_with_more_nodes_than_any_gpt2_is_refused_before_it_is_walked(models, tmp_path):
+    from opswitch.onnx.structure import MAX_NODES
+
+    model = fresh(models)
+    rename_output(model, "logits", "chain_0")
+    chain = onnx.NodeProto()
+    chain.op_type = "Identity"
+    for i in range(MAX_NODES):
+        chain.input[:] = [f"chain_{i}"]
+        chain.output[:] = [f"chain_{i + 1}" if i + 1 < MAX_NODES else "logits"]
+        model.graph.node.append(chain)
+    refused(save(model, tmp_path), "more than any GPT-2 export")

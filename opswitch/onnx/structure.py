@@ -15,6 +15,8 @@ from pathlib import Path
 
 from opswitch.onnx import OnnxError
 
+MAX_NODES = 100_000  # GPT-2 xl (48 layers) exports to ~5,000 nodes; more is not a GPT-2
+
 
 def describe(node) -> str:
     return f"{node.op_type} node {node.name or (node.output[0] if node.output else '')!r}"
@@ -30,6 +32,9 @@ def logits_name(graph) -> str:
 def check_structure(graph, source: Path) -> None:
     """Refuse a graph that is out of order or cyclic, computes a value twice, or holds a node
     whose outputs do not reach the logits; linear in the graph's size."""
+    if len(graph.node) > MAX_NODES:
+        raise OnnxError(f"{source}: the graph has {len(graph.node):,} nodes, more than any GPT-2 export "
+                        f"({MAX_NODES:,} at most)")
     available = {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
     producer: dict[str, int] = {}
     for index, node in enumerate(graph.node):
