@@ -335,3 +335,17 @@ def test_a_graph_with_more_nodes_than_any_gpt2_is_refused_before_it_is_walked(mo
         chain.output[:] = [f"chain_{i + 1}" if i + 1 < MAX_NODES else "logits"]
         model.graph.node.append(chain)
     refused(save(model, tmp_path), "more than any GPT-2 export")
+
+
+def test_a_model_too_big_for_a_full_context_check_is_still_checked_at_its_last_positions(
+        models, tmp_path, monkeypatch):
+    """With no budget for a whole-context run (as for GPT-2 small), the long run is 11 tokens; a
+    graph with a KV cache is then also run after a past of our choosing ending at the context's
+    end, which a threshold anywhere below it cannot escape."""
+    import opswitch.onnx.verify as verify
+
+    monkeypatch.setattr(verify, "FULL_CHECK_WORK", 0)
+    load_onnx(save(fresh(models, True), tmp_path / "good"))
+    model = fresh(models, True)
+    negate_past(model, 30)
+    refused(save(model, tmp_path / "bad"), "the graph's own logits differ from the GPT-2 opswitch built")

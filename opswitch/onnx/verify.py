@@ -3,11 +3,13 @@
 The importer maps weights by recognising a GPT-2 in the graph; this run is
 what catches a graph wired differently around the right weights: another
 mask, scale or wiring, or logits changed past some position.  So it runs on
-lengths we pick (1; 2, in a batch of two if the batch is dynamic; and the
-longest that is cheap: the whole context for small models, split into a
-prefill and a chunk through the KV cache when the graph has one), on random
-token ids drawn at each load (a graph cannot single out the ids it will be
-checked on), and never on the shapes the file declares.
+lengths we pick: 1; 2, in a batch of two if the batch is dynamic; the
+longest that is cheap (the whole context for small models), split into a
+prefill and a chunk through the KV cache when the graph has one; and with a
+cache, two tokens after a random past ending at the context's last position
+and at a random one.  Token ids are drawn at random at each load (a graph
+cannot single out the ids it will be checked on); the shapes the file
+declares are never used.
 
 The graph cannot make the check expensive either: onnx's reference
 evaluator runs node by node under our loop, and before each node its
@@ -66,9 +68,31 @@ def check_by_running(model, source: Path, config: GPT2Config, params: Params, in
         runs.append((ids[:1, split:], [expected[0][split:]], feeds.presents(out)))
     elif long > 2:
         runs.append((ids[:1], [expected[0]]))
+    if feeds.has_past:  # far positions, cheaply: a past of our choosing, then two tokens
+        for start in {config.n_positions - 2, int(rng.integers(long, max(long + 1, config.n_positions - 2)))}:
+            if start > long:
+                runs.append(seeded_past(ours, feeds, rng, start))
     for ids_, rows, *past in runs:
         out = runner.run(feeds.make(ids_, *past))
         compare(source, out[logits_name(graph)], rows, config)
+
+
+def seeded_past(ours, feeds: Feeds, rng, start: int) -> tuple:
+    """(ids, [expected logits], past): two tokens at positions ``start``, ``start + 1`` after a
+    random KV cache of ``start`` positions, given to the graph as its past and to our GPT-2 as
+    its cache: positions up to the context's end cost two tokens, not a whole prefill."""
+    c = ours.config
+    ids = rng.integers(0, c.vocab_size, (1, 2))
+    cache = ours.new_cache()
+    past = {}
+    for layer, (k, v) in enumerate(cache.layers):
+        for kind, buffer in (("key", k), ("value", v)):
+            values = rng.standard_normal((c.n_head, start, c.head_dim)).astype(np.float32)
+            buffer[:, :start] = values
+            past[feeds.past_name(layer, kind)] = values[None]
+    cache.length = start
+    expected = ours.step([(ids[0], cache)], all_rows=True).astype(np.float64)
+    return ids, [expected], past
 
 
 def compare(source: Path, theirs, rows: list[np.ndarray], config: GPT2Config) -> None:
@@ -111,6 +135,14 @@ class Feeds:
     def _is_past(value) -> bool:
         t = value.type.tensor_type
         return t.elem_type in (1, 10, 11) and len(t.shape.dim) == 4
+
+    def past_name(self, layer: int, kind: str) -> str:
+        """The past input for ``layer``'s keys or values (optimum's names), which must exist."""
+        name = f"past_key_values.{layer}.{kind}"
+        if name not in self.past:
+            raise OnnxError(f"{self.source}: the graph has KV cache inputs but no {name!r}; opswitch "
+                            "reads caches named as optimum names them (past_key_values.N.key/value)")
+        return name
 
     def presents(self, out: dict) -> dict:
         return {p: out[self._present(p)] for p in self.past}
