@@ -12,14 +12,15 @@ import copy
 
 import numpy as np
 import pytest
-
-pytest.importorskip("numba")
+from support import require
 
 import opswitch
 from opswitch.core import formats
 from opswitch.core.errors import NonFiniteLogitsError
 from opswitch.core.registry import get_registry
 from opswitch.model.weights import save_gpt2
+
+require("numba")  # the cpu backend's kernels
 
 EPS32 = 2.0**-24  # float32's unit roundoff
 

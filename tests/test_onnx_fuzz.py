@@ -10,11 +10,11 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import require
 
-onnx = pytest.importorskip("onnx")
+onnx = require("onnx")
 
 from onnx import AttributeProto, TensorProto  # noqa: E402
 from test_fuzz_files import expect_result_or_opswitch_error  # noqa: E402

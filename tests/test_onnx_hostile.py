@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import require
 
-onnx = pytest.importorskip("onnx")
+onnx = require("onnx")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
