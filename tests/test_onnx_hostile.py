@@ -350,3 +350,29 @@ def test_a_model_too_big_for_a_full_context_check_is_still_checked_at_its_last_p
     model = fresh(models, True)
     negate_past(model, 30)
     refused(save(model, tmp_path / "bad"), "the graph's own logits differ from the GPT-2 opswitch built")
+
+
+def test_many_users_of_one_long_chain_cost_one_walk_of_it(models, tmp_path):
+    """10,000 Gathers of the token embedding, each through a longer Identity chain and all
+    added into the residual: walking each chain afresh took 5·10^7 steps.  (The mapping
+    alone, as ``verify=False`` does it: the check run would then refuse the graph.)"""
+    model = fresh(models)
+    ln_f = node(model, "LayerNormalization", -1)
+    residual = ln_f.input[0]
+    extra, source = [], "transformer.wte.weight"
+    for i in range(10_000):
+        extra.append(helper.make_node("Identity", [source], [f"wte_{i}"]))
+        extra.append(helper.make_node("Gather", [f"wte_{i}", "input_ids"], [f"gathered_{i}"]))
+        extra.append(helper.make_node("Add", [residual, f"gathered_{i}"], [f"residual_{i}"]))
+        source, residual = f"wte_{i}", f"residual_{i}"
+    at = list(model.graph.node).index(ln_f)
+    nodes = list(model.graph.node)
+    ln_f.input[0] = residual
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:at] + extra + nodes[at:])
+    path = save(model, tmp_path)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(load_onnx(path, verify=False)), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert done, "mapping a graph of 30,000 nodes took over 20 s"

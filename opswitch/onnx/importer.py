@@ -91,6 +91,8 @@ class GraphMapper:
                 self.consumers.setdefault(i, []).append(n)
         self.claimed: dict[str, str] = {}  # initializer -> the role that took it
         self._arrays: dict[str, np.ndarray] = {}
+        self._sources: dict[str, tuple[str, bool] | None] = {}
+        self._dependents: dict[str, set[str]] = {}
 
     def initializer_arrays(self) -> dict[str, np.ndarray]:
         """Every initializer as an array (the weights memory-mapped or already read), for the check run."""
@@ -132,37 +134,52 @@ class GraphMapper:
 
     def weight_source(self, name: str, floats_only: bool = False) -> tuple[str, bool] | None:
         """(initializer, transposed) when ``name`` is an initializer, maybe seen through
-        Identity/Cast or a 2-D Transpose (any dtype, so that a wrong one is named)."""
-        transposed = False
-        while name not in self.inits:
+        Identity/Cast or a 2-D Transpose (any dtype, so that a wrong one is named).
+
+        Each value's answer is kept, so a hostile graph of many users of one long chain
+        costs one walk of it (the chain ends: ``check_structure`` ruled out cycles)."""
+        if name not in self._sources:
+            self._walk_to_weight(name)
+        found = self._sources[name]
+        if found is None or (floats_only and self.inits[found[0]].data_type not in _FLOATS):
+            return None
+        return found
+
+    def _walk_to_weight(self, name: str) -> None:
+        """Follow ``name`` up its pass-through chain and record the answer for every value on it."""
+        path: list[tuple[str, bool]] = []  # (value, transposed relative to the start)
+        transposed, found = False, None
+        while True:
+            if name in self._sources:  # the rest of this chain is known
+                rest = self._sources[name]
+                found = None if rest is None else (rest[0], rest[1] ^ transposed)
+                break
+            path.append((name, transposed))
+            if name in self.inits:
+                found = (name, transposed) if len(self.inits[name].dims) >= 1 else None
+                break
             node = self.producer.get(name)
-            if node is None:
-                return None
+            if node is None or not node.input:
+                break
             if node.op_type in _PASS_THROUGH:
                 name = node.input[0]
             elif node.op_type == "Transpose" and _attr(node, "perm", [1, 0]) == [1, 0]:
                 name, transposed = node.input[0], not transposed
             else:
-                return None
-        tensor = self.inits[name]
-        if floats_only and tensor.data_type not in _FLOATS:
-            return None
-        return (name, transposed) if len(tensor.dims) >= 1 else None
+                break
+        for value, parity in path:
+            self._sources[value] = None if found is None else (found[0], found[1] ^ parity)
 
     def depends_on(self, name: str, target: str) -> bool:
-        """Does ``name``'s value flow from ``target`` (not merely from its shape)?"""
-        seen, stack = set(), [name]
-        while stack:
-            n = stack.pop()
-            if n == target:
-                return True
-            if n in seen or n not in self.producer:
-                continue
-            seen.add(n)
-            node = self.producer[n]
-            if node.op_type != "Shape":
-                stack.extend(i for i in node.input if i)
-        return False
+        """Does ``name``'s value flow from ``target`` (not merely from its shape)?  One pass
+        over the graph per target, in its (checked) topological order."""
+        if target not in self._dependents:
+            flows = {target}
+            for node in self.graph.node:
+                if node.op_type != "Shape" and any(i in flows for i in node.input):
+                    flows.update(o for o in node.output if o)
+            self._dependents[target] = flows
+        return name in self._dependents[target]
 
     # -- the walk
     def map(self) -> tuple[GPT2Config, Params]:
