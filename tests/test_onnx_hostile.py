@@ -174,18 +174,23 @@ def test_a_node_off_the_logits_path_is_refused_before_it_runs(models, tmp_path):
 
 
 def test_a_huge_value_on_the_logits_path_is_refused_before_it_is_allocated(models, tmp_path):
-    """A ConstantOfShape of 2^40 zeros sliced back to one and added to the logits."""
+    """A ConstantOfShape of 2^40 zeros sliced back to one and added to the residual stream."""
     model = fresh(models)
-    rename_output(model, "logits", "head_out")
-    model.graph.node.extend([
+    ln_f = node(model, "LayerNormalization", -1)
+    at = list(model.graph.node).index(ln_f)
+    nodes = list(model.graph.node)
+    nodes[at:at] = [
         const("big_shape", [2**20, 2**20]),
         helper.make_node("ConstantOfShape", ["big_shape"], ["big"], name="Big",
                          value=numpy_helper.from_array(np.zeros(1, np.float32))),
         const("zero2", [0, 0]), const("one2", [1, 1]),
         helper.make_node("Slice", ["big", "zero2", "one2"], ["tiny"], name="Tiny"),
-        helper.make_node("Add", ["head_out", "tiny"], ["logits"], name="AddTiny"),
-    ])
-    refused(save(model, tmp_path), "refusing to run it")
+        helper.make_node("Add", [ln_f.input[0], "tiny"], ["with_tiny"], name="AddTiny"),
+    ]
+    ln_f.input[0] = "with_tiny"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    refused(save(model, tmp_path), "at ConstantOfShape node 'Big' (it would need")
 
 
 def test_the_check_runs_on_our_lengths_not_the_declared_ones(models, tmp_path, tiny_params):
@@ -198,24 +203,45 @@ def test_the_check_runs_on_our_lengths_not_the_declared_ones(models, tmp_path, t
 
 
 # ------------------------------------------------------------------ graphs that compute something else
-def negate_past(model, threshold: int) -> None:
-    """logits := Where(position < threshold, logits, -logits), on the positions the graph computes."""
+def negate_past(model, threshold: int, where: str = "logits") -> None:
+    """value := Where(position < threshold, value, -value), on the positions the graph computes;
+    the value is the logits, or the residual stream going into the final layer norm."""
     positions = node(model, "Range").output[0]
-    rename_output(model, "logits", "head_out")
-    model.graph.node.extend([
+    if where == "logits":
+        rename_output(model, "logits", "clean")
+        target, at = "logits", len(model.graph.node)
+    else:
+        ln_f = node(model, "LayerNormalization", -1)
+        at = list(model.graph.node).index(ln_f)
+        target, ln_f.input[0] = ln_f.input[0], "switched"
+        rename_output(model, target, "clean")
+        ln_f.input[0], target = "switched", "switched"
+    nodes = list(model.graph.node)
+    nodes[at:at] = [
         const("axis_last", [1]), const("threshold", threshold),
         helper.make_node("Unsqueeze", [positions, "axis_last"], ["pos_column"], name="PosColumn"),
         helper.make_node("Less", ["pos_column", "threshold"], ["early"], name="Early"),
-        helper.make_node("Neg", ["head_out"], ["negated"], name="Negate"),
-        helper.make_node("Where", ["early", "head_out", "negated"], ["logits"], name="Switch"),
-    ])
+        helper.make_node("Neg", ["clean"], ["negated"], name="Negate"),
+        helper.make_node("Where", ["early", "clean", "negated"], [target], name="Switch"),
+    ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+@pytest.mark.parametrize("past", [False, True], ids=["plain", "with-past"])
+@pytest.mark.parametrize("threshold", [5, 40, 10**6])
+def test_logits_changed_after_the_head_are_refused_by_the_graphs_shape(models, tmp_path, past, threshold):
+    """Past any position, even one no check run could reach."""
+    model = fresh(models, past)
+    negate_past(model, threshold)
+    refused(save(model, tmp_path), "before the logits; a GPT-2 computes nothing after its head")
 
 
 @pytest.mark.parametrize("past", [False, True], ids=["plain", "with-past"])
 @pytest.mark.parametrize("threshold", [5, 40])
-def test_logits_negated_past_a_position_are_refused(models, tmp_path, past, threshold):
+def test_a_residual_negated_past_a_position_is_refused_by_the_check_run(models, tmp_path, past, threshold):
     model = fresh(models, past)
-    negate_past(model, threshold)
+    negate_past(model, threshold, "residual")
     refused(save(model, tmp_path), "the graph's own logits differ from the GPT-2 opswitch built")
 
 
@@ -348,7 +374,7 @@ def test_a_model_too_big_for_a_full_context_check_is_still_checked_at_its_last_p
     monkeypatch.setattr(verify, "FULL_CHECK_WORK", 0)
     load_onnx(save(fresh(models, True), tmp_path / "good"))
     model = fresh(models, True)
-    negate_past(model, 30)
+    negate_past(model, 30, "residual")
     refused(save(model, tmp_path / "bad"), "the graph's own logits differ from the GPT-2 opswitch built")
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import Params, nest_params
 from opswitch.onnx import OnnxError
-from opswitch.onnx.structure import check_structure
+from opswitch.onnx.structure import check_structure, logits_name
 from opswitch.onnx.tensors import _dtype_name, check_tensors, read_model, tensor_array
 from opswitch.onnx.verify import check_by_running
 
@@ -46,6 +46,7 @@ KNOWN_OPS = frozenset({
     "Squeeze", "Sub", "Tanh", "Transpose", "Trilu", "Unsqueeze", "Where",
 })
 _PASS_THROUGH = {"Identity", "Cast", "CastLike"}  # a weight seen through these is still the weight
+_LOGITS_TAIL = {"Identity", "Cast", "CastLike", "Reshape", "Squeeze", "Unsqueeze"}  # may follow the head
 _FLOATS = {1: np.float32, 10: np.float16, 11: np.float64, 16: "bfloat16"}  # TensorProto codes
 
 
@@ -217,6 +218,7 @@ class GraphMapper:
         if np.any(head_bias):
             self.fail(f"the output projection ({self.describe(linears[-1].node)}) has a bias; "
                       "GPT-2's has none")
+        self.check_head_gives_the_logits(linears[-1])
         tied = linears[-1].weight == wte or np.array_equal(head.T, flat["wte.weight"])
         if not tied:
             flat["lm_head.weight"] = np.ascontiguousarray(head.T)
@@ -316,6 +318,22 @@ class GraphMapper:
                         bias = src_b[0]
             found.append(_Linear(node, weight, transposed, bias))
         return found
+
+    def check_head_gives_the_logits(self, head: _Linear) -> None:
+        """Nothing may compute on the logits after the output projection but reshapes and casts:
+        a change there (logits negated past some position) could hide beyond any length the
+        check run can afford on a large model, so it is refused by the graph's shape."""
+        name, target = head.node.output[0], logits_name(self.graph)
+        while name != target:
+            users = [u for u in self.consumers.get(name, []) if any(o for o in u.output)]
+            user = users[0] if len(users) == 1 else None
+            reshaped = user is not None and user.op_type in _LOGITS_TAIL and user.input[0] == name
+            own_bias = user is not None and user.op_type == "Add" and head.bias is not None  # zero, checked
+            if not (reshaped or own_bias):
+                what = " and ".join(self.describe(u) for u in users[:2]) or "no node"
+                self.fail(f"the output projection's result goes to {what} before the logits; "
+                          "a GPT-2 computes nothing after its head")
+            name = user.output[0]
 
     def bias_source(self, node, name: str) -> str:
         src = self.weight_source(name)
