@@ -325,8 +325,8 @@ class GraphMapper:
         check run can afford on a large model, so it is refused by the graph's shape."""
         name, target = head.node.output[0], logits_name(self.graph)
         while name != target:
-            users = [u for u in self.consumers.get(name, []) if any(o for o in u.output)]
-            user = users[0] if len(users) == 1 else None
+            users = self.consumers.get(name, [])
+            user = users[0] if len(users) == 1 and users[0].output and users[0].output[0] else None
             reshaped = user is not None and user.op_type in _LOGITS_TAIL and user.input[0] == name
             own_bias = user is not None and user.op_type == "Add" and head.bias is not None  # zero, checked
             if not (reshaped or own_bias):
