@@ -81,12 +81,15 @@ def load(args: argparse.Namespace):
     check has passed, so that any failure is exactly one line on stderr.
     """
     from opswitch.api import load_model
+    from opswitch.cli.main import UsageError
     from opswitch.cli.progress import Progress
 
     with Progress(loading_label(args)):
         lm = load_model(args.model, args.backend, tokenizer=args.tokenizer or None, revision=args.revision,
                         weights=args.weights)
-    lm.require_tokenizer()  # text in, text out: the CLI needs one
+    if lm.tokenizer is None:  # text in, text out: the CLI needs one (said in its own flags)
+        raise UsageError(f"{args.model or lm.source} has no tokenizer files (ONNX files never do): "
+                         "pass --tokenizer DIR, a folder with vocab.json and merges.txt or tokenizer.json")
     same = args.model and Path(args.model).expanduser().resolve() == Path(lm.source).resolve()
     label = None if same else (args.model or "the built-in demo model")
     return lm, model_summary(lm, label)
