@@ -334,3 +334,29 @@ def test_missing_serve_extra_names_it(monkeypatch, capsys):
     monkeypatch.setattr(opswitch.serve, "missing_deps", lambda: ["uvicorn"])
     assert main(["serve"]) == 2
     assert "pip install 'opswitch[serve]'" in capsys.readouterr().err
+
+
+def test_each_request_is_one_access_log_line_without_the_prompt(server):
+    secret = "a prompt that must never reach the log"
+    r = http(server, "POST", "/v1/completions", json={"model": "demo", "prompt": secret, "max_tokens": 2})
+    assert r.status_code == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("POST /v1/completions" in line for line in server.log):
+        time.sleep(0.05)
+    assert any("POST /v1/completions" in line and " 200" in line for line in server.log), server.log
+    assert not any(secret in line for line in server.log)
+
+
+def test_the_default_model_id_is_the_directorys_name(tmp_path):
+    from opswitch.cli.serve_cmd import default_model_id
+
+    folder = tmp_path / "my-gpt2"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    (tmp_path / "exported.onnx").write_bytes(b"")
+    assert default_model_id(str(folder)) == "my-gpt2"
+    assert default_model_id(str(folder) + "/") == "my-gpt2"
+    assert default_model_id(str(folder / "model.safetensors")) == "my-gpt2"
+    assert default_model_id(str(tmp_path / "exported.onnx")) == "exported"
+    assert default_model_id("openai-community/gpt2") == "openai-community/gpt2"
+    assert default_model_id(None) == "demo"

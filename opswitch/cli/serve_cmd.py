@@ -11,10 +11,13 @@ import ipaddress
 import math
 import socket
 import sys
+from pathlib import Path
 
 from opswitch.cli.model_args import add_model_arguments
 from opswitch.core.errors import OpswitchError
 from opswitch.serve.scheduler import STREAM_BUFFER
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # uvicorn's
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV-cache memory budget for all running sequences (default 1024)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $OPSWITCH_API_KEY or none)")
-    p.add_argument("--name", metavar="NAME", help="the model id clients ask for (default: --model or 'demo')")
+    p.add_argument("--name", metavar="NAME",
+                   help="the model id clients ask for (default: the model directory's name, a hub id as"
+                   " given, or 'demo')")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                   help="info: one access-log line per request (client, path, status; never the prompt);"
+                   " warning: problems only (default info)")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request")
     limits = p.add_argument_group("limits and timeouts", "what one client may hold, and for how long")
     limits.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="most open connections; one more is answered 503 and closed (default 512)")
@@ -55,6 +64,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="on SIGTERM/SIGINT, seconds for streams to end and requests to be answered"
                         " before connections are cut (default 5)")
     p.set_defaults(run=run)
+
+
+def default_model_id(model: str | None) -> str:
+    """What clients name the model by default: a directory's name (``./models/gpt2-small`` ->
+    ``gpt2-small``), a file's stem, a hub id as given, ``demo`` for the demo model."""
+    if not model:
+        return "demo"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve().name or model
+    if path.is_file():
+        return path.stem if path.suffix.lower() == ".onnx" else (path.resolve().parent.name or path.stem)
+    return model
 
 
 def is_loopback(host: str) -> bool:
@@ -119,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     if cache_bytes < smallest:
         raise OpswitchError(f"--cache-mib {args.cache_mib:g} cannot hold a single request's KV cache; the"
                             f" smallest budget that serves one is {smallest / 2**20:.4g} MiB")
-    name = args.name or args.model or "demo"
+    name = args.name or default_model_id(args.model)
     served = ServeApp(lm, name, max_batch=args.max_batch, max_queue=args.max_queue, cache_bytes=cache_bytes,
                       api_key=api_key, body_timeout=args.body_timeout, send_timeout=args.send_timeout,
                       stream_buffer=args.stream_buffer, grace=args.shutdown_grace)
@@ -134,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     limits = ConnectionLimits(args.max_connections, args.header_timeout, args.keep_alive,
                               send_timeout=args.send_timeout)
     try:
-        serve(served.build(), sock, limits, args.shutdown_grace, served.begin_shutdown, served.metrics)
+        serve(served.build(), sock, limits, args.shutdown_grace, served.begin_shutdown, served.metrics,
+              log_level=args.log_level, access_log=not args.no_access_log)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
         pass
     console.info("✓ Server stopped")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 from collections.abc import Callable
@@ -145,10 +146,17 @@ class Server(uvicorn.Server):
 
 
 def serve(app, sock: socket.socket, limits: ConnectionLimits, grace: float,
-          on_exit: Callable[[], None], metrics: Metrics | None = None) -> None:
-    """Run ``app`` on the bound ``sock`` until a signal stops it (within ``grace`` seconds)."""
-    config = uvicorn.Config(app, log_level="warning", access_log=False, http=guarded_protocol(limits),
+          on_exit: Callable[[], None], metrics: Metrics | None = None, *,
+          log_level: str = "info", access_log: bool = True) -> None:
+    """Run ``app`` on the bound ``sock`` until a signal stops it (within ``grace`` seconds).
+
+    At ``info`` each request is one access-log line (client, method, path, status: never a
+    prompt); uvicorn's own start-up chatter stays hidden unless ``debug``."""
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, http=guarded_protocol(limits),
                             timeout_keep_alive=limits.keep_alive, timeout_graceful_shutdown=grace)
+    if log_level != "debug":
+        level = max(logging.WARNING, logging.getLevelName(log_level.upper()))
+        logging.getLogger("uvicorn.error").setLevel(level)
     server = Server(config, on_exit)
     if metrics is not None:
         metrics.gauge("opswitch_open_connections", "HTTP connections open (at most --max-connections).",
