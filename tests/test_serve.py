@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
-    pytest.importorskip(_module)
+    require(_module)
 
 import httpx  # noqa: E402
 import openai  # noqa: E402

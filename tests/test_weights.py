@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import require
 
 from opswitch.core.errors import ConfigError, ModelNotFoundError, WeightsError
 from opswitch.model.config import PRESETS, GPT2Config
 from opswitch.model.safetensors import SafetensorsFile, save_safetensors
 from opswitch.model.weights import flatten_params, load_gpt2, nest_params, param_count, save_gpt2
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 TINY = dict(n_layer=2, n_embd=96, n_head=3, vocab_size=101, n_positions=64)
 TINY.update(bos_token_id=100, eos_token_id=100)  # inside the vocabulary, so transformers stays quiet
