@@ -24,12 +24,14 @@ for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
     require(_module)
 
 import openai  # noqa: E402
-from test_parity import LOGIT_RTOL  # noqa: E402
 from test_serve import KEY, Server, _metric  # noqa: E402
 
 import opswitch  # noqa: E402
 
 BACKEND = "blas"
+# two correct float32 runs of a model agree to 2e-5 of the logit scale (test_parity's LOGIT_RTOL:
+# a dozen ops, each ~1e-7 relative); here the server's incremental, batched steps against one forward
+LOGIT_RTOL = 2e-5
 N_LONG, LONG_TOKENS = 4, 4000  # a request that would take N_LONG * LONG_TOKENS tokens to finish
 PROMPT = "It is a truth universally acknowledged"
 
@@ -149,7 +151,6 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits(client, lm):
     logits = lm.model.forward(prompt_ids + new_ids[:-1])[len(prompt_ids) - 1:]
     allowed = lm.n_vocab_allowed or logits.shape[1]
     reference = _log_softmax(logits[:, :allowed])
-    # two correct float32 runs of the model agree to LOGIT_RTOL of the logit scale (test_parity);
     # a log-softmax moves by at most twice its inputs' largest change
     tol = 2 * LOGIT_RTOL * float(np.abs(logits[:, :allowed]).max())
     for step, (token, chosen, alternatives) in enumerate(zip(new_ids, lp.token_logprobs, lp.top_logprobs)):
