@@ -65,6 +65,25 @@ def require(module: str, why: str = "") -> Any:
         pytest.skip(f"{module} is not installed ({exc}){hint}", allow_module_level=True)
 
 
+BUILT_IN_BACKENDS = ("naive", "blas", "cpu", "opencl", "cuda")
+
+
+def _unavailable_built_ins() -> list[tuple[str, str]]:
+    from opswitch.core.registry import get_registry
+
+    registry = get_registry()
+    out = []
+    for name in BUILT_IN_BACKENDS:
+        try:
+            probe = registry.backend(name).probe()
+        except Exception as exc:  # a summary line must never break the run's report
+            out.append((name, str(exc)))
+            continue
+        if not probe.available:
+            out.append((name, probe.reason))
+    return out
+
+
 # -- which backends the run covered, in the terminal summary ---------------------------------------
 _BACKEND_OF: dict[str, str] = {}  # test id -> the backend spec it ran on
 
@@ -90,6 +109,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for backend in sorted(counts):
         figures = ", ".join(f"{n} {what}" for what, n in sorted(counts[backend].items()))
         terminalreporter.write_line(f"{backend}: {figures}")
+    if counts:  # the built-in backends whose tests were never generated, and why
+        for name, reason in _unavailable_built_ins():
+            terminalreporter.write_line(f"{name}: not run ({reason})")
     required = ", ".join(REQUIRED_BACKENDS) or "none"
-    source = "OPSWITCH_REQUIRE_BACKENDS" if _override is not None else "CI"
+    source = "OPSWITCH_REQUIRE_BACKENDS" if _override is not None else "CI" if IN_CI else "CI not set"
     terminalreporter.write_line(f"required ({source}): {required}")
