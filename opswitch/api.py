@@ -54,6 +54,8 @@ class LanguageModel:
         self._active = 0
         self._lock = threading.Lock()
         self.n_vocab_allowed = self._check_tokenizer()
+        # gaps in the tokenizer's id table: ids with no text are never sampled (like a padded tail)
+        self.unused_ids: tuple[int, ...] = tuple(getattr(tokenizer, "unused_ids", ()))
 
     def _check_tokenizer(self) -> int | None:
         """The tokenizer must fit the model; a larger (padded) model vocabulary is masked."""
@@ -160,7 +162,7 @@ class LanguageModel:
         config = self.settings(**settings)
         ids = self._ids(prompt)
         with self._using():
-            return generate_ids(self.model, ids, config, self.n_vocab_allowed)
+            return generate_ids(self.model, ids, config, self.n_vocab_allowed, self.unused_ids)
 
     def generate(self, prompt: str | Sequence[int], **settings: Any) -> str:
         """The generated continuation (without the prompt) as text."""
@@ -182,7 +184,8 @@ class LanguageModel:
         configs = [self.settings(**{**common, **s}) for s in settings]
         ids = [self._ids(p) for p in prompts]
         with self._using():
-            return generate_batch(self.model, ids, configs, n_vocab_allowed=self.n_vocab_allowed)
+            return generate_batch(self.model, ids, configs, n_vocab_allowed=self.n_vocab_allowed,
+                                  unused_ids=self.unused_ids)
 
     def stream(
         self, prompt: str | Sequence[int], result: GenerationResult | None = None, **settings: Any
@@ -193,7 +196,7 @@ class LanguageModel:
         ids = self._ids(prompt)
         decoder = self.require_tokenizer().stream_decoder()
         with self._using():
-            for token in stream_ids(self.model, ids, config, result, self.n_vocab_allowed):
+            for token in stream_ids(self.model, ids, config, result, self.n_vocab_allowed, self.unused_ids):
                 piece = decoder.push(token)
                 if piece:
                     yield piece

@@ -205,3 +205,32 @@ def test_model_dependent_errors_are_one_line_before_any_summary(tiny_model_dir):
         r = opswitch("generate", "--model", tiny_model_dir, *extra)
         assert r.returncode == 2 and r.stdout == ""
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr
+
+
+def test_threads_flag_sets_the_pools_and_is_shown(tiny_model_dir):
+    r = opswitch("generate", "--model", tiny_model_dir, "--backend", "blas", "--threads", "1",
+                 "--prompt", "Hi", *GREEDY)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    backend_line = next(line for line in r.stderr.splitlines() if "Backend:" in line)
+    assert "1 threads" in backend_line
+    assert "--threads" in opswitch("generate", "--help").stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1e3", "99999"])
+def test_a_bad_thread_count_is_a_one_line_usage_error(value):
+    r = opswitch("generate", "--threads", value, "--prompt", "Hi")
+    assert r.returncode == 2 and "thread count" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_max_tokens_zero_is_refused(tiny_model_dir):
+    r = opswitch("generate", "--model", tiny_model_dir, "--prompt", "Hi", "--max-tokens", "0")
+    assert r.returncode == 2 and "--max-tokens 0" in r.stderr
+
+
+def test_a_long_prompt_does_not_print_every_id():
+    from opswitch.cli.session import describe_ids
+
+    assert describe_ids([7]) == "1 token: [7]"
+    text = describe_ids(list(range(5000)))
+    assert text.startswith("5000 tokens: [0, 1,") and "4999]" in text and len(text) < 200

@@ -1,12 +1,15 @@
-"""The cuda backend without a GPU: its probe's reasons, its registration, and the
-plain array logic it launches with, run under numpy.
+"""The cuda backend without a GPU: its probe's reasons, its registration, the
+plain array logic it launches with, run under numpy, and the backend itself
+on a stand-in CuPy whose kernels are emulated in numpy (``cuda_standin.py``).
 
-What needs a GPU (the kernels' numerics, cuBLAS, graph capture itself) is
-not checked here; ``test_cuda_compile.py`` compiles the kernels with NVRTC,
-and the conformance suite runs them where a GPU is (``--opswitch-backend=cuda``).
-The probe is tested against stand-in CuPy modules, one per situation a user
-meets, and against whatever CuPy is installed (none in CI, which keeps the
-136 MB wheel out of the test extra).
+The stand-in keeps the CuPy rules that broke the backend before: per-thread
+cuBLAS handles that die with their thread, no cuBLAS call during a graph
+capture, no implicit conversion to numpy, headers needed by CuPy 14.  The
+real CUDA code runs on the CPU in ``test_cuda_kernels_cpu.py``; NVRTC compiles
+it in ``test_cuda_compile.py``; the conformance suite runs it where a GPU is
+(``--opswitch-backend=cuda``).  The probe is also tested against simple
+stand-ins, one per situation a user meets, and against whatever CuPy is
+installed (none in CI, which keeps the 136 MB wheel out of the test extra).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -89,7 +93,9 @@ def probe(device=None):
 def test_without_cupy_the_reason_is_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
     got = probe()
-    assert not got.available and got.reason == "CuPy is not installed: pip install 'opswitch[cuda]'"
+    assert not got.available and got.reason == cuda.INSTALL_HINT
+    assert got.reason.startswith("CuPy is not installed: pip install 'opswitch[cuda]'")
+    assert "'opswitch[cuda13]'" in got.reason
 
 
 def test_without_a_driver_the_reason_says_so_and_what_to_do(monkeypatch):
@@ -518,3 +524,301 @@ def test_the_arena_copies_at_once_or_when_flushed():
         arena.put(range(5))
     arena.deferred = False
     assert arena.put(range(5)) == 0 and drained == [1]  # eager: drain, then start over
+
+
+# -- the backend itself, on a stand-in CuPy that emulates its kernels (tests/cuda_standin.py) ---
+def standin(monkeypatch, **kwargs):
+    from tests.cuda_standin import StandIn
+
+    return StandIn(**kwargs).install(monkeypatch)
+
+
+def test_the_probe_says_when_the_cuda_headers_are_missing(monkeypatch):
+    """CuPy 14 compiles every kernel with cuda_runtime.h; a driver-only machine has none."""
+    standin(monkeypatch, headers=False)
+    got = probe()
+    assert not got.available
+    assert got.reason.startswith("the CUDA runtime headers are not installed")
+    assert "pip install 'opswitch[cuda]'" in got.reason and "'opswitch[cuda13]'" in got.reason
+    assert "CUDA_PATH" in got.reason
+    standin(monkeypatch, headers=True)
+    assert probe().available
+    standin(monkeypatch, headers=False, version="13.6.0")  # CuPy 13 finds its headers its own way
+    assert probe().available
+
+
+def test_the_cuda_extras_bring_the_toolkit_wheels():
+    """CuPy alone needs a CUDA toolkit on the machine; the [ctk] extra brings its wheels."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(r.startswith("cupy-cuda12x[ctk]") for r in extras["cuda"])
+    assert any(r.startswith("cupy-cuda13x[ctk]") for r in extras["cuda13"])
+    assert any(r.startswith("nvidia-cuda-runtime-cu12") for r in extras["cuda"])  # the headers
+    assert any(r.startswith("nvidia-cuda-runtime>=13") for r in extras["cuda13"])
+
+
+def test_prepared_in_a_worker_thread_it_still_multiplies_in_another(monkeypatch):
+    """The registry prepares in a contained worker thread that then ends; CuPy's per-thread
+    cuBLAS handle dies with it.  The backend's own handle works from any thread, runs on the
+    backend's stream, and is destroyed with the backend."""
+    import gc
+    import threading
+
+    si = standin(monkeypatch)
+    backend = Registry(autoload=False).select("cuda").backend
+    x, w, b = randn(20, 7), randn(7, 5), randn(5)  # 20 rows: cuBLAS
+    want = (x.astype(np.float32) @ w.astype(np.float32)) + b.astype(np.float32)
+    results = []
+
+    def work(backend):
+        args = [backend.to_device(a) for a in (x, w, b)]
+        results.append(backend.to_host(backend.linear(*args)))
+
+    work(backend)
+    thread = threading.Thread(target=work, args=(backend,))
+    thread.start()
+    thread.join()
+    for got in results:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert si.counts["sgemm"] == 2
+    handle = si.handles[backend._handle]
+    assert handle["stream"] == backend._stream.ptr and not handle["destroyed"]
+    del backend
+    gc.collect()
+    assert handle["destroyed"]
+
+
+def tiny_gpt2(n_layer=2, n_head=2, n_embd=32, vocab=64, n_positions=64):
+    from opswitch.cli.benchmark import random_gpt2_params
+    from opswitch.model.config import GPT2Config
+
+    config = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head)  # fmt: skip
+    return config, random_gpt2_params(config, seed=1)
+
+
+def generate(model, prompt, n_new):
+    """Greedy decode: every step's logits."""
+    cache = model.new_cache()
+    logits = [model.step([(prompt, cache)])]
+    for _ in range(n_new):
+        logits.append(model.step([([int(np.argmax(logits[-1][0]))], cache)]))
+    return np.concatenate(logits)
+
+
+@pytest.mark.parametrize("weights", ["f32", "int8"])
+def test_decode_with_cuda_graphs_captures_every_step_and_matches_the_reference(monkeypatch, weights):
+    """A prompt of 20 rows (cuBLAS, run eagerly), then decode steps: with
+    OPSWITCH_CUDA_GRAPHS=1 the decode steps are captured once and replayed,
+    with no cuBLAS call (CuPy raises NotImplementedError for one during a
+    capture), and the logits are the naive backend's."""
+    from opswitch.model.gpt2 import GPT2
+
+    monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
+    si = standin(monkeypatch)
+    registry = Registry(autoload=False)
+    config, params = tiny_gpt2()
+    prompt = list(range(3, 23))
+    gpu = GPT2(config, params, registry.select("cuda").backend, weights=weights)
+    naive = registry.select("naive:float32").backend
+    want = generate(GPT2(config, params, naive, weights=weights), prompt, 8)
+    before = si.counts["sgemm"]
+    got = generate(gpu, prompt, 8)
+    graphs = gpu.backend.graphs
+    assert graphs.enabled, graphs.disabled_reason
+    assert graphs.counts["captured"] == 1 and graphs.counts["replayed"] == 5, graphs.counts
+    assert si.counts["graph_launch"] == 6
+    assert si.counts["sgemm"] - before == 2 * (4 + 2)  # the prompt's: 4 products, 2 for attention, per layer
+    # float32 throughout, different summation orders: a few float32 roundings of |logit| ~ 1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_repeated_cublas_step_runs_eagerly_and_graphs_stay_on(monkeypatch):
+    """A step with cuBLAS in it (a prompt-sized product) repeats: its capture is
+    abandoned before cuBLAS is called, the step runs eagerly, and it is not tried again."""
+    monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
+    si = standin(monkeypatch)
+    backend = Registry(autoload=False).select("cuda").backend
+    x, w, b = (backend.to_device(a) for a in (randn(20, 7), randn(7, 5), randn(5)))
+    want = backend.to_host(backend.linear(x, w, b))
+    for _ in range(5):
+        np.testing.assert_array_equal(backend.to_host(backend.linear(x, w, b)), want)
+    graphs = backend.graphs
+    assert graphs.enabled and not graphs.tapes and graphs.counts["fallbacks"] == 1, graphs.counts
+    assert si.counts["sgemm"] == 6 and si.counts["graph_launch"] == 0
+
+
+@pytest.fixture
+def standin_backend(monkeypatch):
+    si = standin(monkeypatch)
+    return si, Registry(autoload=False).select("cuda").backend
+
+
+def test_the_conformance_suite_passes_on_the_emulated_kernels(standin_backend):
+    """Every op's host side (checks, launch geometry, arena slots, cuBLAS
+    operands, to_host everywhere) through the conformance suite; the kernels
+    are emulated, so this checks what the backend asks of them."""
+    from opswitch.testing import test_conformance as suite
+    from opswitch.testing.cases import CASES
+
+    _, backend = standin_backend
+    for case in CASES:
+        suite.test_op_matches_reference(backend, case)
+    suite.test_decoding_through_the_cache_equals_attending_at_once(backend, 70)
+    suite.test_a_batch_equals_each_sequence_alone(backend)
+
+
+def test_a_ragged_batch_of_decodes_chunks_and_prompts_through_the_backend(standin_backend):
+    """The split kernels and the SGEMM path in one attention_batch call, on the device."""
+    _, be = standin_backend
+    n_head, d, capacity = 3, 8, 600
+    starts, counts = [0, 5, 300, 0, 280], [1, 1, 20, 7, 300]
+    host = [(np.zeros((n_head, capacity, d)), np.zeros((n_head, capacity, d))) for _ in counts]
+    for (k, v), start in zip(host, starts):
+        k[:, :start], v[:, :start] = randn(n_head, start, d), randn(n_head, start, d)
+    qkv = randn(sum(counts), 3 * n_head * d).astype(np.float32)
+    host = [(k.astype(np.float32), v.astype(np.float32)) for k, v in host]
+    caches = [(be.to_device(k), be.to_device(v)) for k, v in host]
+    want = ops.attention_batch(qkv.astype(np.float64), n_head, [(k.astype(np.float64), v.astype(np.float64))
+                                                               for k, v in host], starts, counts)  # fmt: skip
+    got = be.to_host(be.attention_batch(be.to_device(qkv), n_head, caches, starts, counts))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32 sums of <= 600 terms of |x| < 5
+
+
+# GPT-2 small's depth and heads; the launch count does not depend on the width
+GPT2_SMALL_DEPTH = {"n_layer": 12, "n_head": 12, "n_embd": 96, "vocab": 256}
+
+
+def decode_counts(si, model, steps=4):
+    """The stand-in's counters for the last of ``steps`` decode steps after a 20-token prompt."""
+    cache = model.new_cache()
+    model.step([(list(range(20)), cache)])
+    for t in range(steps):
+        si.counts.clear()
+        model.step([([t], cache)])
+    return Counter(si.counts)
+
+
+@pytest.mark.parametrize("weights", ["f32", "int8"])
+def test_kernel_launches_per_decode_token(monkeypatch, weights):
+    """GPT-2 small's depth and heads, batch 1: per layer 4 GEMVs, with the bias
+    in all, the residual add + layernorm before c_attn and c_fc in theirs (the
+    first layer's add: the embeddings'), the cache write in c_attn's, the GELU
+    in c_fc's; attn_split and attn_combine.  Then 2 embedding gathers, the
+    final add + layernorm, the gather of the last row (take_rows) and the
+    lm_head GEMV.  No cuBLAS; a
+    slot-arena copy per gather and 2 per attention layer (its sequences, its
+    rows).  Printed for the record."""
+    from opswitch.model.gpt2 import GPT2
+
+    si = standin(monkeypatch)
+    config, params = tiny_gpt2(**GPT2_SMALL_DEPTH)
+    model = GPT2(config, params, Registry(autoload=False).select("cuda").backend, weights=weights)
+    counts = decode_counts(si, model)
+    kernels = {k.split(":")[1]: n for k, n in counts.items() if k.startswith("kernel:")}
+    total = counts["kernel"] + counts["sgemm"]
+    print(f"\ncuda, {weights}, one decode token at GPT-2 small's depth: {total} kernel launches"
+          f" ({', '.join(f'{n} {k}' for k, n in sorted(kernels.items()))}), {counts['memcpy']} host-to-device"
+          f" copies")  # fmt: skip
+    n_layer = config.n_layer
+    assert counts["sgemm"] == 0
+    assert counts["kernel:add_layernorm"] == 1 and not {"kernel:gelu", "kernel:kv_write"} & set(counts)
+    assert total == 6 * n_layer + 5 and counts["memcpy"] == 2 * n_layer + 3
+
+
+def test_a_replayed_decode_step_is_one_graph_launch_and_one_copy(monkeypatch):
+    """With OPSWITCH_CUDA_GRAPHS=1 a decode step is one CUDA graph (its kernels
+    inside) after one copy of the step's integers into the slot arena."""
+    from opswitch.model.gpt2 import GPT2
+
+    monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
+    si = standin(monkeypatch)
+    config, params = tiny_gpt2(**GPT2_SMALL_DEPTH)
+    model = GPT2(config, params, Registry(autoload=False).select("cuda").backend)
+    counts = decode_counts(si, model, steps=5)
+    print(f"\ncuda graphs, f32, a replayed decode token: {counts['issued']} host launches"
+          f" ({counts['graph_launch']} graph of {counts['kernel']} kernels, {counts['memcpy']} copy)")
+    assert counts["graph_launch"] == 1 and counts["memcpy"] == 1 and counts["issued"] == 2
+    assert counts["kernel"] == 6 * config.n_layer + 5
+
+
+def check_fused_pairs(be):
+    """add -> layernorm and linear -> gelu, fused on the device: the fused op's result
+    and the first op's output (still readable) are the reference's; other orders flush."""
+    x, y = randn(3, 700).astype(np.float32), randn(3, 700).astype(np.float32)
+    g, b = randn(700).astype(np.float32), randn(700).astype(np.float32)
+    dx, dy, dg, db = (be.to_device(v) for v in (x, y, g, b))  # an upload between them would flush
+    total = be.add(dx, dy)
+    normed = be.layernorm(total, dg, db)
+    want_total = x.astype(np.float64) + y
+    np.testing.assert_allclose(be.to_host(normed), ops.layernorm(want_total, g, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(be.to_host(total), x + y)
+    a, w, bias = (randn(*s).astype(np.float32) for s in ((3, 70), (70, 100), (100,)))
+    for fmt in ("f32", "f16", "bf16", "int8"):
+        stored = formats.encode(w, fmt, "linear")
+        wide = formats.decode(stored).astype(np.float64)
+        args = be.to_device(a), be.upload_weight(stored), be.to_device(bias)
+        pre = be.linear(*args)
+        act = be.gelu(pre)
+        want_pre = a.astype(np.float64) @ wide + bias
+        np.testing.assert_allclose(be.to_host(act), ops.gelu(want_pre), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(be.to_host(pre), want_pre, rtol=1e-5, atol=1e-5)
+    # add -> layernorm -> linear -> gelu: one GEMV, which makes the layernorm's rows itself
+    w2, b2 = randn(700, 50).astype(np.float32), randn(50).astype(np.float32)
+    dw2, db2 = be.to_device(w2), be.to_device(b2)
+    total2 = be.add(dx, dy)
+    normed2 = be.layernorm(total2, dg, db)
+    pre2 = be.linear(normed2, dw2, db2)
+    act2 = be.gelu(pre2)
+    want_normed = ops.layernorm(want_total, g, b)
+    want_pre2 = want_normed @ w2 + b2
+    np.testing.assert_allclose(be.to_host(act2), ops.gelu(want_pre2), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(be.to_host(pre2), want_pre2, rtol=1e-4, atol=1e-4)  # sums of 700 |x| ~ 3
+    np.testing.assert_allclose(be.to_host(normed2), want_normed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(be.to_host(total2), x + y)
+    other = be.gelu(be.add(dx, dy))  # not a fused pair: the add launches first
+    np.testing.assert_allclose(be.to_host(other), ops.gelu(want_total), rtol=1e-5, atol=1e-5)
+    # the qkv GEMV writes the new keys and values into the caches: 2 sequences, 3 new rows
+    n_head, d, capacity, starts, counts = 2, 8, 300, [290, 4], [2, 1]
+    e = n_head * d
+    h, wq, bq = (randn(*s).astype(np.float32) for s in ((3, 40), (40, 3 * e), (3 * e,)))
+    past = [(randn(n_head, capacity, d), randn(n_head, capacity, d)) for _ in counts]
+    past = [(k.astype(np.float32), v.astype(np.float32)) for k, v in past]
+    caches = [(be.to_device(k), be.to_device(v)) for k, v in past]
+    args = be.to_device(h), be.to_device(wq), be.to_device(bq)
+    qkv = be.linear(*args)
+    att = be.attention_batch(qkv, n_head, caches, starts, counts)
+    want_qkv = h.astype(np.float64) @ wq + bq
+    ref_caches = [(k.astype(np.float64), v.astype(np.float64)) for k, v in past]
+    want_att = ops.attention_batch(want_qkv, n_head, ref_caches, starts, counts)
+    np.testing.assert_allclose(be.to_host(att), want_att, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(be.to_host(qkv), want_qkv, rtol=1e-5, atol=1e-5)
+    for (k, v), (rk, rv) in zip(caches, ref_caches):
+        np.testing.assert_allclose(be.to_host(k), rk, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(be.to_host(v), rv, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pairs_keep_every_output(standin_backend):
+    si, be = standin_backend
+    si.counts.clear()  # prepare's own check ran an add
+    check_fused_pairs(be)
+    assert si.counts["kernel:add_layernorm"] == 1 and si.counts["kernel:add"] == 1
+    assert si.counts["kernel:gelu"] == 1 and si.counts["kernel:gemv_n_f32"] == 3
+    assert "kernel:kv_write" not in si.counts
+
+
+def test_a_layernorm_prologue_too_big_for_shared_memory_is_not_fused(standin_backend):
+    """8 rows of GPT-2 large (1280 wide) exceed the 48 KiB a launch gets: add_layernorm runs alone."""
+    si, be = standin_backend
+    x, g, w = randn(8, 1280).astype(np.float32), randn(1280).astype(np.float32), randn(1280, 4)
+    dx, dg, dw = be.to_device(x), be.to_device(g), be.to_device(w.astype(np.float32))
+    si.counts.clear()
+    out = be.to_host(be.linear(be.layernorm(be.add(dx, dx), dg, dg), dw))
+    want = ops.layernorm(2 * x.astype(np.float64), g, g) @ w.astype(np.float32)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    assert si.counts["kernel:add_layernorm"] == 1 and si.counts["kernel:gemv_n_f32"] == 1

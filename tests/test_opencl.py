@@ -67,7 +67,7 @@ def test_without_platforms_the_reason_says_what_to_install(clean_env):
     require("pyopencl")
     clean_env.setattr(opencl, "list_devices", lambda cl: [])
     probe = fresh_probe()
-    assert not probe.available and "pocl-binary-distribution" in probe.reason
+    assert not probe.available and "opswitch[opencl]" in probe.reason
 
 
 def test_device_selected_by_index_and_by_name(be, clean_env):

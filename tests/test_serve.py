@@ -50,16 +50,18 @@ class Server:
         deadline = time.monotonic() + 120
         while True:
             try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+                line = self.lines.get(timeout=0.2)
             except queue.Empty:
-                self.stop()
-                raise RuntimeError("the server did not start:\n" + "".join(self.log)) from None
+                if self.proc.poll() is not None and self.lines.empty():
+                    raise RuntimeError("the server exited:\n" + "".join(self.log)) from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("the server did not start:\n" + "".join(self.log)) from None
+                continue
             found = re.search(r"at (http://\S+)/v1 ", line)
             if found:
                 self.url = found.group(1)
                 break
-            if self.proc.poll() is not None and self.lines.empty():
-                raise RuntimeError("the server exited:\n" + "".join(self.log))
 
     def _read(self) -> None:
         for line in self.proc.stdout:

@@ -36,6 +36,7 @@ from opswitch.core import Backend, Probe, formats, hookimpl
 SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this runs on one thread
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
+F16_FAST_MAX = 2.0**16  # f16 GEMV inputs below this take the pre-scaled kernel (x·2^112 < 2^128)
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,10 @@ class CpuBackend(BlasBackend):
             k.gemv_rows_int8(w.data, w.scale, x, out)
         elif w.fmt == "bf16":
             k.gemv_rows_bf16(w.data, x, out)
-        else:
+        elif np.abs(x).max() < F16_FAST_MAX:  # x·2^112 stays finite: the fast form is exact
             k.gemv_rows_f16(w.data, x * k.F16_SCALE, out)
+        else:  # also NaN: the exact form, which never scales x
+            k.gemv_rows_f16_exact(w.data, x, out)
 
     def _dequantise(self, w: Packed, lo: int, hi: int) -> np.ndarray:
         n_in = w.data.shape[1]

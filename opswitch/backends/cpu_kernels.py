@@ -19,8 +19,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+# error_model="numpy" everywhere: a division by zero gives inf/NaN as in numpy (and every other
+# backend), which the logits check reports, instead of numba's ZeroDivisionError from inside an op.
 ROWS = 16  # output rows per parallel task: enough work to amortise scheduling
 F16_SCALE = np.float32(2.0**112)  # f16 bits placed in an f32 exponent field are 2^-112 too small
+_F16_REBIAS = np.int32(112 << 23)  # f16's exponent bias is 15, f32's 127
 
 
 @intrinsic
@@ -37,18 +40,31 @@ def _as_f32(typingctx, bits):
     return sig, codegen
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _bf16(h):  # uint16 bf16 bits -> float32: the upper half of an f32
     return _as_f32(np.uint32(h) << np.uint32(16))
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _f16_scaled(h):  # int16 f16 bits -> float32 value * 2^-112 (finite values, subnormals too)
     return _as_f32((np.int32(h) << np.int32(13)) & np.int32(-1879056384))  # mask 0x8FFFE000
 
 
+@njit(inline="always", error_model="numpy")
+def _f16(h):
+    """int16 f16 bits -> the float32 of the same value, exactly (finite values: infinities and
+    NaN are uploaded as f32).  Normal numbers move their exponent by 112 in the integer
+    domain; subnormals (exponent 0) take the scaled form times 2^112, a power of two.  The
+    input is never scaled, so no activation a float32 holds can overflow here."""
+    bits = np.int32(h)
+    magnitude = bits & np.int32(0x7FFF)
+    sign = (bits & np.int32(0x8000)) << np.int32(16)
+    normal = _as_f32(sign | ((magnitude << np.int32(13)) + _F16_REBIAS))
+    return normal if magnitude >= np.int32(0x0400) else _f16_scaled(h) * F16_SCALE
+
+
 # -- GEMV on a table [n_out, n_in] (lm_head): out[o] = scale[o] * (w[o] . x) -------
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def gemv_rows_f32(w, x, out):  # f32 [n_out, n_in]
     n_out, n_in = w.shape
     for blk in prange((n_out + ROWS - 1) // ROWS):
@@ -59,7 +75,7 @@ def gemv_rows_f32(w, x, out):  # f32 [n_out, n_in]
             out[o] = acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def gemv_rows_int8(w, scale, x, out):  # int8 [n_out, n_in], f32 [n_out], f32 [n_in] -> [n_out]
     n_out, n_in = w.shape
     for blk in prange((n_out + ROWS - 1) // ROWS):
@@ -70,7 +86,7 @@ def gemv_rows_int8(w, scale, x, out):  # int8 [n_out, n_in], f32 [n_out], f32 [n
             out[o] = acc * scale[o]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def gemv_rows_bf16(w, x, out):  # uint16 [n_out, n_in] bf16 bits
     n_out, n_in = w.shape
     for blk in prange((n_out + ROWS - 1) // ROWS):
@@ -81,14 +97,25 @@ def gemv_rows_bf16(w, x, out):  # uint16 [n_out, n_in] bf16 bits
             out[o] = acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def gemv_rows_f16(w, x, out):  # int16 [n_out, n_in] f16 bits; x pre-scaled by 2^112
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def gemv_rows_f16(w, x, out):  # int16 [n_out, n_in] f16 bits; x pre-scaled by 2^112 (|x| < 2^16)
     n_out, n_in = w.shape
     for blk in prange((n_out + ROWS - 1) // ROWS):
         for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
             acc = np.float32(0.0)
             for i in range(n_in):
                 acc += _f16_scaled(w[o, i]) * x[i]
+            out[o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def gemv_rows_f16_exact(w, x, out):  # int16 [n_out, n_in] f16 bits; any x (slower: ~4x)
+    n_out, n_in = w.shape
+    for blk in prange((n_out + ROWS - 1) // ROWS):
+        for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
+            acc = np.float32(0.0)
+            for i in range(n_in):
+                acc += _f16(w[o, i]) * x[i]
             out[o] = acc
 
 
@@ -99,7 +126,7 @@ def gemv_rows_f16(w, x, out):  # int16 [n_out, n_in] f16 bits; x pre-scaled by 2
 # Quantised weights are transposed once at upload instead and use the row
 # kernels above: widening 1- or 2-byte values costs instructions, and the dot
 # form does it once per weight with no partial sums to reload (measured faster).
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def gemv_cols_f32(w, x, partial):  # f32 [n_in, n_out], [n_in] -> partial [n_part, n_out]
     n_in, n_out = w.shape
     n_part = partial.shape[0]
@@ -121,7 +148,7 @@ def gemv_cols_f32(w, x, partial):  # f32 [n_in, n_out], [n_in] -> partial [n_par
 
 
 # -- dequantisation (prefill: widen once, then one sgemm; serial, as OpenBLAS runs) ---
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def dequant_int8(w, scale, out):  # int8 [n, k], f32 [n] -> f32 [n, k]
     for o in range(w.shape[0]):
         s = scale[o]
@@ -129,14 +156,14 @@ def dequant_int8(w, scale, out):  # int8 [n, k], f32 [n] -> f32 [n, k]
             out[o, i] = np.float32(w[o, i]) * s
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def dequant_bf16(w, out):
     for o in range(w.shape[0]):
         for i in range(w.shape[1]):
             out[o, i] = _bf16(w[o, i])
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def dequant_f16(w, out):
     for o in range(w.shape[0]):
         for i in range(w.shape[1]):
@@ -144,7 +171,7 @@ def dequant_f16(w, out):
 
 
 # -- one-pass elementwise ops ---------------------------------------------------------
-@njit(fastmath=True, inline="always")
+@njit(fastmath=True, inline="always", error_model="numpy")
 def _tanh(x):
     """tanh as Eigen's float rational approximation (|err| ~ 1 ulp, no libm call, so it
     vectorises): odd 13/6 polynomial ratio on x clamped to ±7.9 (tanh = ±1 in float32)."""
@@ -165,7 +192,7 @@ def _tanh(x):
     return p / q
 
 
-@njit(fastmath=True, inline="always")
+@njit(fastmath=True, inline="always", error_model="numpy")
 def _gelu_row(x, out, r):
     c = np.float32(0.7978845608028654)
     for i in range(x.shape[1]):
@@ -174,7 +201,7 @@ def _gelu_row(x, out, r):
         out[r, i] = np.float32(0.5) * v * (np.float32(1.0) + _tanh(inner))
 
 
-@njit(fastmath=True, inline="always")
+@njit(fastmath=True, inline="always", error_model="numpy")
 def _layernorm_row(x, g, b, eps, out, r):  # two reads and one write of the row
     n = x.shape[1]
     mean = np.float32(0.0)
@@ -193,19 +220,19 @@ def _layernorm_row(x, g, b, eps, out, r):  # two reads and one write of the row
 # Elementwise ops run on the calling thread: in decode a row is shorter than the
 # ~20 µs it takes to wake a pool, and in prefill OpenBLAS's pool owns the cores
 # (numba's pool spinning beside it made a 512-token prefill 2.2x slower, measured).
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def gelu(x, out):  # [n_rows, n] -> [n_rows, n], tanh approximation in one pass
     for r in range(x.shape[0]):
         _gelu_row(x, out, r)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def layernorm(x, g, b, eps, out):  # [n_rows, n] -> [n_rows, n]
     for r in range(x.shape[0]):
         _layernorm_row(x, g, b, eps, out, r)
 
 
-@njit(fastmath=True, inline="always")
+@njit(fastmath=True, inline="always", error_model="numpy")
 def _exp(x):
     """exp for x <= 0 (softmax after subtracting the max), vectorisable: 2^n · p(r) with
     Cephes' degree-5 polynomial on r in [-ln2/2, ln2/2] (|rel err| < 2e-7)."""
@@ -222,7 +249,7 @@ def _exp(x):
     return p * _as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def causal_softmax(scores, start):  # [n_q, n_k] in place; query i sees keys 0 .. start + i
     n_q, n_k = scores.shape
     for i in range(n_q):
@@ -242,7 +269,7 @@ def causal_softmax(scores, start):  # [n_q, n_k] in place; query i sees keys 0 .
             scores[i, j] = 0.0
 
 
-@njit(fastmath=True, inline="always")
+@njit(fastmath=True, inline="always", error_model="numpy")
 def _attend_head(q, k_cache, v_cache, end, scale, out, h):
     d = q.shape[1]
     s = np.empty(end, dtype=np.float32)
@@ -269,7 +296,7 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
         out[h, c] = o[c] * inv
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def decode_attention(q, k_cache, v_cache, end, scale, out):
     """One query per head over the cache: q [n_head, d], caches [n_head, cap, d],
     rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
@@ -277,7 +304,7 @@ def decode_attention(q, k_cache, v_cache, end, scale, out):
         _attend_head(q, k_cache, v_cache, end, scale, out, h)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def decode_attention_serial(q, k_cache, v_cache, end, scale, out):
     for h in range(q.shape[0]):
         _attend_head(q, k_cache, v_cache, end, scale, out, h)

@@ -3,7 +3,8 @@
 Devices are ``cuda:0``, ``cuda:1``, … in the CUDA runtime's order (so
 ``CUDA_VISIBLE_DEVICES`` applies).  The probe imports CuPy, asks the driver
 for the device, its name, memory, compute capability and the CUDA
-runtime/driver versions, checks that cuBLAS and NVRTC load, and copies a few
+runtime/driver versions, checks that cuBLAS and NVRTC load and (CuPy 14) that
+the CUDA runtime headers CuPy compiles with can be found, and copies a few
 bytes through the device; it builds nothing.  ``prepare()`` compiles our
 kernels (``cuda_kernels/*.cu``, NVRTC through ``cupy.RawModule``) and runs
 one of them on a known input before the backend is used.  Every reason it
@@ -14,12 +15,18 @@ Why the shape of things here:
 - Weights are uploaded once; activations stay on the device from op to op
   and only ``to_host`` reads back (a decode step reads the last logits).
   All work goes to one non-blocking stream per backend instance.
-- ``linear``/``matmul`` with float32 weights are one cuBLAS SGEMM each, the
-  bias folded in (``fill_rows`` writes the bias rows, SGEMM adds ``x @ w``
-  with beta = 1).  Weights kept as f16/bf16/int8 (``weight_formats``) are
-  widened as read by our GEMV kernels (``gemv.cu``, up to ``GEMV_MAX_M``
-  rows: decode), with float32 accumulation; more rows widen the weight to a
-  float32 scratch copy and take SGEMM.
+- ``linear``/``matmul`` of up to ``GEMV_MAX_M`` rows (decode) are one of our
+  GEMV kernels (``gemv.cu``), the bias added in the same pass, for every
+  weight format: float32 as it is, f16/bf16/int8 (``weight_formats``) widened
+  as read, float32 accumulation.  More rows (a prompt) are one cuBLAS SGEMM,
+  the bias folded in (``fill_rows`` writes the bias rows, SGEMM adds
+  ``x @ w`` with beta = 1); a reduced-format weight is first widened to a
+  float32 scratch copy.  Decode needs no cuBLAS, because CuPy's cuBLAS calls
+  refuse to run while a stream is being captured (``NotImplementedError``
+  since CuPy 11): a step that calls cuBLAS (a prompt) runs eagerly instead.
+- The cuBLAS handle is the backend's own (``cublas.create``), not CuPy's
+  per-thread one: ``prepare`` runs in a worker thread that ends, and CuPy
+  destroys a thread's handles with it.  A finalizer destroys ours.
 - Attention writes into and reads the caller's head-major KV cache in
   place, for the whole ragged batch in one launch (``attention.cu``).  Each
   short sequence's query rows (decode) run the split kernels: keys cut into
@@ -32,6 +39,16 @@ Why the shape of things here:
   a value that changes from one decode step to the next, which is what lets
   ``StepGraphs`` capture a decode step as a CUDA graph once and replay it
   (``OPSWITCH_CUDA_GRAPHS=1``; off by default until measured on hardware).
+- Ops are fused without the model asking: a GEMV's launch waits for the next
+  op (``Deferred``); if that is the GELU of its output, the GEMV writes both
+  (``act``), and if it is the attention of that qkv, the GEMV also writes the
+  new keys and values into the caches (no ``kv_write``).  A residual ``add``
+  waits the same way for the ``layernorm`` of its sum (``add_layernorm``),
+  and that waits for a GEMV of the normalised rows, which then computes them
+  itself first (its layernorm prologue): a decode layer is 6 launches.
+  Anything else launches the waiting kernel first, as does every boundary
+  (``to_host``, an upload, the end of a capture), so each op's output still
+  holds what the op promises.
 - Kernel sources and their ``-D`` options live in ``MODULES``: the backend
   compiles exactly what ``tests/test_cuda_compile.py`` compiles with NVRTC
   for sm_80 and sm_90 in CI, where there is no GPU.
@@ -43,6 +60,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,8 +73,16 @@ import numpy as np
 from opswitch.core import Backend, BackendError, Device, Probe, formats, hookimpl
 
 PRIORITY = 90  # above every CPU backend: auto takes a working GPU
-INSTALL_HINT = "CuPy is not installed: pip install 'opswitch[cuda]'"
-LIBS_HINT = "pip install 'opswitch[cuda]' (it brings nvidia-cublas-cu12 and nvidia-cuda-nvrtc-cu12)"
+INSTALL_HINT = "CuPy is not installed: pip install 'opswitch[cuda]' (CUDA 12 drivers) or 'opswitch[cuda13]'"
+LIBS_HINT = (
+    "pip install 'opswitch[cuda]' (CUDA 12) or 'opswitch[cuda13]' (CUDA 13):"
+    " they bring CuPy with the CUDA toolkit wheels (cupy-cuda1Nx[ctk])"
+)
+HEADERS_HINT = (
+    "CuPy compiles every kernel against cuda_runtime.h: pip install 'opswitch[cuda]' (CUDA 12:"
+    " nvidia-cuda-runtime-cu12) or 'opswitch[cuda13]' (CUDA 13: nvidia-cuda-runtime), or set"
+    " CUDA_PATH to a CUDA toolkit that has include/cuda_runtime.h"
+)
 ENV_GRAPHS = "OPSWITCH_CUDA_GRAPHS"
 KERNEL_DIR = Path(__file__).with_name("cuda_kernels")
 COMMON = "common.cuh"
@@ -68,6 +94,8 @@ ATT_CHUNK = 256  # keys per attention split (its scores sit in shared memory)
 GEMV_WARPS = 8  # gemv_n: warps splitting k
 GEMV_MAX_M = 8  # rows a GEMV kernel takes; more go through SGEMM
 GEMVT_THREADS = 256  # gemv_t: one warp per output column
+# a layernorm prologue's rows in shared memory: 48 KiB (no opt-in) less gemv_n's static 8 KiB + 128 B
+GEMV_LN_FLOATS = (48 * 1024 - 8 * 1024 - 1024) // 4  # (a 1 KiB margin)
 EW_THREADS = 256  # elementwise kernels
 EW_MAX_BLOCKS = 1 << 16  # elementwise kernels loop over the rest
 PREFILL_GEMM_MIN = 16  # a sequence with this many new rows takes the SGEMM attention path
@@ -83,10 +111,10 @@ MODULES: dict[str, tuple[str, ...]] = {
 KERNELS: dict[str, tuple[str, ...]] = {  # the extern "C" kernels the backend loads from each file
     "elementwise.cu": ("add", "add_bcast", "gelu", "fill_rows", "gather_f32", "gather_f16", "gather_bf16",
                        "gather_int8"),
-    "norm.cu": ("layernorm", "softmax"),
+    "norm.cu": ("layernorm", "add_layernorm", "softmax"),
     "attention.cu": ("kv_write", "attn_split", "attn_combine"),
-    "gemv.cu": tuple(f"{kind}_{fmt}" for fmt in ("f16", "bf16", "int8")
-                     for kind in ("gemv_n", "gemv_t", "widen")),
+    "gemv.cu": ("gemv_n_f32", "gemv_t_f32", *(f"{kind}_{fmt}" for fmt in ("f16", "bf16", "int8")
+                                              for kind in ("gemv_n", "gemv_t", "widen"))),
 }  # fmt: skip
 BASE_OPTIONS = ("--std=c++17",)
 
@@ -271,6 +299,11 @@ class SlotArena:
 
 # -- CUDA graphs of repeated steps ----------------------------------------------
 EAGER, CAPTURE, REPLAY = "eager", "capture", "replay"
+MAX_EAGER_KEYS = 64  # steps remembered as not capturable
+
+
+class NotCapturable(RuntimeError):
+    """Raised by an op that cannot be captured (a cuBLAS call): its step runs eagerly, graphs stay on."""
 
 
 @dataclass
@@ -304,8 +337,10 @@ class StepGraphs:
     sequence), an early boundary, or an upload in the middle falls back: the
     ops so far are run eagerly into the same outputs and the step goes on
     eagerly.  If capturing fails where eager work succeeds, graphs are
-    switched off for good, with the reason in ``disabled_reason``.  At most
-    ``max_graphs`` tapes are kept, least recently used dropped first.
+    switched off for good, with the reason in ``disabled_reason``; an op that
+    raises ``NotCapturable`` instead makes its step eager, and that step's key
+    is not captured again (a prompt's SGEMMs).  At most ``max_graphs`` tapes
+    are kept, least recently used dropped first.
 
     ``runtime`` provides ``begin_capture()``, ``end_capture() -> graph``,
     ``launch(graph)`` and ``capture_pool(on)``; impls are called as
@@ -319,6 +354,7 @@ class StepGraphs:
         self.warmup, self.max_graphs = warmup, max_graphs
         self.enabled, self.disabled_reason = True, ""
         self.tapes: OrderedDict[tuple, Tape] = OrderedDict()
+        self.eager_keys: OrderedDict[tuple, None] = OrderedDict()  # steps that refused a capture
         self.last_key: tuple | None = None
         self.last_refs: list = []
         self.streak = 0
@@ -334,6 +370,7 @@ class StepGraphs:
         self.refs: list = []
         self.tape: Tape | None = None
         self.poisoned = False
+        self.refused = False
 
     # -- one op -------------------------------------------------------------
     def call(self, name: str, impl: Callable, args: tuple) -> Any:
@@ -350,6 +387,10 @@ class StepGraphs:
             self._leave_graph()
         if self.mode == CAPTURE:
             try:
+                out = impl(*args)
+            except NotCapturable:
+                self._leave_graph()
+                self.refused = True
                 out = impl(*args)
             except Exception as exc:
                 self._leave_graph()
@@ -395,7 +436,7 @@ class StepGraphs:
         if tape is not None:
             self.tapes.move_to_end(self.last_key)
             self.tape, self.mode, self.arena.deferred = tape, REPLAY, True
-        elif self.streak >= self.warmup:
+        elif self.streak >= self.warmup and self.last_key not in self.eager_keys:
             try:
                 self.runtime.begin_capture()
             except Exception as exc:
@@ -445,6 +486,10 @@ class StepGraphs:
 
     def _end_step(self) -> None:
         key = (*self.tokens, ("interrupted", object())) if self.poisoned else tuple(self.tokens)
+        if self.refused:
+            self.eager_keys[key] = None
+            while len(self.eager_keys) > MAX_EAGER_KEYS:
+                self.eager_keys.popitem(last=False)
         self.streak = self.streak + 1 if key == self.last_key else 1
         self.last_key, self.last_refs = key, self.refs
         self.mode, self.arena.deferred = None, False
@@ -481,6 +526,15 @@ class StepGraphs:
 
 
 # -- the backend ------------------------------------------------------------------
+class Deferred(NamedTuple):
+    """A kernel launched by the next op, which may fold it into its own: ``kind``
+    ("gemv_n", "add" or "add_ln"), its output, and what the launch needs."""
+
+    kind: str
+    out: Any
+    args: tuple
+
+
 @dataclass(frozen=True)
 class Packed:
     """A weight kept on the device in a reduced format (f16, bf16 bits, int8 + scales)."""
@@ -541,6 +595,37 @@ def describe_device(rt: Any, index: int) -> tuple[str, int]:
     )
 
 
+def cuda_headers_reason(cupy: Any) -> str:
+    """Why CuPy will fail to compile a kernel for want of the CUDA runtime headers, or "".
+
+    CuPy 14 adds ``-I`` the ``cudart`` headers to every NVRTC compile and looks
+    them up with ``cuda.pathfinder`` (CUDA_PATH/CUDA_HOME, then the pip wheels);
+    a driver-only machine has none, and fails at the first kernel.  Older CuPy
+    finds its headers its own way, so nothing is checked for it."""
+    try:
+        major = int(str(getattr(cupy, "__version__", "0")).split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 14:
+        return ""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+    except Exception as exc:  # cuda-pathfinder is a dependency of CuPy 14: a broken install
+        return f"CuPy cannot look for the CUDA headers ({type(exc).__name__}: {exc}); {HEADERS_HINT}"
+    if found:
+        return ""
+    return f"the CUDA runtime headers are not installed; {HEADERS_HINT}"
+
+
+def _destroy_cublas(cublas: Any, handle: int) -> None:
+    try:
+        cublas.destroy(handle)
+    except Exception:  # the context may be gone already: nothing left to free
+        pass
+
+
 class _Scope:
     """Make the backend's device and stream current for an op (and restore them)."""
 
@@ -579,7 +664,7 @@ class CudaBackend(Backend):
     name = "cuda"
     priority = PRIORITY
     max_priority = PRIORITY
-    description = "CuPy: cuBLAS SGEMM with fused bias, our own CUDA kernels (NVRTC) for the rest"
+    description = "CuPy: cuBLAS SGEMM for prompts, our own CUDA kernels (NVRTC) for decode and the rest"
     dtypes = ("float32",)
     weight_formats = ("f32", "f16", "bf16", "int8")
     thread_safe = False  # one stream, one slot arena, one graph recorder per instance
@@ -588,6 +673,7 @@ class CudaBackend(Backend):
         super().__init__(dtype, device)
         self.index = 0
         self.graphs: StepGraphs | None = None
+        self._deferred: Deferred | None = None
 
     # -- devices and probing -------------------------------------------------------
     @classmethod
@@ -637,6 +723,9 @@ class CudaBackend(Backend):
             nvrtc.getVersion()  # NVRTC is loaded on first use
         except Exception as exc:
             return Probe.missing(f"NVRTC (the CUDA runtime compiler) cannot be loaded ({exc}): {LIBS_HINT}")
+        headers = cuda_headers_reason(cupy)
+        if headers:
+            return Probe.missing(headers)
         try:  # a round trip through the device: a context and memory work
             with cupy.cuda.Device(self.index):
                 back = cupy.asarray(np.arange(4, dtype=np.float32)).get()
@@ -669,7 +758,12 @@ class CudaBackend(Backend):
     def _open(self, cupy: Any) -> None:
         self._stream = cupy.cuda.Stream(non_blocking=True)
         self._scope = _Scope(self._rt, self.index, self._stream)
-        self._handle = cupy.cuda.device.get_cublas_handle()
+        # our own handle: CuPy's (get_cublas_handle) belongs to this thread, which
+        # may be a worker that ends after prepare, destroying it
+        self._handle = self._cublas.create()
+        self._handle_finalizer = weakref.finalize(self, _destroy_cublas, self._cublas, self._handle)
+        self._handle_finalizer.atexit = False  # at exit the context goes, and the handle with it
+        self._cublas.setStream(self._handle, self._stream.ptr)
         self._k: dict[str, Any] = {}
         for name, kernels in KERNELS.items():
             module = cupy.RawModule(code=kernel_source(name), options=compile_options(name))
@@ -695,9 +789,11 @@ class CudaBackend(Backend):
         self._stream.begin_capture()
 
     def end_capture(self) -> Any:
+        self._flush()  # the step's last kernel belongs to its graph
         return self._stream.end_capture()
 
     def launch(self, graph: Any) -> None:
+        self._flush()
         graph.launch(stream=self._stream)
 
     def capture_pool(self, on: bool) -> None:
@@ -719,6 +815,7 @@ class CudaBackend(Backend):
         return self._cp.empty(shape, dtype=np.float32)
 
     def _mid_step(self) -> None:
+        self._flush()
         if self.graphs is not None:
             self.graphs.interrupt()
 
@@ -739,6 +836,7 @@ class CudaBackend(Backend):
         if isinstance(x, Packed):
             return formats.decode(x.stored)
         with self._scope:
+            self._flush()
             if self.graphs is not None:
                 self.graphs.finish()
             host = x.get(stream=self._stream)
@@ -768,6 +866,7 @@ class CudaBackend(Backend):
 
     def synchronize(self) -> None:
         with self._scope:
+            self._flush()
             if self.graphs is not None:
                 self.graphs.finish()
             self._stream.synchronize()
@@ -822,6 +921,7 @@ class CudaBackend(Backend):
         of a decode step, so never captured in a graph."""
         cp = self._cp
         with self._scope, self._stream:
+            self._flush()
             x = logits.astype(cp.float64)
             top = x.max(axis=-1, keepdims=True)
             lse = top[:, 0] + cp.log(cp.exp(x - top).sum(axis=-1))
@@ -838,11 +938,47 @@ class CudaBackend(Backend):
         out[...] = x
         return out
 
+    def _flush(self) -> None:
+        """Launch the deferred kernel, if any: before anything that may read its output."""
+        d, self._deferred = self._deferred, None
+        if d is None:
+            return
+        if d.kind == "gemv_n":
+            self._gemv_n(*d.args, d.out, np.uint64(0), None)
+        elif d.kind == "add_ln":
+            self._add_layernorm(*d.args, d.out)
+        else:
+            a, b = d.args
+            self._ew("add", d.out.size, (a, b, d.out, np.int64(d.out.size)))
+
+    def _add_layernorm(self, a: Any, b: Any, total: Any, g: Any, beta: Any, eps: float, out: Any) -> None:
+        n = out.shape[-1]
+        self._k["add_layernorm"]((out.size // n,), (NORM_THREADS,),
+                                 (a, b, total, g, beta, out, np.int32(n), np.float32(eps)))  # fmt: skip
+
+    def _gemv_n(self, fmt: str, x: Any, w: Any, scale: Any, bias: Any, m: int, k: int, n: int,
+                ln: tuple | None, y: Any, act: Any, kv: tuple | None) -> None:  # fmt: skip
+        """y = x w (+ bias); act = gelu(y) unless null; kv: (seqs, rows, n_embd, d) of an
+        attention batch whose new keys and values y holds, written into its caches too;
+        ln: (a, b, sum, g, beta, eps) when x is layernorm(a + b), made by the kernel first."""
+        null = np.uint64(0)
+        kv = kv or (null, null, np.int32(0), np.int32(1))
+        if ln is None:
+            prologue, shared = (null,) * 6 + (np.float32(0),), 0
+        else:
+            a, b, total, g, beta, eps = ln
+            prologue, shared = (a, b, g, beta, total, x, np.float32(eps)), 4 * m * k
+        args = (x, w, scale, bias, y, act, *kv, *prologue, np.int32(m), np.int32(k), np.int32(n))
+        self._k[f"gemv_n_{fmt}"]((-(-n // 32),), (32, GEMV_WARPS), args, shared_mem=shared)
+
     def _ew(self, kernel: str, n: int, args: tuple) -> None:
         self._k[kernel]((elementwise_grid(n),), (EW_THREADS,), args)
 
     def _sgemm(self, g: Gemm, a: Any, b: Any, c: Any, alpha: float = 1.0, beta: float = 0.0) -> None:
-        """One cuBLAS call for ``g`` over device buffers a, b, c (float32)."""
+        """One cuBLAS call for ``g`` over device buffers a, b, c (float32); never in a capture,
+        where CuPy's cuBLAS calls raise (and an unsupported one would invalidate the capture)."""
+        if self._capture is not None:
+            raise NotCapturable("cuBLAS is not called while a CUDA graph is captured")
         alpha_beta = np.array([alpha, beta], dtype=np.float32)  # read by cuBLAS during the call
         pa, pb = alpha_beta.ctypes.data, alpha_beta.ctypes.data + 4
         A, B, C = a.data.ptr + 4 * g.a_off, b.data.ptr + 4 * g.b_off, c.data.ptr + 4 * g.c_off
@@ -872,17 +1008,23 @@ class CudaBackend(Backend):
             out = self._empty((m, n))
         if not launch or out.size == 0:
             return out
+        packed = isinstance(w, Packed)
+        gemv = m <= GEMV_MAX_M and (not packed or w.fits_gemv(transpose_b))
+        ln, d = None, self._deferred
+        if gemv and not transpose_b and d is not None and d.kind == "add_ln" and d.out is x:
+            ln, self._deferred = d.args, None  # x = layernorm(a + b), made by the GEMV itself
+        self._flush()
         x = self._contiguous(x)
-        if isinstance(w, Packed) and m <= GEMV_MAX_M and w.fits_gemv(transpose_b):
-            scale = w.scale if w.scale is not None else np.uint64(0)
+        if gemv:  # decode rows: no cuBLAS
+            fmt, data = (w.fmt, w.data) if packed else ("f32", self._contiguous(w))
+            scale = w.scale if packed and w.scale is not None else np.uint64(0)
             if transpose_b:
                 warps = GEMVT_THREADS // 32
-                self._k[f"gemv_t_{w.fmt}"]((-(-n // warps),), (GEMVT_THREADS,),
-                                           (x, w.data, scale, out, np.int32(m), np.int32(k), np.int32(n)))
-            else:
+                self._k[f"gemv_t_{fmt}"]((-(-n // warps),), (GEMVT_THREADS,),
+                                         (x, data, scale, out, np.int32(m), np.int32(k), np.int32(n)))
+            else:  # launched by the next op: the GELU of `out` takes it into its own launch
                 b = bias if bias is not None else np.uint64(0)
-                self._k[f"gemv_n_{w.fmt}"]((-(-n // 32),), (32, GEMV_WARPS),
-                                           (x, w.data, scale, b, out, np.int32(m), np.int32(k), np.int32(n)))
+                self._deferred = Deferred("gemv_n", out, (fmt, x, data, scale, b, m, k, n, ln))
             return out  # fmt: skip
         if isinstance(w, Packed):
             w = self._widen(w)
@@ -906,9 +1048,10 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty(a.shape)
         if launch and out.size:
+            self._flush()
             a, b = self._contiguous(a), self._contiguous(b)
-            if a.shape == b.shape:
-                self._ew("add", a.size, (a, b, out, np.int64(a.size)))
+            if a.shape == b.shape:  # launched by the next op: the layernorm of `out` takes it in
+                self._deferred = Deferred("add", out, (a, b))
             else:
                 self._ew("add_bcast", a.size, (a, b, out, np.int64(a.size), np.int64(b.size)))
         return out
@@ -917,6 +1060,12 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty(x.shape)
         if launch and out.size:
+            d = self._deferred
+            if d is not None and d.kind == "gemv_n" and d.out is x:  # GELU in the GEMV's epilogue
+                self._deferred = None
+                self._gemv_n(*d.args, d.out, out, None)
+                return out
+            self._flush()
             self._ew("gelu", x.size, (self._contiguous(x), out, np.int64(x.size)))
         return out
 
@@ -925,6 +1074,15 @@ class CudaBackend(Backend):
             out = self._empty(x.shape)
         if launch and out.size:
             n = x.shape[-1]
+            d = self._deferred
+            if d is not None and d.kind == "add" and d.out is x:  # the residual add in the same pass
+                self._deferred = None
+                if x.size // n <= GEMV_MAX_M and x.size <= GEMV_LN_FLOATS:  # a GEMV next may take both
+                    self._deferred = Deferred("add_ln", out, (*d.args, x, g, b, eps))
+                else:
+                    self._add_layernorm(*d.args, x, g, b, eps, out)
+                return out
+            self._flush()
             self._k["layernorm"]((x.size // n,), (NORM_THREADS,),
                                  (self._contiguous(x), g, b, out, np.int32(n), np.float32(eps)))  # fmt: skip
         return out
@@ -933,6 +1091,7 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty(x.shape)
         if launch and out.size:
+            self._flush()
             n_k = x.shape[-1]
             n_q = x.shape[-2] if x.ndim > 1 else 1
             self._softmax_rows(self._contiguous(x), out, x.size // n_k, n_k, n_q, bool(causal), 1.0)
@@ -951,6 +1110,7 @@ class CudaBackend(Backend):
             out = self._empty((*shape, n))
         count = int(np.prod(shape, dtype=np.int64))
         if launch and count and n:
+            self._flush()
             if isinstance(table, Packed) and not table.fits_gemv(True):
                 table = Packed("f32", self._widen(table), None, 0, table.stored)
             fmt = table.fmt if isinstance(table, Packed) else "f32"
@@ -970,6 +1130,7 @@ class CudaBackend(Backend):
         if out is None:
             out = self._empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
         if launch:
+            self._flush()
             offset = out.data.ptr
             for part in parts:
                 part = self._contiguous(part)
@@ -1001,9 +1162,15 @@ class CudaBackend(Backend):
             out = self._empty((n_rows, n_embd))
         if not launch or not n_rows:
             return out
-        qkv = self._contiguous(qkv)
         e, d32 = np.int32(n_embd), np.int32(d)
-        self._k["kv_write"]((n_rows, -(-n_embd // 256)), (256,), (qkv, seqs, rows, e, d32))
+        pending = self._deferred
+        if pending is not None and pending.kind == "gemv_n" and pending.out is qkv:  # qkv's own GEMV
+            self._deferred = None  # writes the new keys and values into the caches as it makes them
+            self._gemv_n(*pending.args, pending.out, np.uint64(0), (seqs, rows, e, d32))
+        else:
+            self._flush()
+            qkv = self._contiguous(qkv)
+            self._k["kv_write"]((n_rows, -(-n_embd // 256)), (256,), (qkv, seqs, rows, e, d32))
         scale = np.float32(1.0 / math.sqrt(d))
         n_split_rows = len(plan.split_rows)
         if n_split_rows:

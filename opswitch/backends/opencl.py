@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,15 +57,25 @@ from typing import Any
 
 import numpy as np
 
+from opswitch.backends.opencl_devices import (
+    PIP_FIX,
+    build_failure,
+    describe_device,
+    device_list,
+    is_gpu,
+    list_devices,
+    match_device,
+    preference_order,
+    runtime_label,
+)
+from opswitch.backends.opencl_icd import intel_runtime, register_pip_runtimes
 from opswitch.core import Backend, BackendError, Device, Probe, hookimpl
 
 ENV_DEVICE = "OPSWITCH_OPENCL_DEVICE"
 GPU_PRIORITY = 80  # above blas: a GPU decodes faster than the host's BLAS
 ENV_TUNING = "OPSWITCH_OPENCL_TUNING"
 INSTALL_HINT = "pyopencl is not installed: pip install 'opswitch[opencl]'"
-NO_PLATFORM = (
-    "no OpenCL platform found (install a driver, or pip install pocl-binary-distribution for a CPU device)"
-)
+NO_PLATFORM = "no OpenCL platform found (install a GPU's OpenCL driver, or a CPU runtime)"
 KERNEL_DIR = Path(__file__).with_name("opencl_kernels")
 KERNEL_FILES = ("common.cl", "gemm.cl", "elementwise.cl", "norm.cl", "attention.cl")
 
@@ -162,86 +173,117 @@ def build_options(device: Any, tune: dict[str, int]) -> tuple[str, ...]:
     return tuple(opts)
 
 
-def list_devices(cl: Any) -> list[tuple[str, Any]]:
-    """Every OpenCL device as ("P:D", device), in the order their flat index
-    (``opencl:N``) counts them; empty when no platform is installed."""
-    try:
-        platforms = cl.get_platforms()
-    except cl.Error:  # the ICD loader found no platform at all
-        return []
-    found = []
-    for p, platform in enumerate(platforms):
-        try:
-            devices = platform.get_devices()
-        except cl.Error:  # a platform with no devices of any type
-            continue
-        found += [(f"{p}:{d}", device) for d, device in enumerate(devices)]
-    return found
-
-
-def describe_device(device: Any) -> str:
-    """What users see: platform, device, driver, compute units, memory."""
-    import pyopencl as cl
-
-    kinds = [
-        ("GPU", cl.device_type.GPU),
-        ("CPU", cl.device_type.CPU),
-        ("accelerator", cl.device_type.ACCELERATOR),
-    ]
-    kind = next((name for name, bit in kinds if device.type & bit), "other")
-    return (
-        f"{device.platform.name.strip()} / {device.name.strip()} ({kind}, driver "
-        f"{device.driver_version}, {device.max_compute_units} compute units, "
-        f"{device.global_mem_size / 2**30:.1f} GiB)"
-    )
-
-
-def _device_list(devices: list[tuple[str, Any]]) -> str:
-    return "; ".join(f"opencl:{n} {describe_device(device)}" for n, (_, device) in enumerate(devices))
-
-
-def _match_device(spec: str, devices: list[tuple[str, Any]]) -> Any | None:
-    """The device ``spec`` ("P:D", "P" or a name substring) names, if any."""
-    spec = spec.strip()
-    by_key = dict(devices)
-    if spec in by_key:
-        return by_key[spec]
-    if spec.isdigit():
-        return devices[int(spec)][1] if int(spec) < len(devices) else None
-    needle = spec.lower()
-    for _, device in devices:
-        if needle in f"{device.platform.name} {device.name}".lower():
-            return device
-    return None
-
-
-def _pick_device(cl: Any, devices: list[tuple[str, Any]], index: str | None) -> tuple[Any, str]:
-    """(device, "") or (None, why not): the spec's index, OPSWITCH_OPENCL_DEVICE,
-    PYOPENCL_CTX, the first GPU, any."""
+def _pick_device(cl: Any, devices: list[tuple[str, Any]], index: str | None) -> tuple[list[Any], str]:
+    """(devices to try, in order; "") or ([], why not).  A named device (the
+    spec's index, OPSWITCH_OPENCL_DEVICE, PYOPENCL_CTX) is the only one tried;
+    otherwise every device, GPUs first."""
     if index is not None:
-        device = _match_device(index, devices) if index.isdigit() else None
+        device = match_device(index, devices) if index.isdigit() else None
         if device is None:
-            return None, f"there is no OpenCL device {index!r}; devices: {_device_list(devices)}"
-        return device, ""
+            return [], f"there is no OpenCL device {index!r}; devices: {device_list(devices)}"
+        return [device], ""
     spec = os.environ.get(ENV_DEVICE, "").strip()
     if spec:
-        device = _match_device(spec, devices)
+        device = match_device(spec, devices)
         if device is None:
-            return None, (
+            return [], (
                 f"{ENV_DEVICE}={spec!r} matches no OpenCL device; use 'N', 'P:D' or a name substring"
-                f" of one of: {_device_list(devices)}"
+                f" of one of: {device_list(devices)}"
             )
-        return device, ""
+        return [device], ""
     if os.environ.get("PYOPENCL_CTX"):
         try:
-            return cl.create_some_context(interactive=False).devices[0], ""
+            return [cl.create_some_context(interactive=False).devices[0]], ""
         except Exception as exc:
-            return None, (
+            return [], (
                 f"PYOPENCL_CTX={os.environ['PYOPENCL_CTX']!r} selects no device ({exc}); "
-                f"devices: {_device_list(devices)}"
+                f"devices: {device_list(devices)}"
             )
-    gpus = [dev for _, dev in devices if dev.type & cl.device_type.GPU]
-    return (gpus or [dev for _, dev in devices])[0], ""
+    return preference_order(devices), ""
+
+
+@dataclass
+class DeviceCheck:
+    """Whether our kernels build and compute on a device: the context and
+    program when they do (prepare reuses them), the reason when they do not."""
+
+    reason: str = ""
+    tune: dict[str, int] | None = None
+    context: Any = None
+    program: Any = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def works(self) -> bool:
+        return not self.reason
+
+
+_CHECKS: dict[tuple, DeviceCheck] = {}  # per process: a device is built for at most once
+
+
+def _check_key(device: Any) -> tuple:
+    return (device.int_ptr, os.environ.get(ENV_TUNING, ""))
+
+
+def check_device(cl: Any, device: Any) -> DeviceCheck:
+    """Build our whole program on ``device`` and run one kernel on known input:
+    a runtime that cannot compile for this CPU, or computes wrongly, is found
+    here, before ``opencl`` is called available."""
+    key = _check_key(device)
+    if key not in _CHECKS:
+        _CHECKS[key] = _check(cl, device)
+    return _CHECKS[key]
+
+
+def _check(cl: Any, device: Any) -> DeviceCheck:
+    try:
+        kind = tuning_kind(device)
+    except ValueError as exc:
+        return DeviceCheck(str(exc))
+    tune = tuning(device, kind)
+    need = _largest_work_group(tune)
+    if need > device.max_work_group_size:
+        return DeviceCheck(
+            f"{describe_device(device)} allows work-groups of {device.max_work_group_size}, "
+            f"the {kind} kernels need {need}; set {ENV_TUNING} or {ENV_DEVICE}"
+        )
+    options = build_options(device, tune)
+    try:
+        context = cl.Context([device])
+        program = build_program(context, options)
+        wrong = _one_kernel_check(cl, context, program, tune)
+    except cl.Error as exc:
+        return DeviceCheck(build_failure(device, str(exc), intel_runtime() is not None))
+    if wrong:
+        return DeviceCheck(f"{runtime_label(device)} on {device.name.strip()} computes wrongly: {wrong}")
+    return DeviceCheck("", tune, context, program, options)
+
+
+def _one_kernel_check(cl: Any, context: Any, program: Any, tune: dict[str, int]) -> str:
+    """Run ``add`` on a length that is no multiple of any vector or group size (so
+    both the vector body and the scalar tail run); "" when every element, and
+    the guard past the end, is exact."""
+    n = 1001
+    x = np.arange(n, dtype=np.float32)
+    y = (x * 0.5).astype(np.float32)
+    out = np.full(n + 1, -1.0, np.float32)  # one guard element the kernel must not touch
+    queue = cl.CommandQueue(context)
+    flags = cl.mem_flags
+    a = cl.Buffer(context, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=x)
+    b = cl.Buffer(context, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=y)
+    c = cl.Buffer(context, flags.READ_WRITE | flags.COPY_HOST_PTR, hostbuf=out)
+    kernel = cl.Kernel(program, "add")
+    kernel.set_scalar_arg_dtypes(KERNEL_ARGS["add"])
+    size = _round_up(-(-n // tune["VW"]), tune["EW_L"])
+    kernel(queue, (size,), (tune["EW_L"],), a, b, c, n)
+    cl.enqueue_copy(queue, out, c)
+    queue.finish()
+    expected = np.append(x + y, np.float32(-1.0))
+    bad = np.flatnonzero(out != expected)
+    if bad.size:
+        i = int(bad[0])
+        return f"add gave {out[i]!r} at element {i} of {n}, expected {expected[i]!r}"
+    return ""
 
 
 def _largest_work_group(tune: dict[str, int]) -> int:
@@ -261,6 +303,9 @@ class OpenCLBackend(Backend):
     description = "own OpenCL kernels via PyOpenCL (GPU, or CPU through PoCL)"
     dtypes = ("float32",)
     thread_safe = False
+    # the probe builds our whole program per device it checks: seconds when cold
+    # (Intel's compiler takes ~3 s on an idle 2-core VM), milliseconds from pyopencl's cache
+    probe_seconds = 180.0
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)
@@ -271,66 +316,69 @@ class OpenCLBackend(Backend):
     # -- devices and probing ---------------------------------------------
     @classmethod
     def list_devices(cls) -> list[Device]:
+        """Every device, each with whether our kernels build and run on it, or why not."""
         try:
             import pyopencl as cl
         except ImportError:
             return []
-        return [
-            Device(str(n), describe_device(dev), int(dev.global_mem_size))
-            for n, (_, dev) in enumerate(list_devices(cl))
-        ]
+        register_pip_runtimes()
+        found = []
+        for n, (_, device) in enumerate(list_devices(cl)):
+            check = check_device(cl, device)
+            verdict = "works" if check.works else f"does not work: {check.reason}"
+            found.append(Device(
+                str(n), f"{describe_device(device)}: {verdict}", int(device.global_mem_size),
+                works=check.works, runtime=runtime_label(device),
+            ))  # fmt: skip
+        return found
 
     def _probe_impl(self) -> Probe:
+        """The first device whose kernels build and compute right (a named one, or GPUs first)."""
         try:
             import pyopencl as cl
         except ImportError:
             return Probe.missing(INSTALL_HINT)
+        registered = register_pip_runtimes()
         devices = list_devices(cl)
         if not devices:
-            return Probe.missing(NO_PLATFORM)
-        device, why_not = _pick_device(cl, devices, self.device_id)
-        if device is None:
+            note = "" if intel_runtime() is None else f" ({registered}, yet no platform loaded)"
+            return Probe.missing(f"{NO_PLATFORM}; {PIP_FIX}{note}")
+        candidates, why_not = _pick_device(cl, devices, self.device_id)
+        if not candidates:
             return Probe.missing(why_not)
-        try:
-            kind = tuning_kind(device)
-        except ValueError as exc:
-            return Probe.missing(str(exc))
-        tune = tuning(device, kind)
-        need = _largest_work_group(tune)
-        if need > device.max_work_group_size:
-            return Probe.missing(
-                f"{describe_device(device)} allows work-groups of {device.max_work_group_size}, "
-                f"the {kind} kernels need {need}; set {ENV_TUNING} or {ENV_DEVICE}"
-            )
-        self._cl, self.device, self._tune = cl, device, tune
-        is_gpu = bool(device.type & cl.device_type.GPU)
-        return Probe.ok(describe_device(device), priority=GPU_PRIORITY if is_gpu else None)
+        index = {device.int_ptr: n for n, (_, device) in enumerate(devices)}
+        failures = []
+        for device in candidates:
+            check = check_device(cl, device)
+            if check.works:
+                self._cl, self.device, self._check = cl, device, check
+                return Probe.ok(describe_device(device), priority=GPU_PRIORITY if is_gpu(device) else None)
+            failures.append(f"opencl:{index.get(device.int_ptr, '?')}: {check.reason}")
+        if len(candidates) == 1:
+            return Probe.missing(f"our kernels cannot run on {failures[0]}")
+        return Probe.missing("no OpenCL device can run our kernels: " + " | ".join(failures))
 
     def _prepare_impl(self) -> None:
-        """Context, queue, memory pool and our kernels on the probed device."""
+        """Queue, memory pool and kernels on the probed device (built by the probe's check)."""
         cl = self._cl
         try:
-            self._open(cl, self.device, self._tune)
+            self._open(cl, self._check)
         except cl.Error as exc:
-            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            where = self.device.name.strip()
-            raise BackendError(f"our OpenCL kernels failed to build on {where}: {first}") from exc
+            reason = build_failure(self.device, str(exc), intel_runtime() is not None)
+            raise BackendError(f"our OpenCL kernels failed on {self.device.name.strip()}: {reason}") from exc
 
-    def _open(self, cl: Any, device: Any, tune: dict[str, int]) -> None:
+    def _open(self, cl: Any, check: DeviceCheck) -> None:
         import pyopencl.array as cl_array
         import pyopencl.tools as cl_tools
 
-        options = build_options(device, tune)
-        context = cl.Context([device])
-        program = build_program(context, options)
         self._cl_array = cl_array
-        self.context, self.options = context, options
-        self.queue = cl.CommandQueue(context)
+        self.context, self.options = check.context, check.options
+        self.queue = cl.CommandQueue(self.context)
         self._pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
-        self._t = SimpleNamespace(**tune)
+        self._t = SimpleNamespace(**check.tune)
         self._k = SimpleNamespace()
         for name, arg_types in KERNEL_ARGS.items():
-            kernel = cl.Kernel(program, name)
+            kernel = cl.Kernel(check.program, name)
             kernel.set_scalar_arg_dtypes(arg_types)
             setattr(self._k, name, kernel)
 

@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 
+from opswitch.cli.model_args import add_threads_argument
 from opswitch.core.errors import OpswitchError
 
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also decode after N tokens of context (default 900; 0 = skip)")
     p.add_argument("--prefill", type=int, default=512, metavar="N", help="prefill length (default 512)")
     p.add_argument("--repeats", type=int, default=5, metavar="N")
+    add_threads_argument(p)
     p.add_argument("--ops", action="store_true", help="also time the model's GEMV/GEMM shapes per op")
     p.add_argument("--profile", action="store_true", help="time per op of a prefill and a decode step")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model benchmarks")
@@ -107,7 +109,7 @@ def _quick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.cli.benchmark import Quiet, measure_bandwidth
+    from opswitch.cli.benchmark import Quiet, cpu_description, measure_bandwidth
 
     if args.quick:
         _quick(args)
@@ -134,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"opswitch bench: {args.model or ('tiny (--quick)' if args.quick else args.shape)} "
           f"({config.n_params / 1e6:.1f}M params), {args.repeats} repeats, medians; "
           f"{threads} threads (OPSWITCH_NUM_THREADS)" + ("" if no_torch else f"; torch {torch.__version__}"))
+    print(f"CPU: {cpu_description()}")
+    if args.quick:
+        print("smoke run (--quick): a tiny model that fits in cache, one repeat; its rates and ratios"
+              " say nothing about speed (run without --quick to measure)")
     if args.batch:
         from opswitch.cli.batch_bench import run_batch
 

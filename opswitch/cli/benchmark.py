@@ -225,6 +225,34 @@ class Bandwidth:
     how: str
 
 
+SIMD_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx2", "fma", "f16c")
+
+
+def cpu_description() -> str:
+    """The CPU's model and the vector features our speed depends on: claims are per CPU kind."""
+    import platform
+
+    name, family, model, flags = platform.processor() or platform.machine(), "?", "?", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    name = value
+                elif key == "cpu family":
+                    family = value
+                elif key == "model":
+                    model = value
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    features = [flag for flag in SIMD_FLAGS if flag in flags] or ["features unknown"]
+    return f"{name} (family {family}, model {model}; {os.cpu_count()} logical CPUs; {' '.join(features)})"
+
+
 def l3_bytes() -> int:
     """The last-level cache size (so benchmarks can go past it), 32 MiB if unknown."""
     for index in (3, 2):
@@ -449,6 +477,16 @@ def profile_model(model, prompt: list[int], decode_steps: int = 8) -> tuple[Prof
 
 
 # -- load time and peak memory, in a fresh process -------------------------------------
+# `python -c` puts the current directory first on sys.path: run from the parent of a clone
+# (which holds a folder named opswitch), the child would import that folder, not opswitch
+_NO_CWD_ON_PATH = "import sys\nif sys.path and sys.path[0] in ('', '.'):\n    del sys.path[0]\n"
+
+
+def python_command(code: str) -> list[str]:
+    """``python -c code`` that imports the opswitch this process runs, whatever the cwd holds."""
+    return [sys.executable, "-c", _NO_CWD_ON_PATH + code]
+
+
 _LOAD_SCRIPT = """
 import json, sys, time
 def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's, kept over exec)
@@ -485,10 +523,9 @@ def load_and_first_token(engine: str, path: str, fmt: str = "f32", backend: str 
     before loading) of a saved model directory, measured in a fresh process."""
     import json
     import subprocess
-    import sys
 
     result = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, engine, path, fmt, backend, str(threads)],
+        [*python_command(_LOAD_SCRIPT), engine, path, fmt, backend, str(threads)],
         capture_output=True, text=True, timeout=600,
     )
     if result.returncode != 0:
@@ -577,12 +614,11 @@ def run_engine(engine: str, model_spec: str, spec: str, fmt: str, repeats: int, 
     """``engine_main`` in a fresh process (thread pools of engines never share one)."""
     import json
     import subprocess
-    import sys
 
     code = "from opswitch.cli.benchmark import engine_main; engine_main()"
     numbers = (repeats, prompt, late, prefill, new, idle_wait)
     args = [engine, model_spec, spec, fmt, *(str(v) for v in numbers)]
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    result = subprocess.run([*python_command(code), *args], capture_output=True, text=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else f"exit status {result.returncode}"}

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.model_args import add_model_arguments, loading_label
 from opswitch.core.files import not_a_file
 
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError("--max-tokens must be at least 2 (one token of context, one scored)")
     text = read_text(args.text)
-    with Progress("Loading model"):
+    with Progress(loading_label(args)):
         lm = opswitch.load_model(args.model, backend=args.backend, tokenizer=args.tokenizer,
                                  weights=args.weights, revision=args.revision)
     if lm.tokenizer is None:

@@ -11,7 +11,7 @@ import random
 import sys
 from pathlib import Path
 
-from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.model_args import add_model_arguments, loading_label
 from opswitch.cli.session import Console, generate_once, model_summary, show_settings
 from opswitch.core.errors import GenerationError
 from opswitch.generation import GenerationConfig
@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace) -> GenerationConfig:
     """Validate every flag before anything slow happens."""
+    from opswitch.cli.main import UsageError
+
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens {args.max_tokens}: generate at least 1 token")
     return GenerationConfig(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -77,12 +81,15 @@ def load(args: argparse.Namespace):
     check has passed, so that any failure is exactly one line on stderr.
     """
     from opswitch.api import load_model
+    from opswitch.cli.main import UsageError
     from opswitch.cli.progress import Progress
 
-    with Progress("Loading model"):
+    with Progress(loading_label(args)):
         lm = load_model(args.model, args.backend, tokenizer=args.tokenizer or None, revision=args.revision,
                         weights=args.weights)
-    lm.require_tokenizer()  # text in, text out: the CLI needs one
+    if lm.tokenizer is None:  # text in, text out: the CLI needs one (said in its own flags)
+        raise UsageError(f"{args.model or lm.source} has no tokenizer files (ONNX files never do): "
+                         "pass --tokenizer DIR, a folder with vocab.json and merges.txt or tokenizer.json")
     same = args.model and Path(args.model).expanduser().resolve() == Path(lm.source).resolve()
     label = None if same else (args.model or "the built-in demo model")
     return lm, model_summary(lm, label)

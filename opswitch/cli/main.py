@@ -15,6 +15,7 @@ import traceback
 import warnings
 
 from opswitch import __version__
+from opswitch.cli.model_args import apply_threads
 from opswitch.core.errors import OpswitchError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -59,6 +60,7 @@ def _main(argv: list[str] | None) -> int:
         if not getattr(args, "run", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        apply_threads(args)
         code = args.run(args) or EXIT_OK
         sys.stdout.flush()  # a full disk fails here, not in the interpreter's exit
         return code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from opswitch.core.formats import FORMATS
 
@@ -29,3 +30,44 @@ def add_model_arguments(p: argparse.ArgumentParser, *, weights: bool = True, tok
     if weights:
         p.add_argument("--weights", default="f32", choices=FORMATS,
                        help="storage format of the weight matrices on the backend (default f32)")
+    add_threads_argument(p)
+
+
+MAX_THREADS = 1024
+ENV_THREADS = "OPSWITCH_NUM_THREADS"  # what the backends read when they start their pools
+
+
+def thread_count(text: str) -> int:
+    """--threads N: a whole number of threads, 1 to MAX_THREADS."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count (a whole number, 1-{MAX_THREADS})")
+    return value
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """--threads N (llama.cpp's -t): the compute threads of every backend's pool."""
+    p.add_argument("--threads", "-t", type=thread_count, metavar="N",
+                   help=f"compute threads (default: ${ENV_THREADS}, else one per core); shown in the"
+                   " backend line")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Make --threads what every backend reads, before any of them starts a pool."""
+    threads = getattr(args, "threads", None)
+    if threads:
+        os.environ[ENV_THREADS] = str(threads)
+
+
+def loading_label(args: argparse.Namespace) -> str:
+    """What the load progress line says it is doing: reduced formats and ONNX checks take seconds."""
+    model = str(getattr(args, "model", None) or "")
+    weights = getattr(args, "weights", "f32")
+    if model.lower().endswith(".onnx"):
+        return "Loading model (reading and checking the ONNX graph)"
+    if weights and weights != "f32":
+        return f"Loading model (encoding the weights as {weights})"
+    return "Loading model"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import socket
 import sys
 
 from opswitch.cli.model_args import add_model_arguments
 from opswitch.core.errors import OpswitchError
+from opswitch.serve.scheduler import STREAM_BUFFER
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +36,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $OPSWITCH_API_KEY or none)")
     p.add_argument("--name", metavar="NAME", help="the model id clients ask for (default: --model or 'demo')")
+    limits = p.add_argument_group("limits and timeouts", "what one client may hold, and for how long")
+    limits.add_argument("--max-connections", type=int, default=512, metavar="N",
+                        help="most open connections; one more is answered 503 and closed (default 512)")
+    limits.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds a client has to send a request's headers (default 10)")
+    limits.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a client has to send a request's body; then 408 (default 30)")
+    limits.add_argument("--send-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a response may wait for a client that does not read it; then the"
+                        " connection is closed and its request cancelled (default 30)")
+    limits.add_argument("--keep-alive", type=float, default=5.0, metavar="S",
+                        help="seconds an idle connection stays open between requests (default 5)")
+    limits.add_argument("--stream-buffer", type=int, default=STREAM_BUFFER, metavar="N",
+                        help="most stream events waiting for a client to read them; beyond it the request"
+                        f" is cancelled (default {STREAM_BUFFER})")
+    limits.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
+                        help="on SIGTERM/SIGINT, seconds for streams to end and requests to be answered"
+                        " before connections are cut (default 5)")
     p.set_defaults(run=run)
 
 
@@ -70,29 +90,39 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise OpswitchError(f"opswitch serve needs the 'serve' extra ({', '.join(missing)} not installed):"
                             " pip install 'opswitch[serve]'")
-    for flag, low in (("max_batch", 1), ("max_queue", 1)):
+    for flag, low in (("max_batch", 1), ("max_queue", 1), ("max_connections", 1), ("stream_buffer", 1)):
         if getattr(args, flag) < low:
             raise OpswitchError(f"--{flag.replace('_', '-')} must be at least {low}")
-    if not args.cache_mib > 0:
-        raise OpswitchError("--cache-mib must be positive")
+    for flag in ("header_timeout", "body_timeout", "send_timeout", "keep_alive", "shutdown_grace"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise OpswitchError(f"--{flag.replace('_', '-')} must be a positive number of seconds,"
+                                f" got {value:g}")
+    if not (math.isfinite(args.cache_mib) and args.cache_mib > 0):
+        raise OpswitchError(f"--cache-mib must be a positive number of MiB, got {args.cache_mib:g}")
     if not 0 <= args.port <= 65535:
         raise OpswitchError(f"--port must be 0..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("OPSWITCH_API_KEY") or None
     sock = bind(args.host, args.port)
 
-    import uvicorn
-
     from opswitch.cli.generate_cmd import load
     from opswitch.cli.session import Console
-    from opswitch.serve.app import create_app
+    from opswitch.serve.app import ServeApp
+    from opswitch.serve.http import ConnectionLimits, serve
 
     console = Console(quiet=False)
     lm, summary = load(args)
     for line in summary:
         console.info(line)
+    cache_bytes = int(args.cache_mib * 2**20)
+    smallest = lm.model.cache_pool(cache_bytes).bytes_for(2)  # one prompt token, one new token
+    if cache_bytes < smallest:
+        raise OpswitchError(f"--cache-mib {args.cache_mib:g} cannot hold a single request's KV cache; the"
+                            f" smallest budget that serves one is {smallest / 2**20:.4g} MiB")
     name = args.name or args.model or "demo"
-    app = create_app(lm, name, max_batch=args.max_batch, max_queue=args.max_queue,
-                     cache_bytes=int(args.cache_mib * 2**20), api_key=api_key)
+    served = ServeApp(lm, name, max_batch=args.max_batch, max_queue=args.max_queue, cache_bytes=cache_bytes,
+                      api_key=api_key, body_timeout=args.body_timeout, send_timeout=args.send_timeout,
+                      stream_buffer=args.stream_buffer, grace=args.shutdown_grace)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not is_loopback(args.host) and api_key is None:
@@ -101,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
     console.info(f"✓ Serving {name!r} at http://{shown}:{port}/v1 (max batch {args.max_batch},"
                  f" queue {args.max_queue}, KV cache {args.cache_mib:g} MiB); Ctrl-C stops")
     sys.stderr.flush()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    limits = ConnectionLimits(args.max_connections, args.header_timeout, args.keep_alive,
+                              send_timeout=args.send_timeout)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        serve(served.build(), sock, limits, args.shutdown_grace, served.begin_shutdown, served.metrics)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
         pass
     console.info("✓ Server stopped")

@@ -75,11 +75,24 @@ def describe_settings(config: GenerationConfig) -> list[str]:
     ]
 
 
+SHOWN_IDS = 24  # a prompt near the context would print thousands
+
+
+def describe_ids(ids: list[int]) -> str:
+    """ "3 tokens: [1, 2, 3]", with long lists cut to their first and last few ids."""
+    count = f"{len(ids)} token{'' if len(ids) == 1 else 's'}"
+    if len(ids) <= SHOWN_IDS:
+        return f"{count}: {ids}"
+    head, tail = ids[: SHOWN_IDS - 4], ids[-4:]
+    return f"{count}: [{', '.join(map(str, head))}, ... ({len(ids) - len(head) - 4} more) ..., " \
+        f"{', '.join(map(str, tail))}]"
+
+
 def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -> GenerationResult:
     """Stream one completion; Ctrl-C stops it cleanly, keeping what was printed."""
     ids = lm.encode_prompt(prompt)
     console.info(f"Prompt: {prompt}")
-    console.info(f"Encoded to {len(ids)} tokens: {ids}")
+    console.info(f"Encoded to {describe_ids(ids)}")
     console.info()
     result = GenerationResult(ids)
     if not console.quiet:

@@ -49,6 +49,8 @@ class Device:
     id: str
     description: str
     memory_bytes: int | None = None
+    works: bool | None = None  # None: not checked; False: ``description`` says why not
+    runtime: str = ""  # the driver/compiler stack ("PoCL 3.0-rc2 (LLVM 14.0.6)"), when a backend has several
 
 
 class Backend:
@@ -71,6 +73,9 @@ class Backend:
     weight_formats: ClassVar[tuple[str, ...]] = ("f32",)
     # may two threads call ops at once?  If not, the model layer serialises calls.
     thread_safe: ClassVar[bool] = True
+    # seconds probe() and list_devices() may take unless $OPSWITCH_PROBE_TIMEOUT says
+    # otherwise (None: 10); a probe that builds kernels to check a device needs more
+    probe_seconds: ClassVar[float | None] = None
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         if dtype not in self.dtypes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import sys
 import tempfile
@@ -38,13 +39,15 @@ class Outcome:
         return self.error is None
 
 
-def probe_timeout() -> float:
-    """Seconds a plugin call may take ($OPSWITCH_PROBE_TIMEOUT, default 10)."""
+def probe_timeout(backend_default: float | None = None) -> float:
+    """Seconds a plugin call may take: $OPSWITCH_PROBE_TIMEOUT when set, else the
+    backend's own default (a probe that compiles kernels needs longer), else 10."""
+    fallback = max(DEFAULT_TIMEOUT, backend_default or 0.0)
     try:
-        value = float(os.environ.get(ENV_PROBE_TIMEOUT, DEFAULT_TIMEOUT))
+        value = float(os.environ.get(ENV_PROBE_TIMEOUT, fallback))
     except ValueError:
-        return DEFAULT_TIMEOUT
-    return value if value > 0 else DEFAULT_TIMEOUT
+        return fallback
+    return value if value > 0 and math.isfinite(value) else fallback
 
 
 @contextlib.contextmanager

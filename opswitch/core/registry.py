@@ -16,6 +16,7 @@ among them.
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import os
 from collections.abc import Callable
@@ -27,8 +28,8 @@ import numpy as np
 import pluggy
 
 from opswitch.core import formats, hookspecs
-from opswitch.core.backend import DTYPES, Backend, Probe
-from opswitch.core.containment import contained
+from opswitch.core.backend import DTYPES, Backend, Device, Probe
+from opswitch.core.containment import contained, probe_timeout
 from opswitch.core.errors import BackendError
 from opswitch.core.ops import CATALOGUE, OP_NAMES, row_counts
 
@@ -335,7 +336,7 @@ class Registry:
     def probe(self, backend: Backend) -> Probe:
         """``backend.probe()``, contained: quiet, time-limited, never raising."""
         if backend._probe is None:
-            outcome = contained(backend.probe)
+            outcome = contained(backend.probe, timeout=probe_timeout(_probe_seconds(type(backend))))
             if not outcome.ok:
                 backend._probe = Probe.missing(f"probe {outcome.error}")
             elif not isinstance(outcome.value, Probe):
@@ -352,19 +353,23 @@ class Registry:
             except BackendError as exc:
                 probe = Probe.missing(str(exc))
             priority = probe.priority if isinstance(probe.priority, int) else cls.priority
-            devices = self._devices(cls) if probe.available else ()
+            devices = self._devices(cls)  # each with whether it works, also when none does
             rows.append(BackendStatus(
                 name, priority, source, probe, cls.native_ops(), cls.description, tuple(cls.dtypes),
                 devices, tuple(cls.weight_formats), cls.thread_safe,
             ))  # fmt: skip
         return sorted(rows, key=lambda row: -row.priority)
 
-    @staticmethod
-    def _devices(cls: type[Backend]) -> tuple[str, ...]:
-        outcome = contained(cls.list_devices)
+    def devices(self, name: str) -> list[Device]:
+        """``name``'s devices (``list_devices``, contained: a broken one lists none)."""
+        cls = self.backend_class(name)
+        outcome = contained(cls.list_devices, timeout=probe_timeout(_probe_seconds(cls)))
         if not outcome.ok or not isinstance(outcome.value, list):
-            return ()
-        return tuple(f"{cls.name}:{d.id} {d.description}" for d in outcome.value)
+            return []
+        return [d for d in outcome.value if isinstance(d, Device)]
+
+    def _devices(self, cls: type[Backend]) -> tuple[str, ...]:
+        return tuple(f"{cls.name}:{d.id} {d.description}" for d in self.devices(cls.name))
 
     def available(self) -> list[str]:
         """Every available backend (probes them all: for listings and errors)."""
@@ -394,40 +399,31 @@ class Registry:
                 # lacks is skipped, visibly; a broken one says so
                 skipped.append((parsed.name, self._missing_reason(parsed.name)))
                 continue
-            candidates = self._auto_order(dtype) if parsed is None else [parsed]
-            best: tuple[int, Backend, Probe] | None = None
-            for cand in candidates:
-                key = (cand.name, cand.device, cand.dtype or dtype)
-                if key in tried:
-                    continue
-                tried.add(key)
-                cls = self.backend_class(cand.name)
-                ceiling = cls.max_priority if isinstance(cls.max_priority, int) else cls.priority
-                if parsed is None and best is not None and ceiling <= best[0]:
-                    break  # auto: nothing further down can beat what we have
-                try:
-                    backend = self.backend(cand.name, cand.dtype or dtype, cand.device)
-                except BackendError as exc:
-                    if single:
-                        raise
-                    skipped.append((cand.name, str(exc)))
-                    continue
-                probe = self.probe(backend)
-                if not probe.available:
-                    skipped.append((backend.spec, probe.reason))
-                    continue
-                failure = self._prepare(backend)
-                if failure:
-                    skipped.append((backend.spec, failure))
-                    continue
-                rank = probe.priority if isinstance(probe.priority, int) else cls.priority
-                rank = min(rank, max(ceiling, cls.priority))  # a probe may not outrank its declared ceiling
-                if parsed is not None:
-                    return Selection(backend, _why(choice, backend, i, skipped, probe), skipped)
-                if best is None or rank > best[0]:
-                    best = (rank, backend, probe)
-            if best is not None:
-                return Selection(best[1], _why("auto", best[1], i, skipped, best[2]), skipped)
+            if parsed is None:
+                chosen = self._select_auto(dtype, tried, skipped)
+                if chosen is not None:
+                    return Selection(chosen[0], _why("auto", chosen[0], i, skipped, chosen[1]), skipped)
+                continue
+            key = (parsed.name, parsed.device, parsed.dtype or dtype)
+            if key in tried:
+                continue
+            tried.add(key)
+            try:
+                backend = self.backend(parsed.name, parsed.dtype or dtype, parsed.device)
+            except BackendError as exc:
+                if single:
+                    raise
+                skipped.append((parsed.name, str(exc)))
+                continue
+            probe = self.probe(backend)
+            if not probe.available:
+                skipped.append((backend.spec, probe.reason))
+                continue
+            failure = self._prepare(backend)
+            if failure:
+                skipped.append((backend.spec, failure))
+                continue
+            return Selection(backend, _why(choice, backend, i, skipped, probe), skipped)
         if single:
             raise BackendError(
                 f"backend {wanted[0]!r} is unavailable: {skipped[0][1]}; "
@@ -438,6 +434,45 @@ class Registry:
             f"no backend of {text!r} is available ({reasons}); "
             f"available backends: {', '.join(self.available()) or 'none'}"
         )
+
+    def _select_auto(self, dtype: str, tried: set, skipped: list) -> tuple[Backend, Probe] | None:
+        """The best backend for ``auto``: probe in order of the highest priority each
+        could report, stop once nothing further down can beat a probed one, and
+        prepare only the winner (the next best if the winner fails to prepare)."""
+        ranked: list[tuple[int, int, Backend, Probe]] = []  # (-rank, order, backend, probe)
+
+        def prepare_best(floor: int | None) -> tuple[Backend, Probe] | None:
+            while ranked and (floor is None or -ranked[0][0] >= floor):
+                _, _, backend, probe = heapq.heappop(ranked)
+                failure = self._prepare(backend)
+                if not failure:
+                    return backend, probe
+                skipped.append((backend.spec, failure))
+            return None
+
+        for order, cand in enumerate(self._auto_order(dtype)):
+            key = (cand.name, cand.device, cand.dtype or dtype)
+            if key in tried:
+                continue
+            tried.add(key)
+            cls = self.backend_class(cand.name)
+            ceiling = cls.max_priority if isinstance(cls.max_priority, int) else cls.priority
+            chosen = prepare_best(floor=ceiling)  # what is probed already beats anything from here on
+            if chosen:
+                return chosen
+            try:
+                backend = self.backend(cand.name, cand.dtype or dtype, cand.device)
+            except BackendError as exc:
+                skipped.append((cand.name, str(exc)))
+                continue
+            probe = self.probe(backend)
+            if not probe.available:
+                skipped.append((backend.spec, probe.reason))
+                continue
+            rank = probe.priority if isinstance(probe.priority, int) else cls.priority
+            rank = min(rank, max(ceiling, cls.priority))  # a probe may not outrank its declared ceiling
+            heapq.heappush(ranked, (-rank, order, backend, probe))
+        return prepare_best(floor=None)
 
     def _missing_reason(self, name: str) -> str:
         message = str(self._unknown(name))
@@ -512,6 +547,13 @@ def contract_problem(cls: Any) -> str | None:
     if not isinstance(cls.thread_safe, bool):
         return f"{label}: `thread_safe` must be True or False, got {cls.thread_safe!r}"
     return None
+
+
+def _probe_seconds(cls: type[Backend]) -> float | None:
+    """A backend's own probe time budget, if it declares a sane one."""
+    value = getattr(cls, "probe_seconds", None)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600
+    return float(value) if ok else None
 
 
 def _why(choice: str, backend: Backend, index: int, skipped: list, probe: Probe) -> str:

@@ -102,11 +102,15 @@ class BatchGenerator:
     """Advance many sequences together, one forward pass per step."""
 
     def __init__(
-        self, model: GPT2, pool: CachePool | None = None, n_vocab_allowed: int | None = None
+        self, model: GPT2, pool: CachePool | None = None, n_vocab_allowed: int | None = None,
+        unused_ids: Sequence[int] = (),
     ) -> None:
         self.model = model
         self.pool = pool
         self.n_vocab_allowed = n_vocab_allowed  # ids at or past this are never sampled (padded vocabularies)
+        # ids inside the tokenizer's table that have no text (gaps): never sampled either, as
+        # a sampled one could not be turned into text
+        self.unused_ids = np.asarray(unused_ids, dtype=np.int64)
         self.running: list[Running] = []
 
     def cache_tokens(self, prompt_len: int, config: GenerationConfig) -> int:
@@ -184,6 +188,9 @@ class BatchGenerator:
         if seq.n_vocab_allowed is not None and seq.n_vocab_allowed < logits.size:
             logits = logits.copy()
             logits[seq.n_vocab_allowed :] = -np.inf
+        if self.unused_ids.size:
+            logits = logits.copy()
+            logits[self.unused_ids[self.unused_ids < logits.size]] = -np.inf
         seq.logits = logits  # the server's logprobs read them
         try:
             token = sample_next(logits, seq.config, seq.rng)
@@ -208,6 +215,7 @@ def stream_ids(
     config: GenerationConfig,
     result: GenerationResult | None = None,
     n_vocab_allowed: int | None = None,
+    unused_ids: Sequence[int] = (),
 ) -> Iterator[int]:
     """Yield each new token id as soon as it is sampled.
 
@@ -216,7 +224,7 @@ def stream_ids(
     truncation rather than an error halfway through a stream).  The stop
     token itself is not yielded.
     """
-    generator = BatchGenerator(model, n_vocab_allowed=n_vocab_allowed)
+    generator = BatchGenerator(model, n_vocab_allowed=n_vocab_allowed, unused_ids=unused_ids)
     seq = generator.add(prompt_ids, config, result)
     try:
         while generator.running:
@@ -231,11 +239,12 @@ def stream_ids(
 
 
 def generate_ids(
-    model: GPT2, prompt_ids: Sequence[int], config: GenerationConfig, n_vocab_allowed: int | None = None
+    model: GPT2, prompt_ids: Sequence[int], config: GenerationConfig, n_vocab_allowed: int | None = None,
+    unused_ids: Sequence[int] = (),
 ) -> GenerationResult:
     """Run generation to the end and return everything at once."""
     result = GenerationResult(list(prompt_ids))
-    for _ in stream_ids(model, prompt_ids, config, result, n_vocab_allowed):
+    for _ in stream_ids(model, prompt_ids, config, result, n_vocab_allowed, unused_ids):
         pass
     return result
 
@@ -246,6 +255,7 @@ def generate_batch(
     configs: Sequence[GenerationConfig],
     pool: CachePool | None = None,
     n_vocab_allowed: int | None = None,
+    unused_ids: Sequence[int] = (),
 ) -> list[GenerationResult]:
     """Generate for every prompt together (each with its own settings); the same ids
     as generating each alone.  With a ``pool``, sequences wait for cache room."""
@@ -253,7 +263,7 @@ def generate_batch(
         raise GenerationError(f"{len(prompts)} prompts but {len(configs)} settings")
     for prompt, config in zip(prompts, configs):
         check_request(model, prompt, config)
-    generator = BatchGenerator(model, pool, n_vocab_allowed)
+    generator = BatchGenerator(model, pool, n_vocab_allowed, unused_ids)
     waiting = list(range(len(prompts)))
     seqs: dict[int, Running] = {}
     while waiting or generator.running:

@@ -27,5 +27,9 @@ def require_onnx():
 
 
 def is_onnx_path(path) -> bool:
-    """Does ``path`` name an ONNX file (by its suffix; it may not exist yet)?"""
-    return path is not None and Path(str(path)).suffix.lower() == ".onnx" and not Path(str(path)).is_dir()
+    """Does ``path`` name an ONNX file (by its suffix; it may not exist yet, or be something else
+    than a file, which the reader refuses)?  A model directory that happens to end in ``.onnx``
+    (it holds a config.json) is not one."""
+    if path is None or Path(str(path)).suffix.lower() != ".onnx":
+        return False
+    return not (Path(str(path)) / "config.json").is_file()

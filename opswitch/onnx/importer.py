@@ -13,10 +13,11 @@ heads comes from the reshape to ``[..., n_head, head_dim]``.
 Anything we do not understand stops the import with a one-line error naming
 it, rather than running a model that is not the one in the file: an op
 outside the list a GPT-2 graph uses, a float weight no role claims, a shape
-that does not fit, a count that does not add up.  Last, the graph itself is
-run on a few tokens (onnx's numpy reference evaluator) and must give the
-logits of the GPT-2 built from the weights taken, which catches a graph that
-is wired differently around the right weights.  Works for our own export and
+that does not fit, a count that does not add up.  Before that, the file and
+its tensors are checked (``tensors``) and the graph's shape (``structure``);
+last, the graph itself is run on inputs of our choosing (``verify``) and must
+give the logits of the GPT-2 built from the weights taken, which catches a
+graph that is wired differently around the right weights.  Works for our own export and
 for ``torch.onnx.export(..., dynamo=True)`` of HF's ``GPT2LMHeadModel``.
 """
 
@@ -28,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from opswitch.core.errors import ModelNotFoundError
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import Params, nest_params
-from opswitch.onnx import OnnxError, require_onnx
+from opswitch.onnx import OnnxError
+from opswitch.onnx.structure import check_structure, logits_name
+from opswitch.onnx.tensors import _dtype_name, check_tensors, read_model, tensor_array
+from opswitch.onnx.verify import check_by_running
 
 # Every op the two exporters we support emit: weights, the forward pass, and
 # the shape and mask arithmetic around it.  Anything else is refused.
@@ -43,157 +46,28 @@ KNOWN_OPS = frozenset({
     "Squeeze", "Sub", "Tanh", "Transpose", "Trilu", "Unsqueeze", "Where",
 })
 _PASS_THROUGH = {"Identity", "Cast", "CastLike"}  # a weight seen through these is still the weight
+_LOGITS_TAIL = {"Identity", "Cast", "CastLike", "Reshape", "Squeeze", "Unsqueeze"}  # may follow the head
+_FLOATS = {1: np.float32, 10: np.float16, 11: np.float64, 16: "bfloat16"}  # TensorProto codes
 
 
 def load_onnx(path: str | Path, *, verify: bool = True) -> tuple[GPT2Config, Params]:
     """Read an ONNX GPT-2 into (config, float32 params named like the checkpoint).
 
-    With ``verify``, the graph itself is then run on a few tokens by onnx's
-    reference evaluator and must give our logits: a graph that computes
-    something else than GPT-2 (another mask, scale or wiring) is refused
-    even if its weights looked right.
+    The file and every tensor in it are checked first (``onnx.tensors``), then the graph's
+    shape (``onnx.structure``: no cycles, nothing off the logits' path).  With ``verify``,
+    the graph is then run on inputs of our choosing and must give our logits
+    (``onnx.verify``): a graph that computes something else than GPT-2 (another mask, scale
+    or wiring) is refused even if its weights looked right.
     """
     path = Path(path)
     model = read_model(path)
-    for tensor in model.graph.initializer:
-        tensor_location(tensor, path.parent, path)
-    config, params = GraphMapper(model.graph, path).map()
+    check_tensors(model, path)
+    check_structure(model.graph, path)
+    mapper = GraphMapper(model.graph, path)
+    config, params = mapper.map()
     if verify:
-        check_by_running(path, model.graph, config, params)
+        check_by_running(model, path, config, params, mapper.initializer_arrays())
     return config, params
-
-
-def read_model(path: Path):
-    """Parse ``path`` as an ONNX model, without its external data (loaded lazily, checked)."""
-    onnx = require_onnx()
-    from google.protobuf.message import DecodeError
-
-    if not path.exists():
-        raise ModelNotFoundError(f"{path} does not exist")
-    if path.is_dir():
-        raise OnnxError(f"{path} is a directory, not an ONNX file")
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OnnxError(f"{path} is not an ONNX model: cannot parse it as one ({why}); truncated or "
-                        "another format?") from None
-    except OSError as e:
-        raise OnnxError(f"cannot read {path}: {e.strerror or e}") from None
-    if not model.HasField("graph") or not model.graph.node or not model.opset_import:
-        raise OnnxError(f"{path} parses as protobuf but is not an ONNX model (no graph, nodes or opset); "
-                        "truncated or another format?")
-    return model
-
-
-# ------------------------------------------------------------------------------ tensors
-_FLOATS = {1: np.float32, 10: np.float16, 11: np.float64, 16: "bfloat16"}  # TensorProto codes
-
-
-def tensor_array(tensor, base: Path, source: Path) -> np.ndarray:
-    """An initializer as a numpy array; external data is memory-mapped after checking
-    that it lies inside the model's directory and is as long as the tensor says."""
-    from onnx import numpy_helper
-
-    target = tensor_location(tensor, base, source)
-    if target is None:
-        return numpy_helper.to_array(tensor)
-    info = {e.key: e.value for e in tensor.external_data}
-    location = info.get("location", "")
-    dtype = np.dtype(np.uint16 if tensor.data_type == 16 else onnx_dtype(tensor.data_type))
-    shape = tuple(tensor.dims)
-    needed = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    offset, length = int(info.get("offset", 0)), int(info.get("length", needed))
-    if length != needed or offset + length > target.stat().st_size:
-        raise OnnxError(f"{source}: external data for {tensor.name!r} ({offset}+{length} bytes of "
-                        f"{location!r}) does not fit the file or the tensor's shape {list(shape)}; the data "
-                        "file is truncated or belongs to another model")
-    if needed == 0:
-        return np.zeros(shape, dtype)
-    array = np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=shape)
-    return _bf16_to_f32(array) if tensor.data_type == 16 else array
-
-
-def tensor_location(tensor, base: Path, source: Path) -> Path | None:
-    """The external-data file of an initializer (None if inline), which must exist and lie
-    inside the model's directory: no absolute paths, no ``..`` out of it."""
-    from onnx import TensorProto
-
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return None
-    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-    target = (base / location).resolve()
-    if not location or Path(location).is_absolute() or not target.is_relative_to(base.resolve()):
-        raise OnnxError(f"{source}: initializer {tensor.name!r} points at external data {location!r}, "
-                        f"outside the model's directory {base}; refusing to read it")
-    if not target.is_file():
-        raise OnnxError(f"{source}: initializer {tensor.name!r} needs external data file {location!r}, "
-                        f"which is not in {base}; copy it beside the model")
-    return target
-
-
-def check_by_running(path: Path, graph, config: GPT2Config, params: Params, n_tokens: int = 5) -> None:
-    """Run the graph on a few tokens with onnx's reference evaluator (numpy) and compare its
-    logits with our GPT-2 on the mapped weights; float32 runs agree to ~1e-6 of the logit
-    scale, a structural difference moves them by O(1), so 1e-3 separates the two."""
-    from onnx.reference import ReferenceEvaluator
-
-    from opswitch.core.registry import get_registry
-    from opswitch.model.gpt2 import GPT2
-
-    n = min(n_tokens, config.n_positions)
-    ids = (np.arange(n, dtype=np.int64) * 7919 + 3) % config.vocab_size
-    feeds = {}
-    inits = {t.name for t in graph.initializer}
-    for value in graph.input:
-        if value.name in inits:
-            continue
-        t = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        if value.name == GraphMapper.token_input_name(graph):
-            n = dims[-1] if dims and dims[-1] else n
-            ids = ids[:n] if len(ids) >= n else np.resize(ids, n)
-            feeds[value.name] = ids.reshape([1] * (len(dims) - 1) + [n])
-        elif "position" in value.name:
-            feeds[value.name] = np.arange(n, dtype=onnx_dtype(t.elem_type)).reshape(1, n)
-        elif t.elem_type in (6, 7):  # an attention mask: every token visible
-            feeds[value.name] = np.ones((1, n), dtype=onnx_dtype(t.elem_type))
-        else:  # a KV cache: empty
-            feeds[value.name] = np.zeros([d if d is not None else (1 if i == 0 else 0)
-                                          for i, d in enumerate(dims)], dtype=onnx_dtype(t.elem_type))
-    try:
-        outputs = ReferenceEvaluator(str(path)).run(None, feeds)
-    except Exception as e:  # the evaluator's errors are as varied as the graphs it runs
-        raise OnnxError(f"{path}: cannot run the graph to check the weights opswitch took from it "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    names = [o.name for o in graph.output]
-    theirs = np.asarray(outputs[names.index("logits") if "logits" in names else 0], dtype=np.float64)
-    ours = GPT2(config, params, get_registry().backend("naive")).forward(ids).astype(np.float64)
-    theirs = theirs.reshape(-1, theirs.shape[-1])[-n:] if theirs.shape[-1] == config.vocab_size else None
-    err = np.inf if theirs is None else np.abs(theirs - ours).max() / max(np.abs(ours).max(), 1e-30)
-    if not err <= 1e-3:
-        raise OnnxError(f"{path}: the graph's own logits differ from the GPT-2 opswitch built from its "
-                        f"weights (max error {err:.2g} of the logit scale); it computes something else "
-                        "than GPT-2")
-
-
-def onnx_dtype(code: int):
-    from onnx import helper
-
-    try:
-        return helper.tensor_dtype_to_np_dtype(code)
-    except (KeyError, ValueError):
-        return np.uint8
-
-
-def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    return (np.asarray(raw, dtype=np.uint32) << 16).view(np.float32)
-
-
-def _dtype_name(code: int) -> str:
-    from onnx import TensorProto
-
-    return TensorProto.DataType.Name(code)
 
 
 # ------------------------------------------------------------------------------ mapping
@@ -218,6 +92,13 @@ class GraphMapper:
                 self.consumers.setdefault(i, []).append(n)
         self.claimed: dict[str, str] = {}  # initializer -> the role that took it
         self._arrays: dict[str, np.ndarray] = {}
+        self._sources: dict[str, tuple[str, bool] | None] = {}
+        self._dependents: dict[str, set[str]] = {}
+
+    def initializer_arrays(self) -> dict[str, np.ndarray]:
+        """Every initializer as an array (the weights memory-mapped or already read), for the check run."""
+        return {t.name: self._arrays[t.name] if t.name in self._arrays and t.data_type == 1
+                else tensor_array(t, self.source) for t in self.graph.initializer}
 
     def fail(self, message: str):
         raise OnnxError(f"{self.source}: {message}; opswitch maps GPT-2 graphs only")
@@ -234,7 +115,7 @@ class GraphMapper:
             dtype = _dtype_name(tensor.data_type)
             self.fail(f"initializer {name!r} used as {role} is {dtype}, not a float type")
         if name not in self._arrays:
-            a = tensor_array(tensor, self.source.parent, self.source)
+            a = tensor_array(tensor, self.source)
             self._arrays[name] = np.asarray(a, dtype=np.float32)
         self.claimed.setdefault(name, role)
         return self._arrays[name]
@@ -242,51 +123,64 @@ class GraphMapper:
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a small constant input (an initializer or a Constant node), if it is one."""
         if name in self.inits:
-            return tensor_array(self.inits[name], self.source.parent, self.source)
+            return tensor_array(self.inits[name], self.source)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             from onnx import helper
 
             for attr in node.attribute:
                 if attr.name == "value":
-                    from onnx import numpy_helper
-
-                    return numpy_helper.to_array(helper.get_attribute_value(attr))
+                    return tensor_array(helper.get_attribute_value(attr), self.source)
         return None
 
     def weight_source(self, name: str, floats_only: bool = False) -> tuple[str, bool] | None:
         """(initializer, transposed) when ``name`` is an initializer, maybe seen through
-        Identity/Cast or a 2-D Transpose (any dtype, so that a wrong one is named)."""
-        transposed = False
-        while name not in self.inits:
+        Identity/Cast or a 2-D Transpose (any dtype, so that a wrong one is named).
+
+        Each value's answer is kept, so a hostile graph of many users of one long chain
+        costs one walk of it (the chain ends: ``check_structure`` ruled out cycles)."""
+        if name not in self._sources:
+            self._walk_to_weight(name)
+        found = self._sources[name]
+        if found is None or (floats_only and self.inits[found[0]].data_type not in _FLOATS):
+            return None
+        return found
+
+    def _walk_to_weight(self, name: str) -> None:
+        """Follow ``name`` up its pass-through chain and record the answer for every value on it."""
+        path: list[tuple[str, bool]] = []  # (value, transposed relative to the start)
+        transposed, found = False, None
+        while True:
+            if name in self._sources:  # the rest of this chain is known
+                rest = self._sources[name]
+                found = None if rest is None else (rest[0], rest[1] ^ transposed)
+                break
+            path.append((name, transposed))
+            if name in self.inits:
+                found = (name, transposed) if len(self.inits[name].dims) >= 1 else None
+                break
             node = self.producer.get(name)
-            if node is None:
-                return None
+            if node is None or not node.input:
+                break
             if node.op_type in _PASS_THROUGH:
                 name = node.input[0]
             elif node.op_type == "Transpose" and _attr(node, "perm", [1, 0]) == [1, 0]:
                 name, transposed = node.input[0], not transposed
             else:
-                return None
-        tensor = self.inits[name]
-        if floats_only and tensor.data_type not in _FLOATS:
-            return None
-        return (name, transposed) if len(tensor.dims) >= 1 else None
+                break
+        for value, parity in path:
+            self._sources[value] = None if found is None else (found[0], found[1] ^ parity)
 
     def depends_on(self, name: str, target: str) -> bool:
-        """Does ``name``'s value flow from ``target`` (not merely from its shape)?"""
-        seen, stack = set(), [name]
-        while stack:
-            n = stack.pop()
-            if n == target:
-                return True
-            if n in seen or n not in self.producer:
-                continue
-            seen.add(n)
-            node = self.producer[n]
-            if node.op_type != "Shape":
-                stack.extend(i for i in node.input if i)
-        return False
+        """Does ``name``'s value flow from ``target`` (not merely from its shape)?  One pass
+        over the graph per target, in its (checked) topological order."""
+        if target not in self._dependents:
+            flows = {target}
+            for node in self.graph.node:
+                if node.op_type != "Shape" and any(i in flows for i in node.input):
+                    flows.update(o for o in node.output if o)
+            self._dependents[target] = flows
+        return name in self._dependents[target]
 
     # -- the walk
     def map(self) -> tuple[GPT2Config, Params]:
@@ -324,6 +218,7 @@ class GraphMapper:
         if np.any(head_bias):
             self.fail(f"the output projection ({self.describe(linears[-1].node)}) has a bias; "
                       "GPT-2's has none")
+        self.check_head_gives_the_logits(linears[-1])
         tied = linears[-1].weight == wte or np.array_equal(head.T, flat["wte.weight"])
         if not tied:
             flat["lm_head.weight"] = np.ascontiguousarray(head.T)
@@ -423,6 +318,22 @@ class GraphMapper:
                         bias = src_b[0]
             found.append(_Linear(node, weight, transposed, bias))
         return found
+
+    def check_head_gives_the_logits(self, head: _Linear) -> None:
+        """Nothing may compute on the logits after the output projection but reshapes and casts:
+        a change there (logits negated past some position) could hide beyond any length the
+        check run can afford on a large model, so it is refused by the graph's shape."""
+        name, target = head.node.output[0], logits_name(self.graph)
+        while name != target:
+            users = self.consumers.get(name, [])
+            user = users[0] if len(users) == 1 and users[0].output and users[0].output[0] else None
+            reshaped = user is not None and user.op_type in _LOGITS_TAIL and user.input[0] == name
+            own_bias = user is not None and user.op_type == "Add" and head.bias is not None  # zero, checked
+            if not (reshaped or own_bias):
+                what = " and ".join(self.describe(u) for u in users[:2]) or "no node"
+                self.fail(f"the output projection's result goes to {what} before the logits; "
+                          "a GPT-2 computes nothing after its head")
+            name = user.output[0]
 
     def bias_source(self, node, name: str) -> str:
         src = self.weight_source(name)

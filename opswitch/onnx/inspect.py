@@ -74,7 +74,7 @@ def _safetensors(path: Path) -> dict[str, Any]:
 
 
 def _onnx(path: Path) -> dict[str, Any]:
-    from opswitch.onnx.importer import read_model
+    from opswitch.onnx.tensors import read_model
 
     model = read_model(path)  # first, as it names the extra to install when onnx is missing
     from onnx import TensorProto

@@ -13,13 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from opswitch.core.errors import OpswitchError
+from opswitch.core.errors import GenerationError, OpswitchError, TokenizerError
 from opswitch.generation import GenerationConfig
 from opswitch.serve.scheduler import Delta, SequenceSpec
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 128
 MAX_STOPS = 4
+# a stop string is looked for in the text after every token, on the model thread: longer
+# than any text a context can hold, it could never match, only slow every step
+MAX_STOP_CHARS = 1024
 MAX_LOGPROBS = 5
 
 SUPPORTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
@@ -88,9 +91,13 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int) ->
     return value
 
 
-def _prompts(value: Any, lm) -> list[list[int]]:
-    """Text, a list of texts, token ids, or a list of token-id lists -> token ids per prompt."""
-    n_vocab = lm.config.vocab_size
+def _prompts(value: Any, lm, n: int, max_queue: int) -> list[list[int]]:
+    """Text, a list of texts, token ids, or a list of token-id lists -> token ids per prompt.
+
+    Prompts times ``n`` at most ``max_queue``, counted before any prompt is encoded; each text is encoded
+    with the context as its bound, so a huge prompt costs about a context's worth
+    of work before it is refused, not the work of all of it."""
+    n_vocab, n_ctx = lm.config.vocab_size, lm.config.n_positions
 
     def ids(x: list) -> list[int]:
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in x):
@@ -106,10 +113,21 @@ def _prompts(value: Any, lm) -> list[list[int]]:
         if x == "":  # as OpenAI's GPT models: an empty prompt starts after <|endoftext|>
             eos = lm.config.eos_token_id
             return [eos] if eos is not None else []
-        return lm.encode(x)
+        try:
+            return lm.encode_prompt(x)
+        except GenerationError:  # more tokens than the context holds: found before encoding it all
+            raise bad(f"This model's maximum context length is {n_ctx} tokens, however your prompt is"
+                      f" longer than that. Please reduce your prompt.", "prompt",
+                      "context_length_exceeded") from None
+        except TokenizerError as exc:  # e.g. a lone surrogate, which is not text
+            raise bad(f"the prompt cannot be encoded: {exc}"[:300], "prompt", "invalid_value") from None
 
     if value is None:
         raise bad("you must provide a prompt", "prompt", "missing_required_parameter")
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value) \
+            and len(value) * n > max_queue:
+        raise bad(f"this request asks for {len(value) * n} completions ({len(value)} prompts, n {n});"
+                  f" the server queues at most {max_queue} (--max-queue)", "prompt", "invalid_value")
     if isinstance(value, str):
         prompts = [text(value)]
     elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
@@ -164,10 +182,11 @@ def parse_completion(body: Any, lm, model_name: str, scheduler) -> CompletionReq
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise bad(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop",
+                             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise bad(f"stop must be a non-empty string of at most {MAX_STOP_CHARS} characters, or a list of"
+                  f" at most {MAX_STOPS} of them", "stop",
                   "invalid_value")
-    prompts = _prompts(body.get("prompt"), lm)
+    prompts = _prompts(body.get("prompt"), lm, n, scheduler.max_queue)
     if len(prompts) * n > scheduler.max_queue:
         raise bad(f"this request asks for {len(prompts) * n} completions; the server queues at most"
                   f" {scheduler.max_queue} (--max-queue)", "n", "invalid_value")

@@ -28,6 +28,9 @@ from opswitch.model.kvcache import CacheFullError
 from opswitch.serve.metrics import Metrics
 
 FINISH = {"length": "length", "context_full": "length", "stop_token": "stop", "stop": "stop"}
+SHUTTING_DOWN = "the server is shutting down: retry on another server or later"
+#: Stream output waiting for a client to read it, in deltas, before the request is cancelled.
+STREAM_BUFFER = 4096
 
 
 class QueueFull(OpswitchError):
@@ -58,16 +61,18 @@ class Delta:
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)  # (chosen, top)
     finish_reason: str | None = None
     error: str | None = None
+    status: int = 500  # for an error: 500 (generation failed) or 503 (not serving: shutdown, dead thread)
 
 
 class Ticket:
     """One request as both threads see it: its sequences and the queue its output arrives on."""
 
-    def __init__(self, sequences: list[SequenceSpec], stream: bool) -> None:
+    def __init__(self, sequences: list[SequenceSpec], stream: bool, buffer: int = STREAM_BUFFER) -> None:
         self.sequences = sequences
         self.stream = stream  # False: only whole-choice results are posted, at the end
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[list[Delta]] = asyncio.Queue()
+        self.buffer, self.buffered = buffer, 0  # deltas posted and not yet read, at most buffer
         self.cancelled = False
         self.arrived = time.perf_counter()
         self.first_token: float | None = None  # seconds from arrival to the first token
@@ -76,9 +81,31 @@ class Ticket:
     def post(self, deltas: list[Delta]) -> None:
         """From the model thread: hand output to the event loop."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, deltas)
+            self.loop.call_soon_threadsafe(self._put, deltas)
         except RuntimeError:  # the loop is closed (shutdown): nobody is listening
             pass
+
+    def _put(self, deltas: list[Delta]) -> None:
+        """On the event loop: queue output, or cancel a stream whose client stopped reading.
+
+        Without the bound, a client that never reads would hold every token of its
+        request here for as long as its connection lasted."""
+        if self.cancelled:
+            return
+        self.buffered += len(deltas)
+        if self.stream and self.buffered > self.buffer:
+            self.cancelled = True  # the model thread drops its sequences at the next step
+            while not self.events.empty():
+                self.events.get_nowait()
+            deltas = [Delta(0, error=f"the client did not read its stream: over {self.buffer} events"
+                                     " were waiting; the request was cancelled")]
+        self.events.put_nowait(deltas)
+
+    async def get(self) -> list[Delta]:
+        """The next output (on the event loop)."""
+        deltas = await self.events.get()
+        self.buffered -= len(deltas)
+        return deltas
 
 
 class _TextStops:
@@ -125,7 +152,7 @@ class Scheduler:
         self.tokenizer = lm.require_tokenizer()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.pool = lm.model.cache_pool(cache_bytes)
-        self.generator = BatchGenerator(lm.model, self.pool, lm.n_vocab_allowed)
+        self.generator = BatchGenerator(lm.model, self.pool, lm.n_vocab_allowed, lm.unused_ids)
         self.metrics = metrics or Metrics()
         self._waiting: deque[_Choice] = deque()
         self._running: dict[Running, _Choice] = {}
@@ -148,11 +175,15 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="opswitch-model", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Finish the current step, then fail whatever is left ('server shutting down')."""
+    def begin_stop(self) -> None:
+        """Refuse new requests; the model thread finishes its step, then fails the rest with 503."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+
+    def stop(self) -> None:
+        """begin_stop, and wait for the model thread to end."""
+        self.begin_stop()
         if self._thread is not None:
             self._thread.join()
 
@@ -168,7 +199,7 @@ class Scheduler:
         """Queue a request's sequences; QueueFull when the queue cannot take them all."""
         with self._cond:
             if self._stopping or not self.alive:
-                raise NotServing(self.failure or "the server is shutting down")
+                raise NotServing(self.failure or SHUTTING_DOWN)
             if len(self._waiting) + len(ticket.sequences) > self.max_queue:
                 raise QueueFull(
                     f"the server's queue is full ({len(self._waiting)} sequences waiting,"
@@ -209,7 +240,7 @@ class Scheduler:
             self.failure = f"the model thread failed: {type(exc).__name__}: {exc}"
             raise
         finally:
-            self._fail_all(self.failure or "the server is shutting down")
+            self._fail_all(self.failure or SHUTTING_DOWN)
 
     def _drop_cancelled(self) -> None:
         self._waiting = deque(c for c in self._waiting if not c.ticket.cancelled)
@@ -232,6 +263,10 @@ class Scheduler:
                 choice.seq = self.generator.add(spec.prompt_ids, spec.config)
             except (CacheFullError, OpswitchError) as exc:
                 self._post(choice, Delta(choice.index, error=str(exc)))
+                continue
+            except Exception as exc:  # a bug in one request must not end the model thread
+                message = f"generation failed: {type(exc).__name__}: {exc}"
+                self._post(choice, Delta(choice.index, error=message))
                 continue
             if choice.seq.done:  # nothing to generate (max_new_tokens 0)
                 self._finish(choice, choice.seq.result.stop_reason)
@@ -257,39 +292,51 @@ class Scheduler:
             choice = self._running.get(seq)
             if choice is None:
                 continue
-            ticket = choice.ticket
             if seq.error:
                 self._post(choice, Delta(choice.index, error=seq.error))
                 del self._running[seq]
                 continue
-            delta = Delta(choice.index)
-            reason = seq.result.stop_reason if seq.done else None
-            stopped = False
-            if token is not None:
-                n_new += 1
-                ticket.completion_tokens += 1
-                if ticket.first_token is None:
-                    ticket.first_token = now - ticket.arrived
-                    self.metrics.first_token(ticket.first_token)
-                delta.tokens.append(token)
-                if choice.spec.logprobs is not None:
-                    delta.logprobs.append(_logprobs(seq.logits, token, choice.spec.logprobs))
-                text, stopped = choice.stops.push(choice.decoder.push(token))
-                delta.text = text
-                if stopped:
-                    self.generator.cancel(seq, "stop")  # frees its cache now (no-op if done)
-                    reason = "stop"
-            if reason is not None:
-                del self._running[seq]
-                if not stopped:  # the end of the text: what the decoder and the stop check held back
-                    tail, stopped = choice.stops.push(choice.decoder.flush())
-                    delta.text += tail if stopped else tail + choice.stops.flush()
-                delta.finish_reason = "stop" if stopped else FINISH.get(reason, reason)
+            try:
+                delta = self._output(choice, seq, token, now)
+            except Exception as exc:  # text, stop strings, logprobs: this request fails, not the thread
+                self.generator.cancel(seq, "error")
+                self._running.pop(seq, None)
+                self._post(choice, Delta(choice.index, error=f"generation failed after token {token}:"
+                                                               f" {type(exc).__name__}: {exc}"))
+                continue
+            n_new += token is not None
             self._add(out, choice, delta)
         self.metrics.tokens(n_new, sum(len(c.spec.prompt_ids) for c in admitted))
         for ticket, deltas in out.items():
             if deltas:
                 ticket.post(deltas)
+
+    def _output(self, choice: _Choice, seq: Running, token: int | None, now: float) -> Delta:
+        """One sequence's new token as a delta: its text (stop strings cut), logprobs, finish."""
+        ticket = choice.ticket
+        delta = Delta(choice.index)
+        reason = seq.result.stop_reason if seq.done else None
+        stopped = False
+        if token is not None:
+            ticket.completion_tokens += 1
+            if ticket.first_token is None:
+                ticket.first_token = now - ticket.arrived
+                self.metrics.first_token(ticket.first_token)
+            delta.tokens.append(token)
+            if choice.spec.logprobs is not None:
+                delta.logprobs.append(_logprobs(seq.logits, token, choice.spec.logprobs))
+            text, stopped = choice.stops.push(choice.decoder.push(token))
+            delta.text = text
+            if stopped:
+                self.generator.cancel(seq, "stop")  # frees its cache now (no-op if done)
+                reason = "stop"
+        if reason is not None:
+            del self._running[seq]
+            if not stopped:  # the end of the text: what the decoder and the stop check held back
+                tail, stopped = choice.stops.push(choice.decoder.flush())
+                delta.text += tail if stopped else tail + choice.stops.flush()
+            delta.finish_reason = "stop" if stopped else FINISH.get(reason, reason)
+        return delta
 
     def _add(self, out: dict[Ticket, list[Delta]], choice: _Choice, delta: Delta) -> None:
         """Stream the delta, or fold it into the whole result (sent when it finishes)."""
@@ -314,7 +361,7 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         with self._cond:
             for choice in list(self._waiting) + list(self._running.values()):
-                self._post(choice, Delta(choice.index, error=message))
+                self._post(choice, Delta(choice.index, error=message, status=503))
             for seq in list(self._running):
                 self.generator.cancel(seq)
             self._waiting.clear()

@@ -3,6 +3,10 @@
 Besides the values, each op must return the backend's own array type in its
 compute dtype, leave its inputs alone, and write exactly what the reference
 writes into the arguments it changes in place (the caller-owned KV cache).
+
+Every device array is read through the backend's ``to_host``, never handed to
+numpy: a GPU array refuses implicit conversion, and comparing device arrays
+with themselves would check nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ def _leaves(x) -> list:
     return [x]
 
 
+def _host_leaves(backend, host_args, device_args) -> list:
+    """Host copies of the device arrays among ``device_args`` (where ``host_args``, the same
+    structure before ``to_device``, had float arrays), leaf by leaf; None for other leaves."""
+    return [
+        backend.to_host(d).copy() if _is_float_array(h) else None
+        for h, d in zip(_leaves(host_args), _leaves(device_args))
+    ]
+
+
 def _device_type(backend) -> type:
     return type(backend.to_device(np.zeros((2, 2), dtype=backend.dtype)))
 
@@ -46,16 +59,16 @@ def _run(backend, case: Case, seed: int = 0):
     ref_args = copy.deepcopy(rounded)  # the reference writes its caches in place
     ref = CATALOGUE[case.op].reference(*ref_args, **kwargs)
     device_args = _tree(backend.to_device, args)
-    before = [_tree(lambda d: backend.to_host(d).copy(), d) for d in device_args]
+    before = [_host_leaves(backend, a, d) for a, d in zip(args, device_args)]
     out = getattr(OpTable(backend), case.op)(*device_args, **kwargs)
     backend.synchronize()
-    return rounded, ref_args, ref, device_args, before, out
+    return args, rounded, ref_args, ref, device_args, before, out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.id}" for c in CASES])
 def test_op_matches_reference(opswitch_backend, case: Case) -> None:
     backend = opswitch_backend
-    rounded, ref_args, ref, device_args, before, out = _run(backend, case)
+    args, rounded, ref_args, ref, device_args, before, out = _run(backend, case)
     native = case.op in type(backend).native_ops()
     if native:  # a fallback's output is the registry's doing, not the backend's
         expected = _device_type(backend)
@@ -80,17 +93,17 @@ def test_op_matches_reference(opswitch_backend, case: Case) -> None:
         f" at {worst} (got {got[worst]:.9g}, reference {ref[worst]:.9g})"
     )
     writes = CATALOGUE[case.op].writes
-    for i, (device, snapshot) in enumerate(zip(device_args, before)):
-        now = _leaves(_tree(backend.to_host, device))
+    for i, (host, device, snapshot) in enumerate(zip(args, device_args, before)):
+        now = _host_leaves(backend, host, device)
         if i in writes:  # the cache rows written are copies of k/v: exact, and nothing else moves
             for j, (a, r) in enumerate(zip(now, _leaves(ref_args[i]))):
-                if _is_float_array(r):
+                if a is not None:
                     np.testing.assert_array_equal(
                         a.astype(np.float64), r, err_msg=f"argument {i} (part {j}), written in place"
                     )
         else:
-            for a, b in zip(now, _leaves(snapshot)):
-                if _is_float_array(b):
+            for a, b in zip(now, snapshot):
+                if a is not None:
                     assert np.array_equal(a, b), f"input {i} was modified by {case.op}"
 
 

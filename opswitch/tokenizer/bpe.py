@@ -59,8 +59,12 @@ _PRETOKENIZER = _compile_pretokenizer()
 _SPACES = re.compile(f"[{uc.SPACES}]*")
 EOT_TOKEN = "<|endoftext|>"
 
-#: Words remembered per tokenizer; bounded so a long-running server cannot grow forever.
+#: Words remembered per tokenizer, and the memory they may hold: bounded in both, so
+#: a long-running server cannot grow forever, however long the words it is sent.
 CACHE_SIZE = 100_000
+CACHE_BYTES = 32 << 20
+#: A word's cost in the cache: its text and ids plus the dict entry, tuple and str headers.
+_ENTRY_BYTES, _ID_BYTES = 160, 8
 #: encode_batch only starts processes for batches at least this long (in characters):
 #: below it, starting the pool costs more than it saves.
 PARALLEL_MIN_CHARS = 1_000_000
@@ -151,6 +155,7 @@ class BPETokenizer:
         contents = sorted(self._added, key=len, reverse=True)
         self._added_pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache_bytes = 0
         self._build_id_tables()
 
     def _build_id_tables(self) -> None:
@@ -332,10 +337,20 @@ class BPETokenizer:
             ids = cache.get(word)
             if ids is None:
                 ids = self._bpe(word)
-                if len(cache) >= CACHE_SIZE:
-                    cache = self._cache = _newest_half(cache)
-                cache[word] = ids
+                cache = self._remember(word, ids)
             out.extend(ids)
+
+    def _remember(self, word: str, ids: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Cache a word's ids within CACHE_SIZE entries and CACHE_BYTES; returns the cache."""
+        cost = _entry_bytes(word, ids)
+        if cost > CACHE_BYTES // 16:  # one huge word would evict everything useful
+            return self._cache
+        if len(self._cache) >= CACHE_SIZE or self._cache_bytes + cost > CACHE_BYTES:
+            self._cache = _newest_half(self._cache)
+            self._cache_bytes = sum(_entry_bytes(w, i) for w, i in self._cache.items())
+        self._cache[word] = ids
+        self._cache_bytes += cost
+        return self._cache
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Apply the merges to one pre-tokenized word and return its ids."""
@@ -403,6 +418,11 @@ class BPETokenizer:
         return len(self._tokens)
 
     @property
+    def unused_ids(self) -> list[int]:
+        """Ids below vocab_size that stand for no token (gaps in the id table): never to be sampled."""
+        return [i for i, b in enumerate(self._bytes) if b is None]
+
+    @property
     def eot_id(self) -> int | None:
         """Id of ``<|endoftext|>``, where generation stops; None if there is none."""
         return self._eot_id
@@ -429,7 +449,7 @@ class BPETokenizer:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the word cache (sent to encode_batch workers)."""
-        return {**self.__dict__, "_cache": {}}
+        return {**self.__dict__, "_cache": {}, "_cache_bytes": 0}
 
 
 # ------------------------------------------------------------------ BPE merging
@@ -494,6 +514,11 @@ def _strip_trailing_space(text: str) -> str:
     while end and _SPACES.match(text, end - 1, end).end() == end:
         end -= 1
     return text[:end]
+
+
+def _entry_bytes(word: str, ids: tuple[int, ...]) -> int:
+    """About what one cached word holds in memory (4 bytes a character at worst)."""
+    return _ENTRY_BYTES + 4 * len(word) + _ID_BYTES * len(ids)
 
 
 def _newest_half(cache: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

@@ -20,9 +20,6 @@
 #error "ATT_THREADS must be defined"
 #endif
 
-#define SEQ_FIELDS 4
-#define ROW_FIELDS 3
-
 /* grid (n_rows, ceil(n_embd / blockDim.x)) */
 extern "C" __global__ void kv_write(const float *qkv, const long long *seqs, const long long *rows,
                                     int n_embd, int d)

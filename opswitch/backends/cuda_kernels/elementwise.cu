@@ -14,13 +14,6 @@ extern "C" __global__ void add_bcast(const float *a, const float *b, float *out,
         out[i] = a[i] + b[i % n_b];
 }
 
-/* GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
-__device__ __forceinline__ float gelu_f(float x)
-{
-    const float c = 0.7978845608028654f;
-    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
-}
-
 extern "C" __global__ void gelu(const float *x, float *out, long long n)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)

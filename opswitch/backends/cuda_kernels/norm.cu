@@ -21,6 +21,25 @@ layernorm(const float *x, const float *g, const float *b, float *out, int n, flo
     for (int c = threadIdx.x; c < n; c += NORM_THREADS) o[c] = g[c] * ((xr[c] - mean) * inv) + b[c];
 }
 
+/* sum = a + b, then out = layernorm(sum), in one pass per row: a residual add
+ * and the layernorm after it (each thread reads back only what it wrote). */
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+add_layernorm(const float *a, const float *b, float *sum, const float *g, const float *beta, float *out,
+              int n, float eps)
+{
+    __shared__ float red[32];
+    const long long row = (long long)blockIdx.x * n;
+    const float *ar = a + row, *br = b + row;
+    float *sr = sum + row, *o = out + row;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < n; c += NORM_THREADS) { const float t = ar[c] + br[c]; sr[c] = t; s += t; }
+    const float mean = block_sum(s, red) / n;
+    float v = 0.0f;
+    for (int c = threadIdx.x; c < n; c += NORM_THREADS) { const float t = sr[c] - mean; v += t * t; }
+    const float inv = rsqrtf(block_sum(v, red) / n + eps);
+    for (int c = threadIdx.x; c < n; c += NORM_THREADS) o[c] = g[c] * ((sr[c] - mean) * inv) + beta[c];
+}
+
 /* Softmax of scale * x over the last axis ([rows, n_k]).  With `causal`, row r
  * is query r % n_q of n_q and sees keys 0 .. n_k - n_q + r % n_q; hidden keys,
  * and rows with nothing visible (or all -inf), come out as 0.  In place is fine. */

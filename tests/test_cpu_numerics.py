@@ -1,0 +1,92 @@
+"""The ``cpu`` backend computes what the reference computes, at any magnitude.
+
+* ``f16`` weights: every product must use exactly the weight ``formats.decode`` gives, for any
+  finite activation (a kernel that pre-scaled its input by 2^112 overflowed from |x| = 2^16).
+* Overflow inside a forward pass is the documented NonFiniteLogitsError, as on every other
+  backend (numba's default division check raised ZeroDivisionError from inside an op).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from support import require
+
+import opswitch
+from opswitch.core import formats
+from opswitch.core.errors import NonFiniteLogitsError
+from opswitch.core.registry import get_registry
+from opswitch.model.weights import save_gpt2
+
+require("numba")  # the cpu backend's kernels
+
+EPS32 = 2.0**-24  # float32's unit roundoff
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    registry = get_registry()
+    backend = registry.backend("cpu")
+    registry.bind(backend)  # probes it: the kernels are loaded
+    return backend
+
+
+def f16_weight(n_in: int, n_out: int) -> np.ndarray:
+    """Normal values, and f16's extremes: its largest, its smallest normal, subnormals."""
+    w = np.random.default_rng(7).standard_normal((n_in, n_out)).astype(np.float32)
+    w.flat[:6] = [65504.0, -65504.0, 6.1035156e-05, 5.9604645e-08, -3.0e-7, 0.0]
+    return w
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 2.0**16, 1e5, 1e12, 1e30])
+@pytest.mark.parametrize("role", ["linear", "embedding"])
+def test_f16_products_use_exactly_the_decoded_weight(cpu, magnitude, role):
+    """x = magnitude·e_i picks one weight per output: no sum, so the result is the single
+    float32 product of the decoded weight and x, bit for bit."""
+    w = f16_weight(40, 24) if role == "linear" else f16_weight(24, 40)  # embedding: [n_vocab, n]
+    stored = formats.encode(w, "f16", role)
+    packed = cpu.upload_weight(stored)
+    decoded = formats.decode(stored)
+    dense = decoded if role == "linear" else decoded.T  # [n_in, n_out]
+    for i in (0, 1, 3, 7, dense.shape[0] - 1):
+        x = np.zeros((1, dense.shape[0]), np.float32)
+        x[0, i] = magnitude
+        got = cpu.linear(x, packed) if role == "linear" else cpu.matmul(x, packed, transpose_b=True)
+        expected = (dense[i].astype(np.float32) * np.float32(magnitude)).astype(np.float32)
+        finite = np.isfinite(expected)
+        assert np.array_equal(np.asarray(got)[0][finite], expected[finite]), (i, magnitude)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])  # the decode GEMV, a small batch, the prefill GEMM
+@pytest.mark.parametrize("magnitude", [1.0, 1e5, 1e20])
+def test_f16_linear_with_large_activations_matches_float64(cpu, rows, magnitude):
+    """Against float64 on the decoded weights; float32 accumulation over n terms errs by at
+    most n·u·Σ|x·w| (the standard bound), whatever the order of the sum."""
+    w = f16_weight(96, 48)
+    stored = formats.encode(w, "f16", "linear")
+    decoded = formats.decode(stored).astype(np.float64)
+    x = (np.random.default_rng(rows).standard_normal((rows, 96)) * magnitude).astype(np.float32)
+    got = np.asarray(cpu.linear(x, cpu.upload_weight(stored)), np.float64)
+    reference = x.astype(np.float64) @ decoded
+    bound = 96 * EPS32 * (np.abs(x.astype(np.float64)) @ np.abs(decoded)) * 1.01
+    assert np.isfinite(got).all()
+    assert (np.abs(got - reference) <= bound).all()
+
+
+def overflowing_model(tmp_path, tiny_config, tiny_params):
+    """Finite weights whose attention scores overflow float32: the forward pass yields NaN."""
+    params = copy.deepcopy(tiny_params)
+    params["h"][0]["attn"]["c_attn"]["weight"] = params["h"][0]["attn"]["c_attn"]["weight"] * 1e30
+    save_gpt2(tmp_path, tiny_config, params)
+    return tmp_path
+
+
+@pytest.mark.parametrize("backend", ["naive", "blas", "cpu"])
+@pytest.mark.parametrize("prompt", [[1], [1, 2, 3]])  # decode-only, and a prefill first
+def test_overflow_is_the_non_finite_logits_error_on_every_backend(tmp_path, tiny_config, tiny_params,
+                                                                   backend, prompt):
+    lm = opswitch.load_model(overflowing_model(tmp_path, tiny_config, tiny_params), backend=backend)
+    with np.errstate(all="ignore"), pytest.raises(NonFiniteLogitsError, match="the model produced NaN"):
+        lm.generate_ids(prompt, max_new_tokens=3, temperature=0)
