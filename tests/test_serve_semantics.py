@@ -92,9 +92,10 @@ def test_a_client_that_leaves_is_cancelled_not_finished(server, stream):
         sock.close()
     _until(lambda: _metric(server, "opswitch_running_sequences") == 0, "the sequences kept running")
     made = _metric(server, "opswitch_generated_tokens_total") - before
-    # (all N_LONG sequences ending on the stop token before a quarter of their tokens, if the
-    # request were not cancelled, is vanishingly unlikely: and with seed 11 it does not happen)
-    assert 0 < made < N_LONG * LONG_TOKENS / 4, f"{made} tokens were made for a client that had left"
+    # cancelled at the next step, it makes a few tokens (8 to 24 here); a tenth of the request
+    # leaves hundreds of steps for a slow machine.  (All N_LONG sequences ending on the stop
+    # token that early, had they run on, is vanishingly unlikely; with seed 11 none does.)
+    assert 0 < made < N_LONG * LONG_TOKENS / 10, f"{made} tokens were made for a client that had left"
     assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
     assert _metric(server, "opswitch_queue_length") == 0
 
