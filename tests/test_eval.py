@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from support import require
 
 from opswitch.api import LanguageModel
 from opswitch.core.errors import GenerationError
@@ -59,11 +60,15 @@ def test_bad_stride_is_an_error():
 
 
 # ---------------------------------------------------------------- parity with transformers
-torch = pytest.importorskip("torch")
+@pytest.fixture(scope="module")
+def torch():
+    """Only the parity tests need torch and transformers: the rest of this file runs without."""
+    require("transformers")
+    return require("torch")
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, torch):
     from hf_models import perturbed_hf_model, save
 
     model = perturbed_hf_model(seed=3, n_positions=32)
@@ -83,6 +88,8 @@ def hf_sliding_window(model, ids, max_length, stride):
     """HF's "Perplexity of fixed-length models" recipe, verbatim except for the token count:
     it weights each window's mean loss by the labels the model really scores after its
     internal shift (the guide's ``num_valid_tokens - 1`` undercounts windows after the first)."""
+    import torch
+
     seq_len, encodings = len(ids), torch.tensor([ids])
     nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
     for begin_loc in range(0, seq_len, stride):
@@ -102,7 +109,7 @@ def hf_sliding_window(model, ids, max_length, stride):
     return nll_sum / n_tokens, n_tokens
 
 
-def test_single_window_loss_matches_transformers(hf_dir, loaded, opswitch_backend):
+def test_single_window_loss_matches_transformers(torch, hf_dir, loaded, opswitch_backend):
     _, hf = hf_dir
     ids = _ids(29)
     with torch.no_grad():

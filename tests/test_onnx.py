@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import require
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
+onnx = require("onnx")
+ort = require("onnxruntime")
+torch = require("torch")
 
 import opswitch  # noqa: E402
 from opswitch.cli.main import main  # noqa: E402
@@ -58,7 +59,7 @@ def exported(loaded, tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_exported(hf, tmp_path_factory):
     """What users bring: torch.onnx.export(dynamo=True) of GPT2LMHeadModel returning logits."""
-    pytest.importorskip("onnxscript")
+    require("onnxscript")
 
     class Logits(torch.nn.Module):
         def __init__(self, model):

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from support import require
 
 from opswitch.backends import opencl
 from opswitch.core import ops as ref
@@ -63,7 +64,7 @@ def test_without_pyopencl_the_reason_says_how_to_install(clean_env):
 
 
 def test_without_platforms_the_reason_says_what_to_install(clean_env):
-    pytest.importorskip("pyopencl")
+    require("pyopencl")
     clean_env.setattr(opencl, "list_devices", lambda cl: [])
     probe = fresh_probe()
     assert not probe.available and "opswitch[opencl]" in probe.reason

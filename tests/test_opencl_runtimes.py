@@ -19,9 +19,9 @@ import textwrap
 from typing import ClassVar
 
 import pytest
-from support import IN_CI
+from support import IN_CI, require
 
-pyopencl = pytest.importorskip("pyopencl")
+pyopencl = require("pyopencl")
 
 from opswitch.backends import opencl  # noqa: E402
 from opswitch.backends.opencl_devices import first_meaningful_line, runtime_label  # noqa: E402

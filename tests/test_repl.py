@@ -6,8 +6,9 @@ import os
 import sys
 
 import pytest
+from support import require
 
-pexpect = pytest.importorskip("pexpect")
+pexpect = require("pexpect")
 
 PROMPT = "\r\n> "
 

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import require
 
 import opswitch.model.safetensors as sf
 from opswitch.core.errors import WeightsError
@@ -75,7 +76,7 @@ def test_round_trip_every_dtype(tmp_path: Path) -> None:
 
 
 def test_our_writer_hf_reader(tmp_path: Path) -> None:
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy = require("safetensors.numpy")
     path = tmp_path / "t.safetensors"
     tensors = every_dtype()
     save_safetensors(path, tensors)
@@ -83,7 +84,7 @@ def test_our_writer_hf_reader(tmp_path: Path) -> None:
 
 
 def test_hf_writer_our_reader(tmp_path: Path) -> None:
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy = require("safetensors.numpy")
     path = tmp_path / "t.safetensors"
     tensors = every_dtype()
     st_numpy.save_file(tensors, path, metadata={"format": "np"})
@@ -93,7 +94,7 @@ def test_hf_writer_our_reader(tmp_path: Path) -> None:
 
 def test_bytes_identical_to_hf_writer(tmp_path: Path) -> None:
     """Same layout rules (descending item size, then name; 8-byte padded header)."""
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy = require("safetensors.numpy")
     tensors = {"b": sample("f4", (2, 3)), "a": sample("f2", (3,)), "c": sample("i8", (3,)),
                "d": sample("u1", (5,)), "e": np.array(3.0, np.float32), "z": np.zeros((0, 4), np.float32)}
     st_numpy.save_file(tensors, tmp_path / "hf.safetensors", metadata={"format": "pt"})
@@ -113,8 +114,8 @@ def test_writer_normalises_layout(tmp_path: Path) -> None:
 
 
 def test_float_conversions_are_exact(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    st_torch = pytest.importorskip("safetensors.torch")
+    torch = require("torch")
+    st_torch = require("safetensors.torch")
     path = tmp_path / "t.safetensors"
     g = torch.Generator().manual_seed(0)
     base = torch.randn(7, 9, generator=g) * 1e3
@@ -137,8 +138,8 @@ def test_float_conversions_are_exact(tmp_path: Path) -> None:
 
 
 def test_bfloat16_arrays_from_ml_dtypes_are_written(tmp_path: Path) -> None:
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    st_torch = pytest.importorskip("safetensors.torch")
+    ml_dtypes = require("ml_dtypes")
+    st_torch = require("safetensors.torch")
     path = tmp_path / "t.safetensors"
     values = sample("f4", (4, 3)).astype(ml_dtypes.bfloat16)
     save_safetensors(path, {"w": values})
@@ -167,7 +168,7 @@ _NAMES = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_si
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tensors=st.dictionaries(_NAMES, _ARRAYS, max_size=5))
 def test_round_trip_property(tmp_path: Path, tensors: dict[str, np.ndarray]) -> None:
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy = require("safetensors.numpy")
     path = tmp_path / "prop.safetensors"
     save_safetensors(path, tensors)
     assert_same(read_all(path), tensors)
@@ -228,7 +229,7 @@ def test_corrupt_file_is_refused(tmp_path: Path, case: str) -> None:
     message = str(err.value)
     assert str(path) in message and "\n" not in message
     assert "re-download or re-save" in message or "re-save the file" in message
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy = require("safetensors.numpy")
     if case not in HF_ACCEPTS:  # our checks are no looser than the reference's
         with pytest.raises(Exception):  # noqa: B017 - any refusal will do
             st_numpy.load_file(path)

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
-    pytest.importorskip(_module)
+    require(_module)
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
@@ -245,6 +246,7 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_batch(server):
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 200, "n": MAX_QUEUE, "stream": True,
             "temperature": 1.0, "seed": 1}
     headers = {"Authorization": f"Bearer {KEY}"}
+    before = _metric(server, "opswitch_generated_tokens_total")
     with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions", json=body,
                                                  headers=headers) as stream:
         assert stream.status_code == 200
@@ -262,6 +264,9 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_batch(server):
     assert _metric(server, "opswitch_running_sequences") == 0
     assert _metric(server, "opswitch_queue_length") == 0
     assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
+    # cancelled, not finished: finishing would have made MAX_QUEUE * 200 tokens
+    made = _metric(server, "opswitch_generated_tokens_total") - before
+    assert made < MAX_QUEUE * 200 / 4, f"{made} tokens were made for a stream that was closed"
 
 
 # -- load: many concurrent clients, every answer checked ------------------------------------------

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import require
 
-hypothesis = pytest.importorskip("hypothesis")
-httpx = pytest.importorskip("httpx")
+hypothesis = require("hypothesis")
+httpx = require("httpx")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from support import require
 
-httpx = pytest.importorskip("httpx")
+httpx = require("httpx")
 
 from test_serve import BACKEND, KEY, PROMPT, ROOT, Server, http  # noqa: E402  (it skips without the extra)
 

@@ -9,8 +9,9 @@ import threading
 import time
 
 import pytest
+from support import require
 
-httpx = pytest.importorskip("httpx")
+httpx = require("httpx")
 
 from test_serve import BACKEND, Server  # noqa: E402  (it skips without the serve extra)
 

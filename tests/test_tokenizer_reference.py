@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 from opswitch.tokenizer import BPETokenizer, bpe, load_tokenizer  # noqa: E402
 from opswitch.tokenizer import unicode_classes as uc  # noqa: E402
@@ -169,7 +170,7 @@ def test_unicode_classes_match_tokenizers(cls, body):
     Fails when a new tokenizers release changes its Unicode tables: then re-run
     tools/gen_unicode_classes.py (it finds the classes the same way).
     """
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require("tokenizers")
     split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(f"[^{cls}]+"), behavior="removed")
     theirs = {c for piece, _ in split.pre_tokenize_str(ALL_CODE_POINTS) for c in piece}
     ours = set(re.findall(f"[{body}]", ALL_CODE_POINTS))
@@ -193,7 +194,7 @@ CLASS_SAMPLES = [
 
 
 def test_pretokenizer_on_every_class_mix():
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require("tokenizers")
     reference = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     texts = ["".join(p) for n in range(1, 5) for p in itertools.product(CLASS_SAMPLES, repeat=n)]
     bad = []
@@ -268,7 +269,7 @@ def test_from_tokenizer_json_with_string_merges(saved_json_dir, hf, tmp_path):
 
 def test_added_tokens_match_reference(gpt2_dir, tmp_path):
     """Extra added tokens (special or not, with lstrip/rstrip) are cut out like HF does."""
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require("tokenizers")
     ref = transformers.GPT2TokenizerFast.from_pretrained(str(gpt2_dir))
     ref.add_tokens([tokenizers.AddedToken("<pad>", lstrip=True), "Ā ü", "<|im"])
     ref.add_special_tokens({"additional_special_tokens": [
@@ -326,7 +327,7 @@ def test_encode_batch_large_goes_parallel(gpt2_dir, hf, monkeypatch):
 )
 def test_tokenizer_json_options_match_reference(saved_json_dir, tmp_path, change):
     """Options other GPT-2-family tokenizer.json files use, checked against HF tokenizers."""
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require("tokenizers")
     data = json.loads((saved_json_dir / "tokenizer.json").read_text("utf-8"))
     for key, value in change.items():
         data[key] = {**(data[key] or {}), **value}

@@ -10,14 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import require
 
 from opswitch.core.errors import ConfigError, ModelNotFoundError, WeightsError
 from opswitch.model.config import PRESETS, GPT2Config
 from opswitch.model.safetensors import SafetensorsFile, save_safetensors
 from opswitch.model.weights import flatten_params, load_gpt2, nest_params, param_count, save_gpt2
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = transformers = None  # set by the `hf` fixture: only the tests that compare with HF need them
+
+
+@pytest.fixture(scope="module")
+def hf() -> None:
+    """torch and transformers for the tests that compare with HF; the rest of this file runs without."""
+    global torch, transformers
+    torch, transformers = require("torch"), require("transformers")
 
 TINY = dict(n_layer=2, n_embd=96, n_head=3, vocab_size=101, n_positions=64)
 TINY.update(bos_token_id=100, eos_token_id=100)  # inside the vocabulary, so transformers stays quiet
@@ -57,7 +64,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def model() -> transformers.GPT2LMHeadModel:
+def model(hf) -> transformers.GPT2LMHeadModel:
     return hf_tiny()
 
 
@@ -136,7 +143,7 @@ def test_unprefixed_names_and_mask_buffers(tmp_path: Path, flat: dict) -> None:
     assert_params_equal(params, flat)
 
 
-def test_untied_head(tmp_path: Path) -> None:
+def test_untied_head(hf, tmp_path: Path) -> None:
     untied = hf_tiny(tie_word_embeddings=False)
     untied.save_pretrained(tmp_path / "hf", safe_serialization=True)
     config, params = load_gpt2(tmp_path / "hf")
@@ -334,7 +341,7 @@ def test_sharded_index_problems(tmp_path: Path, model: torch.nn.Module) -> None:
 # -- config --------------------------------------------------------------------------------
 
 
-def test_config_from_hf_and_back(tmp_path: Path) -> None:
+def test_config_from_hf_and_back(hf, tmp_path: Path) -> None:
     hf = transformers.GPT2Config(**TINY, n_inner=200, layer_norm_epsilon=1e-6)
     hf.save_pretrained(tmp_path)
     config = GPT2Config.from_json(tmp_path / "config.json")
@@ -399,7 +406,7 @@ def test_config_validates_direct_construction() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_param_counts_match_transformers(name: str) -> None:
+def test_preset_param_counts_match_transformers(hf, name: str) -> None:
     preset = PRESETS[name]
     hf_config = transformers.GPT2Config.from_dict(preset.to_dict())
     with torch.device("meta"):  # shapes only: gpt2-xl costs no memory

@@ -74,7 +74,7 @@ def encode(w: np.ndarray, fmt: str, role: str) -> Stored:
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         nan = np.isnan(w32)
         out = rounded.astype(np.uint16)
-        out[nan] = 0x7FC0
+        out[nan] = ((bits[nan] >> 16) & 0x8000) | 0x7FC0  # a quiet NaN of the same sign
         return Stored(fmt, role, out)
     axis = channel_axis(role)
     amax = np.abs(w32).max(axis=1 - axis)

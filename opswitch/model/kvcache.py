@@ -108,6 +108,9 @@ class CachePool:
             self.bytes_in_use += need
             spare = self._free.get(capacity)
             cache = spare.pop() if spare else None
+            if cache is None:  # a new buffer: spares of other sizes make room for it first,
+                # so what is alive (in use and spare) never exceeds the budget
+                self._trim_spares()
         if cache is None:
             try:
                 cache = new_cache(self.backend, *self._shape, capacity)
@@ -122,10 +125,13 @@ class CachePool:
     def release(self, cache: KVCache) -> None:
         with self._lock:
             self.bytes_in_use -= cache.nbytes
+            # (in use plus spare is unchanged: the budget holds, the buffers wait for reuse)
             self._free.setdefault(cache.capacity, []).append(cache)
-            # keep spare buffers only while they fit the budget beside those in use
-            spare = sum(c.nbytes for caches in self._free.values() for c in caches)
-            while spare + self.bytes_in_use > self.budget_bytes and any(self._free.values()):
-                largest = max((c for cs in self._free.values() for c in cs), key=lambda c: c.nbytes)
-                self._free[largest.capacity].remove(largest)
-                spare -= largest.nbytes
+
+    def _trim_spares(self) -> None:
+        """Keep spare buffers only while they fit the budget beside those in use (lock held)."""
+        spare = sum(c.nbytes for caches in self._free.values() for c in caches)
+        while spare + self.bytes_in_use > self.budget_bytes and any(self._free.values()):
+            largest = max((c for cs in self._free.values() for c in cs), key=lambda c: c.nbytes)
+            self._free[largest.capacity].remove(largest)
+            spare -= largest.nbytes
