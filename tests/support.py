@@ -19,7 +19,8 @@ import pytest
 
 IN_CI = bool(os.environ.get("CI"))
 # Every built-in backend that can run on the machine: the pure-Python ones always, the
-# numba-compiled `cpu` (what `auto` picks), OpenCL (pocl from pip runs on any x86 CPU),
+# numba-compiled `cpu` (what `auto` picks), OpenCL (the `opencl` extra brings PoCL and Intel's CPU
+# runtime: one of them builds our kernels on any x86 CPU),
 # and CUDA where there is a GPU.
 CPU_BACKENDS = "naive,blas,cpu,opencl"
 
