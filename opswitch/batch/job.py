@@ -24,7 +24,7 @@ from opswitch.batch.errors import BatchError, require_pyarrow
 from opswitch.batch.lock import JobLock
 from opswitch.batch.paths import JobPaths, check_disjoint, check_kinds, protected_paths
 from opswitch.batch.readers import Row, data_format, read_rows
-from opswitch.batch.shards import MANIFEST, ShardStore, read_manifest
+from opswitch.batch.shards import MANIFEST, ShardStore, check_same_job, read_manifest
 from opswitch.batch.work import MAX_CACHE_MIB, Task, model_ref
 from opswitch.batch.writers import check_output_schema, write_jsonl, write_output
 
@@ -75,21 +75,23 @@ class Job:
             self.task = _with_seed(task, self.shard_dir if spec.resume else None)
             if data_format(spec.output, "the output file") == "parquet":
                 check_output_schema(self.rows, self.task)
+            self.manifest = {
+                "version": FORMAT_VERSION,
+                "kind": self.task.kind,
+                "field": self.task.field,
+                "model": self.task.model,
+                "backend": self.task.backend,
+                "generation": dict(self.task.generation),
+                "input": str(spec.input.resolve()),
+                "input_sha256": _sha256(spec.input),
+                "rows": len(self.rows),
+                "shard_size": spec.shard_size,
+            }
+            if spec.resume and self.shard_dir.exists():  # a resume that cannot be is known now
+                check_same_job(self.shard_dir, self.manifest)
         except BaseException:
             self.close()
             raise
-        self.manifest = {
-            "version": FORMAT_VERSION,
-            "kind": self.task.kind,
-            "field": self.task.field,
-            "model": self.task.model,
-            "backend": self.task.backend,
-            "generation": dict(self.task.generation),
-            "input": str(spec.input.resolve()),
-            "input_sha256": _sha256(spec.input),
-            "rows": len(self.rows),
-            "shard_size": spec.shard_size,
-        }
         self.store: ShardStore | None = None
         self.resumed = 0  # rows in sound shards at start()
         self.pending = 0  # rows given to the model, over every round

@@ -76,7 +76,7 @@ class ShardStore:
                 "or --overwrite to start again"
             )
         if directory.exists():
-            _check_same_job(directory, manifest)
+            check_same_job(directory, manifest)
             for stale in directory.glob("*.tmp"):  # a killed job's half-written files
                 stale.unlink()
         else:
@@ -205,7 +205,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_same_job(directory: Path, manifest: dict[str, Any]) -> None:
+def check_same_job(directory: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to resume shards that another job (other input, model, settings) made."""
     before = read_manifest(directory)
     changed = sorted(k for k in manifest.keys() | before.keys() if manifest.get(k) != before.get(k))
     if changed:
