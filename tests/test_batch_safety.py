@@ -253,8 +253,8 @@ def test_a_shard_damaged_before_assembly_is_run_again(tmp_path, lm, clean_run, h
 
 def cli(inp: Path, out: Path, *more: str) -> list[str]:
     return [sys.executable, "-m", "opswitch", "batch", "generate", "--input", str(inp), "--output", str(out),
-            "--max-tokens", "8", "--seed", "7", "--shard-size", "2", "--batch-size", "1", "--stop-token", "-1",
-            *more]
+            "--max-tokens", "8", "--seed", "7", "--shard-size", "2", "--batch-size", "1",
+            "--stop-token", "-1", *more]
 
 
 def test_a_second_job_on_the_same_output_is_refused_until_the_first_dies(tmp_path, capsys):
