@@ -44,20 +44,22 @@ def test_hostile_lines_are_bad_rows_and_the_job_goes_on(tmp_path, lm):
         b'"a JSON string, not a row"',
         b"12345",
         b"null",
+        b'{"id": "nan", "prompt": "x", "score": NaN}',
         b'{"id": "last", "prompt": "In the morning"}',
     ]
     (tmp_path / "p.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     summary = run_job(JobSpec(Task("generate", "prompt", generation=SETTINGS), tmp_path / "p.jsonl",
                               tmp_path / "o.jsonl"), lm=lm)
-    assert (summary.rows, summary.written, summary.errors) == (8, 2, 6)
-    assert [(r["index"], r["id"]) for r in read_jsonl(tmp_path / "o.jsonl")] == [(0, "first"), (7, "last")]
+    assert (summary.rows, summary.written, summary.errors) == (9, 2, 7)
+    assert [(r["index"], r["id"]) for r in read_jsonl(tmp_path / "o.jsonl")] == [(0, "first"), (8, "last")]
     errors = read_jsonl(tmp_path / "o.jsonl.errors.jsonl")
-    assert [e["index"] for e in errors] == [1, 2, 3, 4, 5, 6]
+    assert [e["index"] for e in errors] == [1, 2, 3, 4, 5, 6, 7]
     reasons = [e["reason"] for e in errors]
     assert "line 2" in reasons[0] and "digit" in reasons[0]
     assert reasons[1] == "line 3 is nested too deeply to read"
     assert reasons[2] == "line 4 is nested too deeply to read"
-    assert reasons[3:] == [f"the row is a JSON {k}, not an object" for k in ("string", "number", "null")]
+    assert reasons[3:6] == [f"the row is a JSON {k}, not an object" for k in ("string", "number", "null")]
+    assert reasons[6] == "line 8 is not usable JSON: NaN is not a JSON value"
 
 
 def _output_is_a_folder(tmp: Path) -> list[str]:

@@ -168,21 +168,29 @@ def _emptied(data: bytes) -> bytes:
     return b""
 
 
-def _replaced_by_a_symlink(data: bytes) -> bytes | None:
-    return None
+def _replaced_by_a_symlink(data: bytes) -> str:
+    return "symlink"
+
+
+def _replaced_by_a_folder(data: bytes) -> str:
+    return "folder"
 
 
 DAMAGES = [_truncate, _drop_a_line, _drop_a_line_and_the_checksum, _duplicate_a_line, _flip_a_byte,
-           _invalid_utf8, _emptied, _replaced_by_a_symlink]
+           _invalid_utf8, _emptied, _replaced_by_a_symlink, _replaced_by_a_folder]
 
 
 def damage(shard: Path, how) -> None:
     data = how(shard.read_bytes())
-    if data is None:
+    if data == "symlink":
         other = shard.with_name("elsewhere.txt")
         other.write_bytes(b"x\n")
         shard.unlink()
         shard.symlink_to(other)
+    elif data == "folder":
+        shard.unlink()
+        (shard / "x.tmp").mkdir(parents=True)
+        (shard.parent / "stray.tmp").mkdir()  # a folder where a killed job's temporary file was
     else:
         assert data != shard.read_bytes()
         shard.write_bytes(data)

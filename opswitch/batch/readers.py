@@ -81,16 +81,21 @@ def _read_jsonl(path: Path) -> list[Any]:
         if not raw.strip():
             continue
         try:
-            records.append(json.loads(raw.decode("utf-8")))
+            records.append(json.loads(raw.decode("utf-8"), parse_constant=_not_json))
         except UnicodeDecodeError:
             records.append(Unreadable(f"line {number} is not valid UTF-8"))
         except json.JSONDecodeError as exc:
             records.append(Unreadable(f"line {number} is not valid JSON: {exc.msg} at column {exc.colno}"))
         except RecursionError:
             records.append(Unreadable(f"line {number} is nested too deeply to read"))
-        except ValueError as exc:  # an integer past Python's digit limit (int_max_str_digits)
+        except ValueError as exc:  # an integer past Python's digit limit, NaN or Infinity
             records.append(Unreadable(f"line {number} is not usable JSON: {str(exc)[:120]}"))
     return records
+
+
+def _not_json(name: str):
+    """``NaN`` and ``Infinity`` are Python's extension, not JSON: the output could not hold them."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -78,7 +78,8 @@ class ShardStore:
         if directory.exists():
             check_same_job(directory, manifest)
             for stale in directory.glob("*.tmp"):  # a killed job's half-written files
-                stale.unlink()
+                if not stale.is_dir() or stale.is_symlink():
+                    stale.unlink()
         else:
             directory.mkdir()
             atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1) + "\n"))
@@ -124,7 +125,10 @@ class ShardStore:
             got = self._read(shard)
             if isinstance(got, str):
                 self.notes.append(f"shard {path.name} is damaged ({got}): its rows will run again")
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 continue
             self.complete.add(shard)
             records += got
