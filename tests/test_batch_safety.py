@@ -117,6 +117,14 @@ def test_a_model_named_like_the_shard_folder_is_not_removed(tmp_path, capsys):
     assert sorted(p.name for p in model.iterdir()) == before
 
 
+def test_an_output_beside_the_model_files_is_fine(tmp_path, lm):
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    inp = prompts_file(tmp_path / "p.jsonl", 2)
+    summary = run_job(JobSpec(Task("eval", "prompt", model=str(model)), inp, model / "scores.jsonl"), lm=lm)
+    assert summary.written == 2 and (model / "config.json").exists()
+
+
 def test_refused_before_the_model_loads(tmp_path, capsys):
     inp, out = _input_inside_the_shards(tmp_path)
     code = main(["batch", "eval", "--model", "/no/such/model", "--input", str(inp), "--output", str(out),

@@ -62,7 +62,8 @@ def check_kinds(paths: JobPaths) -> None:
 
 
 def protected_paths(input_path: Path, model: str | None) -> list[tuple[str, Path]]:
-    """What a job must never write or remove: the input, and a local model's directory and files."""
+    """What a job must never write or remove: the input, and a local model's directory and files
+    (an output may sit in the model's folder, as long as it is not one of its files)."""
     protected = [("the input", input_path)]
     if model is not None:
         path = Path(model)
@@ -75,8 +76,8 @@ def protected_paths(input_path: Path, model: str | None) -> list[tuple[str, Path
 
 
 def check_disjoint(paths: JobPaths, protected: list[tuple[str, Path]]) -> None:
-    """Refuse when any path the job writes is, holds or lies inside a protected one,
-    or is the same file by inode (a hard link, a symlink)."""
+    """Refuse when any path the job writes is, holds or lies inside a protected file (for a
+    protected folder: is or holds it), or is the same file by inode (a hard link, a symlink)."""
     shard_entries = []
     if paths.shards.is_dir() and not paths.shards.is_symlink():
         with os.scandir(paths.shards) as entries:
@@ -84,9 +85,11 @@ def check_disjoint(paths: JobPaths, protected: list[tuple[str, Path]]) -> None:
     written = paths.named() + shard_entries
     for what, guarded in protected:
         g_path, g_id = _identity(guarded)
+        inside_is_fine = what == "the model" and g_path.is_dir()
         for role, path in written:
             w_path, w_id = _identity(path)
-            clash = (w_path == g_path or w_path in g_path.parents or g_path in w_path.parents
+            clash = (w_path == g_path or w_path in g_path.parents
+                     or (g_path in w_path.parents and not inside_is_fine)
                      or (w_id is not None and w_id == g_id))
             if clash:
                 raise BatchError(f"{role} {path} would overwrite or remove {what} {guarded}: "
