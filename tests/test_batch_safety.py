@@ -121,8 +121,10 @@ def test_an_output_beside_the_model_files_is_fine(tmp_path, lm):
     model = tmp_path / "model"
     shutil.copytree(DEMO_MODEL, model)
     inp = prompts_file(tmp_path / "p.jsonl", 2)
-    summary = run_job(JobSpec(Task("eval", "prompt", model=str(model)), inp, model / "scores.jsonl"), lm=lm)
-    assert summary.written == 2 and (model / "config.json").exists()
+    task = Task("eval", "prompt", model=str(model))
+    for overwrite in (False, True):  # and again, over the first one's output
+        summary = run_job(JobSpec(task, inp, model / "scores.jsonl", overwrite=overwrite), lm=lm)
+        assert summary.written == 2 and (model / "config.json").exists()
 
 
 def test_refused_before_the_model_loads(tmp_path, capsys):

@@ -70,7 +70,7 @@ class Job:
         _check_output(self, task)
         self.lock = JobLock(self.paths.lock, spec.output)
         try:
-            check_disjoint(self.paths, protected_paths(spec.input, task.model))  # again, under the lock
+            check_disjoint(self.paths, protected_paths(spec.input, task.model, self.paths))  # under the lock
             self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns)
             self.task = _with_seed(task, self.shard_dir if spec.resume else None)
             if data_format(spec.output, "the output file") == "parquet":
@@ -263,7 +263,7 @@ def _check_output(job: Job, task: Task) -> None:
     if not spec.output.parent.is_dir():
         raise BatchError(f"the output's folder {spec.output.parent} does not exist")
     check_kinds(job.paths)
-    check_disjoint(job.paths, protected_paths(spec.input, task.model))
+    check_disjoint(job.paths, protected_paths(spec.input, task.model, job.paths))
     if spec.overwrite:
         return
     if spec.output.exists() and not (spec.resume and job.shard_dir.exists()):
