@@ -59,7 +59,7 @@ def _common(p: argparse.ArgumentParser, field_flag: str, field_default: str) -> 
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per model call (default 8)")
     p.add_argument("--cache-mib", type=float, default=1024, metavar="MIB",
                    help="KV-cache memory budget for the rows of one model call, as serve's "
-                   "(default 1024); rows beyond it wait their turn")
+                   "(default 1024; per process, so per actor on Ray); rows beyond it wait their turn")
     p.add_argument("--ray", metavar="auto|local|ADDRESS",
                    help="run on Ray (pip install 'opswitch[ray]'): auto = $RAY_ADDRESS or the cluster "
                    "started on this machine, else a new local one; local = a new local one; "
