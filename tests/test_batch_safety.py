@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -309,3 +310,55 @@ def test_a_lock_left_by_a_finished_or_killed_job_never_blocks(tmp_path, lm):
     task = Task("generate", "prompt", generation=SETTINGS)
     assert run_job(JobSpec(task, inp, out), lm=lm).written == 2
     assert run_job(JobSpec(task, inp, out, overwrite=True), lm=lm).written == 2
+
+
+def _random_damage(rng: random.Random, shards: list[Path]) -> None:
+    """One of a few kinds of damage, at a random place in a random shard."""
+    shard = rng.choice(shards)
+    data = shard.read_bytes()
+    lines = data.splitlines(keepends=True)
+    kind = rng.randrange(6)
+    at = rng.randrange(len(data))
+    if kind == 0:  # one flipped bit
+        new = data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1:]
+    elif kind == 1:  # bytes lost
+        new = data[:at] + data[at + rng.randrange(1, 40):]
+    elif kind == 2:  # bytes inserted
+        new = data[:at] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8))) + data[at:]
+    elif kind == 3:  # a line twice, or lines swapped
+        i, j = rng.randrange(len(lines)), rng.randrange(len(lines))
+        lines[j:j] = [lines[i]] if rng.random() < 0.5 else []
+        if len(lines) > 1 and i != j:
+            lines[i], lines[j] = lines[j], lines[i]
+        new = b"".join(lines)
+    elif kind == 4:  # cut short
+        new = data[:at]
+    else:  # another shard's (sound) file in its place
+        new = next(s for s in shards if s != shard).read_bytes()
+    if new == data:
+        new = data[:-1]
+    shard.write_bytes(new)
+
+
+def test_random_damage_to_complete_shards_never_reaches_the_output(tmp_path, lm, clean_run):
+    """A scripted fuzz: 12 random damages to a job whose shards are all complete; each resume
+    gives the clean run's output byte for byte."""
+    inp = Path(shutil.copy(clean_run[0], tmp_path / "p.jsonl"))
+    out, shards = tmp_path / "o.jsonl", tmp_path / "o.jsonl.shards"
+    task = Task("generate", "prompt", generation=SETTINGS)
+    with Job(JobSpec(task, inp, out, shard_size=2)) as job:
+        run_local(lm, job.task, job.start(), job.add)  # every shard written, then a "crash"
+    template = tmp_path / "template"
+    shutil.copytree(shards, template)
+    rng = random.Random(19)
+    for case in range(12):
+        shutil.rmtree(shards, ignore_errors=True)
+        shutil.copytree(template, shards)
+        for _ in range(rng.randrange(1, 3)):
+            _random_damage(rng, sorted(shards.glob("part-*.jsonl")))
+        notes = Notes()
+        summary = run_job(JobSpec(task, inp, out, shard_size=2, resume=True), lm=lm, report=notes)
+        assert out.read_bytes() == clean_run[1], case
+        assert summary.written == 6 and summary.ran == 2 * len(notes.lines) > 0, (case, notes.lines)
+        out.unlink()
+        (tmp_path / "o.jsonl.errors.jsonl").unlink()
