@@ -4,7 +4,7 @@ A row comes in as ``(index, text)`` and goes out as ``{"index": i, "result": {..
 or ``{"index": i, "error": reason}``.  A row's own problems (too long for the
 context or the cache budget, too short to score) are row errors, and so is
 any failure while generating or decoding it: a batch that fails is run again
-row by row, and the row that still fails alone is filed with the reason while
+in halves, and a row that still fails alone is filed with the reason while
 the job goes on.  Problems of the job (no tokenizer, a budget that cannot hold
 one sequence, running out of memory) are raised.
 """
@@ -173,8 +173,8 @@ def _cache_need(lm, task: Task, n_prompt: int) -> int:
 
 
 def _generate(lm, task: Task, todo: list[tuple[int, list[int]]], settings: dict) -> dict[int, dict]:
-    """Records for the rows in one batched loop; if the batch fails, row by row, so
-    that only the row that fails alone becomes an error."""
+    """Records for the rows in one batched loop; if the batch fails, each half again, so
+    that only a row that fails alone becomes an error."""
     seeds = [row_seed(task.generation["seed"], index) for index, _ in todo]
     if not todo:
         return {}
@@ -185,10 +185,8 @@ def _generate(lm, task: Task, todo: list[tuple[int, list[int]]], settings: dict)
     except Exception as exc:
         if len(todo) == 1:
             return {todo[0][0]: {"index": todo[0][0], "error": f"generation failed: {failure(exc)}"}}
-        out: dict[int, dict] = {}
-        for row in todo:
-            out.update(_generate(lm, task, [row], settings))
-        return out
+        half = len(todo) // 2  # halves, not one by one: a large batch with one bad row stays batched
+        return {**_generate(lm, task, todo[:half], settings), **_generate(lm, task, todo[half:], settings)}
     return {index: _record(lm, index, ids, seed, res, settings)
             for (index, ids), seed, res in zip(todo, seeds, results)}
 
