@@ -15,6 +15,7 @@ import pytest
 import opswitch
 from opswitch.batch import JobSpec, Task, generation_settings, run_job
 from opswitch.cli.main import main
+from opswitch.core.errors import NonFiniteLogitsError
 from opswitch.model.hub import DEMO_MODEL
 
 SETTINGS = generation_settings(max_new_tokens=2, seed=1)
@@ -232,3 +233,36 @@ def test_a_row_that_fails_while_generating_fails_alone(tmp_path, capsys):
     assert sorted([r["index"] for r in rows] + [e["index"] for e in errors]) == list(range(12))
     assert all(set(r["completion_ids"]) <= ids_with_text for r in rows)
     assert all("cannot be decoded" in e["reason"] and "unused" in e["reason"] for e in errors), errors
+
+
+class OneRowFails:
+    """The real demo model, except that a batch holding the poisoned prompt raises as a
+    backend failure would: the only way to make one row's step fail on purpose."""
+
+    def __init__(self, lm, poison: str) -> None:
+        self.lm, self.poison, self.calls = lm, lm.encode(poison), 0
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def generate_batch(self, prompts, settings, **kw):
+        self.calls += 1
+        if any(list(p) == self.poison for p in prompts):
+            raise NonFiniteLogitsError("the model produced NaN logits (at step 1, on backend cpu)")
+        return self.lm.generate_batch(prompts, settings, **kw)
+
+
+def test_a_row_whose_step_fails_is_one_bad_row_and_the_batch_stays_batched(tmp_path, lm):
+    inp = prompts(tmp_path / "p.jsonl", 16)
+    with inp.open("a") as f:
+        f.write(json.dumps({"prompt": "poison"}) + "\n")
+    task = Task("generate", "prompt", generation=SETTINGS)
+    faulty = OneRowFails(lm, "poison")
+    summary = run_job(JobSpec(task, inp, tmp_path / "o.jsonl", batch_size=17), lm=faulty)
+    assert (summary.written, summary.errors) == (16, 1)
+    (error,) = read_jsonl(tmp_path / "o.jsonl.errors.jsonl")
+    assert error["index"] == 16 and error["reason"].startswith("generation failed: the model produced NaN")
+    clean = prompts(tmp_path / "clean.jsonl", 16)
+    run_job(JobSpec(task, clean, tmp_path / "c.jsonl", batch_size=17), lm=lm)
+    assert (tmp_path / "o.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+    assert faulty.calls <= 2 * 5 + 1  # halving: at most two calls per level of a 17-row batch
