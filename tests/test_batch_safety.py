@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import opswitch
-from opswitch.batch import Job, JobSpec, Task, generation_settings, run_job
+from opswitch.batch import BatchError, Job, JobSpec, Task, generation_settings, run_job
 from opswitch.batch.job import Report
 from opswitch.batch.local import run_local
 from opswitch.cli.main import main
@@ -116,6 +116,16 @@ def test_a_model_named_like_the_shard_folder_is_not_removed(tmp_path, capsys):
     line = one_error_line(capsys)
     assert code == 2 and "would overwrite or remove the model" in line, line
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_the_loaded_model_is_protected_even_when_the_job_does_not_name_it(tmp_path):
+    model = tmp_path / "o.jsonl.shards"  # as a hub snapshot or the demo model: found, not named
+    shutil.copytree(DEMO_MODEL, model)
+    inp = prompts_file(tmp_path / "p.jsonl", 2)
+    with pytest.raises(BatchError, match="would overwrite or remove the model"):
+        run_job(JobSpec(Task("eval", "prompt"), inp, tmp_path / "o.jsonl", overwrite=True),
+                lm=opswitch.load_model(str(model)))
+    assert (model / "model.safetensors").exists()
 
 
 def test_an_output_beside_the_model_files_is_fine(tmp_path, lm):

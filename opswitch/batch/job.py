@@ -218,6 +218,8 @@ def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> S
             report.loaded(lm)
         elif ray is None:
             check_model(lm, job.task)
+        if ray is None and lm.source:  # the files it came from (a hub snapshot, the demo model)
+            check_disjoint(job.paths, protected_paths(spec.input, lm.source, job.paths))
         items = job.start()
         report.running(job, len(items))
 
