@@ -89,10 +89,23 @@ def _input_hard_links_the_output(tmp: Path) -> tuple[Path, Path]:
     return inp, tmp / "o.jsonl"
 
 
+def _input_hard_linked_into_the_shards(tmp: Path) -> tuple[Path, Path]:
+    inp = prompts_file(tmp / "p.jsonl")
+    (tmp / "o.jsonl.shards").mkdir()
+    os.link(inp, tmp / "o.jsonl.shards" / "part-00000.jsonl")
+    return inp, tmp / "o.jsonl"
+
+
+def _errors_file_links_to_the_input(tmp: Path) -> tuple[Path, Path]:
+    inp = prompts_file(tmp / "p.jsonl")
+    (tmp / "o.jsonl.errors.jsonl").symlink_to(inp)
+    return inp, tmp / "o.jsonl"
+
+
 @pytest.mark.parametrize("layout", [
     _input_is_the_errors_file, _input_inside_the_shards, _input_links_into_the_shards,
     _input_hard_links_the_errors_file, _output_is_a_symlink_to_the_input, _input_is_the_output,
-    _input_hard_links_the_output,
+    _input_hard_links_the_output, _input_hard_linked_into_the_shards, _errors_file_links_to_the_input,
 ])
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
 def test_the_input_is_never_overwritten_or_removed(tmp_path, capsys, layout, flag):
