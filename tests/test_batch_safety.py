@@ -202,6 +202,10 @@ def _emptied(data: bytes) -> bytes:
     return b""
 
 
+def _grown_huge(data: bytes) -> str:
+    return "sparse"
+
+
 def _replaced_by_a_symlink(data: bytes) -> str:
     return "symlink"
 
@@ -211,7 +215,7 @@ def _replaced_by_a_folder(data: bytes) -> str:
 
 
 DAMAGES = [_truncate, _drop_a_line, _drop_a_line_and_the_checksum, _duplicate_a_line, _flip_a_byte,
-           _invalid_utf8, _emptied, _replaced_by_a_symlink, _replaced_by_a_folder]
+           _invalid_utf8, _emptied, _replaced_by_a_symlink, _replaced_by_a_folder, _grown_huge]
 
 
 def damage(shard: Path, how) -> None:
@@ -221,6 +225,9 @@ def damage(shard: Path, how) -> None:
         other.write_bytes(b"x\n")
         shard.unlink()
         shard.symlink_to(other)
+    elif data == "sparse":  # 8 GiB without a newline, on no disk space: must not be read whole
+        with shard.open("r+b") as f:
+            f.truncate(8 << 30)
     elif data == "folder":
         shard.unlink()
         (shard / "x.tmp").mkdir(parents=True)

@@ -30,6 +30,7 @@ from opswitch.batch.errors import BatchError
 
 MANIFEST = "job.json"
 MANIFEST_LIMIT = 1 << 20  # job.json is ours and small; anything bigger is not ours
+LINE_LIMIT = 64 << 20  # one row's record: a completion of a few thousand tokens is far less
 
 
 def atomic_write(path: Path, write: Callable[[IO], Any], tmp_dir: Path | None = None,
@@ -142,9 +143,11 @@ class ShardStore:
                 return "not a regular file"
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             with os.fdopen(fd, "rb") as f:
-                data = f.read()
+                data = _read_lines(f, len(rows) + 1)
         except OSError as exc:
             return f"cannot be read: {exc.strerror or exc}"
+        if data is None:
+            return "more or longer lines than its rows can make"
         if not data.endswith(b"\n"):
             return "it ends in the middle of a line"
         body, _, trailer = data[:-1].rpartition(b"\n")
@@ -168,6 +171,20 @@ class ShardStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory)
+
+
+def _read_lines(f: IO[bytes], most: int) -> bytes | None:
+    """At most ``most`` lines of at most LINE_LIMIT bytes each, or None: a huge file
+    where a shard belongs costs nothing to refuse."""
+    lines = []
+    while len(lines) <= most:
+        line = f.readline(LINE_LIMIT + 1)
+        if not line:
+            return b"".join(lines)
+        if len(line) > LINE_LIMIT:
+            return None
+        lines.append(line)
+    return None
 
 
 def _trailer(body: bytes) -> bytes:
