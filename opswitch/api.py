@@ -172,11 +172,14 @@ class LanguageModel:
         self,
         prompts: Sequence[str | Sequence[int]],
         settings: Sequence[dict] | dict | None = None,
+        cache_bytes: int | None = None,
         **common: Any,
     ) -> list[GenerationResult]:
         """Generate for several prompts in one batched loop: the same ids as one by one.
 
-        ``settings`` is one dict per prompt (or one for all), merged over ``common``."""
+        ``settings`` is one dict per prompt (or one for all), merged over ``common``.
+        With ``cache_bytes``, the KV caches of the running prompts stay within that
+        budget (the rest wait their turn), so a large batch cannot take unbounded memory."""
         if isinstance(settings, dict) or settings is None:
             settings = [settings or {}] * len(prompts)
         if len(settings) != len(prompts):
@@ -184,7 +187,8 @@ class LanguageModel:
         configs = [self.settings(**{**common, **s}) for s in settings]
         ids = [self._ids(p) for p in prompts]
         with self._using():
-            return generate_batch(self.model, ids, configs, n_vocab_allowed=self.n_vocab_allowed,
+            pool = self.model.cache_pool(cache_bytes) if cache_bytes is not None else None
+            return generate_batch(self.model, ids, configs, pool, n_vocab_allowed=self.n_vocab_allowed,
                                   unused_ids=self.unused_ids)
 
     def stream(

@@ -255,6 +255,7 @@ def test_an_interrupted_overwrite_can_be_resumed(tmp_path, lm):
     task = Task("generate", "prompt", generation=generation_settings(max_new_tokens=2, seed=1))
     job = Job(JobSpec(task, inp, out, shard_size=2, overwrite=True))
     run_local(lm, job.task, job.start()[:2], job.add)  # one shard, then a "crash"
+    job.close()  # (a crash lets go of the job's lock)
     assert out.read_text() == "an older output\n"  # replaced only by a finished job
     summary = run_job(JobSpec(task, inp, out, shard_size=2, resume=True), lm=lm)
     assert (summary.resumed, summary.ran) == (2, 2)

@@ -94,6 +94,7 @@ def test_cli_ray_auto_finishes_a_job_started_locally(ray_instance, tmp_path, lm,
     with one_blas_thread():
         assert main([*args, "--output", str(reference)]) == 0
         run_local(lm, job.task, job.start()[:2], job.add)  # rows 0 and 1, then a "crash"
+    job.close()  # (a crash lets go of the job's lock)
     assert main([*args[:-1], "--output", str(out), "--resume", "--ray", "auto", "--actors", "2"]) == 0
     err = capsys.readouterr().err
     # rows 0-1 and the last shard (row 8, invalid JSON, filed at the start) were complete

@@ -5,8 +5,10 @@
     run_job(JobSpec(task, Path("prompts.jsonl"), Path("out.jsonl")))
 
 Modules: ``readers`` (input rows), ``work`` (what happens to a row),
-``shards`` (atomic shards and resume), ``writers`` (final files),
-``local`` and ``ray_runner`` (who runs the rows), ``job`` (the whole job).
+``shards`` (atomic, checked shards and resume), ``writers`` (final files),
+``paths`` (what a job may write: never its input or model), ``lock`` (one
+job per output), ``local`` and ``ray_runner`` (who runs the rows), ``job``
+(the whole job).
 """
 
 from opswitch.batch.errors import BatchError, MissingExtraError

@@ -1,17 +1,18 @@
 """A batch job from start to finish: check everything, run the missing rows, assemble.
 
 The order matters to the user: every flag, the input file and the output
-location are checked (``Job(spec)``) before a model is loaded or a worker
-started, so a mistake costs a second, not a model load; then the shards
-(``start``), the rows (``add``, from either runner), and the final files
-(``finish``).
+location are checked and the job's lock taken (``Job(spec)``) before a model
+is loaded or a worker started, so a mistake costs a second, not a model
+load; then the shards (``start``), the rows (``add``, from either runner),
+a read-back of every shard (``check``: a damaged one is run again), and the
+final files (``finish``).  ``close`` lets go of the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
+import math
 import random
 import shutil
 import time
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from opswitch.batch.errors import BatchError, require_pyarrow
+from opswitch.batch.lock import JobLock
+from opswitch.batch.paths import JobPaths, check_disjoint, check_kinds, protected_paths
 from opswitch.batch.readers import Row, data_format, read_rows
-from opswitch.batch.shards import MANIFEST, ShardStore
-from opswitch.batch.work import Task, model_ref
-from opswitch.batch.writers import errors_path, write_jsonl, write_output
+from opswitch.batch.shards import MANIFEST, ShardStore, check_same_job, read_manifest
+from opswitch.batch.work import MAX_CACHE_MIB, Task, model_ref
+from opswitch.batch.writers import check_output_schema, write_jsonl, write_output
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards end with a checksum line
+MAX_ROUNDS = 3  # runs of the rows of damaged shards before the job gives up
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,9 @@ class JobSpec:
 class Summary:
     rows: int  # in the input
     resumed: int  # already in complete shards when this run started
-    ran: int  # rows this run gave the model
+    ran: int  # rows this run gave the model (a damaged shard's rows count again)
     errors: int  # bad rows in the errors file, over the whole job
+    written: int  # rows in the output file: with ``errors``, exactly ``rows``
     seconds: float
     output: Path
     errors_file: Path
@@ -57,43 +62,85 @@ class Job:
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
-        self.output, self.errors_file = spec.output, errors_path(spec.output)
-        self.shard_dir = spec.output.with_name(spec.output.name + ".shards")
+        self.paths = JobPaths.of(spec.output)
+        self.output, self.errors_file = self.paths.output, self.paths.errors
+        self.shard_dir = self.paths.shards
         _check_flags(spec)
-        _check_output(self)
-        self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns)
         task = replace(spec.task, model=model_ref(spec.task.model))
-        self.task = _with_seed(task, self.shard_dir if spec.resume else None)
-        self.manifest = {
-            "version": FORMAT_VERSION,
-            "kind": self.task.kind,
-            "field": self.task.field,
-            "model": self.task.model,
-            "backend": self.task.backend,
-            "generation": dict(self.task.generation),
-            "input": str(spec.input.resolve()),
-            "input_sha256": _sha256(spec.input),
-            "rows": len(self.rows),
-            "shard_size": spec.shard_size,
-        }
+        _check_output(self, task)
+        self.lock = JobLock(self.paths.lock, spec.output)
+        try:
+            check_disjoint(self.paths, protected_paths(spec.input, task.model, self.paths))  # under the lock
+            self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns)
+            self.task = _with_seed(task, self.shard_dir if spec.resume else None)
+            if data_format(spec.output, "the output file") == "parquet":
+                check_output_schema(self.rows, self.task)
+            self.manifest = {
+                "version": FORMAT_VERSION,
+                "kind": self.task.kind,
+                "field": self.task.field,
+                "model": self.task.model,
+                "backend": self.task.backend,
+                "generation": dict(self.task.generation),
+                "input": str(spec.input.resolve()),
+                "input_sha256": _sha256(spec.input),
+                "rows": len(self.rows),
+                "shard_size": spec.shard_size,
+            }
+            if spec.resume and self.shard_dir.exists():  # a resume that cannot be is known now
+                check_same_job(self.shard_dir, self.manifest)
+        except BaseException:
+            self.close()
+            raise
         self.store: ShardStore | None = None
-        self.resumed = 0  # rows in complete shards at start()
-        self.pending = 0  # rows for the model at start()
+        self.resumed = 0  # rows in sound shards at start()
+        self.pending = 0  # rows given to the model, over every round
+        self._records: list[dict[str, Any]] | None = None
+
+    def close(self) -> None:
+        """Let go of the job's lock (a killed process lets go of it too)."""
+        self.lock.release()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def start(self) -> list[tuple[int, str]]:
-        """Open the shards (a fresh set, or the interrupted job's), file the bad rows
-        found while reading, and return the ``(index, text)`` rows still to run."""
+        """Open the shards (a fresh set, or the interrupted job's, each read back), file the
+        bad rows found while reading, and return the ``(index, text)`` rows still to run."""
         if self.spec.overwrite and self.shard_dir.exists():
             shutil.rmtree(self.shard_dir)
         self.store = ShardStore.open(self.shard_dir, self.manifest, resume=self.spec.resume)
         self._started = time.perf_counter()
+        items = self._pending()
+        self.resumed = len(self.rows) - sum(1 for row in self.rows if not self.store.is_done(row.index))
+        return items
+
+    def check(self) -> list[tuple[int, str]]:
+        """Read every shard back: the rows of any that is damaged are returned, to run again
+        (an empty list: every shard is sound, and ``finish`` may assemble them)."""
+        assert self.store is not None, "start() first"
+        self._records = self.store.verify()
+        return [] if self.store.finished else self._pending()
+
+    @property
+    def notes(self) -> list[str]:
+        """Lines for the user (a damaged shard), each given once."""
+        if self.store is None:
+            return []
+        notes, self.store.notes = self.store.notes, []
+        return notes
+
+    def _pending(self) -> list[tuple[int, str]]:
+        assert self.store is not None
         pending = [row for row in self.rows if not self.store.is_done(row.index)]
-        self.resumed = len(self.rows) - len(pending)
         for row in pending:
             if row.error is not None:
                 self.store.add({"index": row.index, "error": row.error})
         items = [(row.index, row.text) for row in pending if row.error is None]
-        self.pending = len(items)
+        self.pending += len(items)
         return items
 
     def add(self, records: list[dict[str, Any]]) -> None:
@@ -103,21 +150,28 @@ class Job:
             self.store.add(record)
 
     def finish(self) -> Summary:
-        """Write the output (in input order) and the errors file from the shards, then drop them."""
-        assert self.store is not None and self.store.finished, "every shard must be complete"
+        """Write the output (in input order) and the errors file from the shards read back by
+        ``check``, make sure they hold every input row exactly once, then drop the shards."""
+        assert self.store is not None and self._records is not None and self.store.finished, "check() first"
         rows, errors = [], []
-        for record in self.store.records():
+        for record in self._records:
             i = record["index"]
             if "error" in record:
                 errors.append({"index": i, "id": self.rows[i].id, "reason": record["error"]})
             else:
                 rows.append({**self.rows[i].fields, "index": i, **record["result"]})
-        write_jsonl(self.errors_file, errors)
-        write_output(self.output, rows)  # last: an existing output is a finished job
+        seen = sorted([r["index"] for r in rows] + [e["index"] for e in errors])
+        if seen != list(range(len(self.rows))):  # a bug, never the user's: keep the shards to look at
+            raise BatchError(f"internal error: the shards in {self.shard_dir} do not hold every input row "
+                             "exactly once; they are kept, and nothing was written")
+        tmp = self.shard_dir  # temporary files there go with the shards, even after a crash
+        write_jsonl(self.errors_file, errors, tmp_dir=tmp)
+        write_output(self.output, rows, tmp_dir=tmp)  # last: an existing output is a finished job
         self.store.remove()
         return Summary(
             rows=len(self.rows), resumed=self.resumed, ran=self.pending, errors=len(errors),
-            seconds=time.perf_counter() - self._started, output=self.output, errors_file=self.errors_file,
+            written=len(rows), seconds=time.perf_counter() - self._started, output=self.output,
+            errors_file=self.errors_file,
         )
 
 
@@ -140,11 +194,15 @@ class Report:
     def done_rows(self, n: int) -> None:
         """``n`` more rows are finished."""
 
+    def note(self, line: str) -> None:
+        """Something the user should know (a damaged shard that is run again)."""
+
 
 def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> Summary:
     """Run a whole job: locally (on ``lm`` if given, else the task's model, loaded
     once), or on Ray when ``ray`` (a ``RayOptions``) is given."""
     from opswitch.batch.local import load_lm, run_local
+    from opswitch.batch.work import check_model
 
     report = report or Report()
     if ray is not None:
@@ -152,24 +210,37 @@ def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> S
 
         ray.validate()
         import_ray()
-    job = Job(spec)
-    report.checked(job)
-    if ray is None and lm is None:
-        with report.loading(job.task):
-            lm = load_lm(job.task)
-        report.loaded(lm)
-    items = job.start()
-    report.running(job, len(items))
+    with Job(spec) as job:
+        report.checked(job)
+        if ray is None and lm is None:
+            with report.loading(job.task):
+                lm = load_lm(job.task)
+            report.loaded(lm)
+        elif ray is None:
+            check_model(lm, job.task)
+        if ray is None and lm.source:  # the files it came from (a hub snapshot, the demo model)
+            check_disjoint(job.paths, protected_paths(spec.input, lm.source, job.paths))
+        items = job.start()
+        report.running(job, len(items))
 
-    def sink(records: list[dict[str, Any]]) -> None:
-        job.add(records)
-        report.done_rows(len(records))
+        def sink(records: list[dict[str, Any]]) -> None:
+            job.add(records)
+            report.done_rows(len(records))
 
-    if ray is not None:
-        run_ray(job.task, items, sink, ray, spec.batch_size)
-    else:
-        run_local(lm, job.task, items, sink, spec.batch_size)
-    return job.finish()
+        for _ in range(MAX_ROUNDS):
+            for line in job.notes:
+                report.note(line)
+            if ray is not None:
+                run_ray(job.task, items, sink, ray, spec.batch_size)
+            else:
+                run_local(lm, job.task, items, sink, spec.batch_size)
+            items = job.check()
+            if not items and job.store.finished:
+                for line in job.notes:
+                    report.note(line)
+                return job.finish()
+        raise BatchError(f"the shards in {job.shard_dir} were damaged {MAX_ROUNDS} times while the job ran: "
+                         "is something else writing there, or is the disk failing?")
 
 
 def _check_flags(spec: JobSpec) -> None:
@@ -181,17 +252,20 @@ def _check_flags(spec: JobSpec) -> None:
         raise BatchError("the text field's name is empty")
     if spec.resume and spec.overwrite:
         raise BatchError("--resume and --overwrite contradict each other: pick one")
+    budget = spec.task.cache_mib
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget <= MAX_CACHE_MIB):
+        raise BatchError(f"--cache-mib must be a number of MiB in (0, {MAX_CACHE_MIB}], got {budget}")
     data_format(spec.input, "the input file")
     if data_format(spec.output, "the output file") == "parquet":
         require_pyarrow("writing Parquet")
 
 
-def _check_output(job: Job) -> None:
+def _check_output(job: Job, task: Task) -> None:
     spec = job.spec
     if not spec.output.parent.is_dir():
         raise BatchError(f"the output's folder {spec.output.parent} does not exist")
-    if spec.input.exists() and spec.output.exists() and spec.input.samefile(spec.output):
-        raise BatchError("the output file is the input file: give another --output")
+    check_kinds(job.paths)
+    check_disjoint(job.paths, protected_paths(spec.input, task.model, job.paths))
     if spec.overwrite:
         return
     if spec.output.exists() and not (spec.resume and job.shard_dir.exists()):
@@ -208,9 +282,9 @@ def _with_seed(task: Task, shard_dir: Path | None) -> Task:
         return task
     seed = None
     if shard_dir is not None and (shard_dir / MANIFEST).exists():
-        try:
-            seed = json.loads((shard_dir / MANIFEST).read_text(encoding="utf-8"))["generation"]["seed"]
-        except (OSError, ValueError, KeyError, TypeError):
+        with contextlib.suppress(BatchError, KeyError, TypeError, AttributeError):
+            seed = read_manifest(shard_dir)["generation"]["seed"]
+        if not (type(seed) is int and 0 <= seed < 2**63):  # else: a fresh seed, and the resume is refused
             seed = None
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)

@@ -1,9 +1,11 @@
 """Read a dataset (JSON Lines or Parquet) into numbered rows, sorting out bad ones.
 
 Every row gets its 0-based index in the input, which fixes its place in the
-output and its seed.  A row that cannot be used (invalid JSON, not an
-object, the text field missing or not text) is kept with the reason, so the
-job reports it in the errors file instead of stopping.
+output and its seed.  A row that cannot be used (invalid JSON — an integer
+past Python's digit limit, nesting too deep — not an object, the text field
+missing or not text) is kept with the reason, so the job reports it in the
+errors file instead of stopping.  A UTF-8 byte-order mark at the start of
+the file is not part of the first row.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from opswitch.batch.errors import BatchError, require_pyarrow
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A JSONL line that did not parse, and why."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -58,24 +67,35 @@ def read_rows(path: Path, field: str, reserved: frozenset[str] = frozenset()) ->
     return [_row(i, record, field, reserved) for i, record in enumerate(records)]
 
 
-def _read_jsonl(path: Path) -> list[dict | str]:
-    """Parsed objects, or an error string for a line that is not valid JSON.
+def _read_jsonl(path: Path) -> list[Any]:
+    """Parsed values, or ``Unreadable`` for a line that is not valid JSON.
     Blank lines are not rows. Lines split on "\\n" only: U+2028 may sit inside a string."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BatchError(f"cannot read input file {path}: {exc.strerror or exc}") from None
-    records: list[dict | str] = []
+    if data.startswith(b"\xef\xbb\xbf"):  # a BOM (some Windows editors write one) is not data
+        data = data[3:]
+    records: list[Any] = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            records.append(json.loads(raw.decode("utf-8")))
+            records.append(json.loads(raw.decode("utf-8"), parse_constant=_not_json))
         except UnicodeDecodeError:
-            records.append(f"line {number} is not valid UTF-8")
+            records.append(Unreadable(f"line {number} is not valid UTF-8"))
         except json.JSONDecodeError as exc:
-            records.append(f"line {number} is not valid JSON: {exc.msg} at column {exc.colno}")
+            records.append(Unreadable(f"line {number} is not valid JSON: {exc.msg} at column {exc.colno}"))
+        except RecursionError:
+            records.append(Unreadable(f"line {number} is nested too deeply to read"))
+        except ValueError as exc:  # an integer past Python's digit limit, NaN or Infinity
+            records.append(Unreadable(f"line {number} is not usable JSON: {str(exc)[:120]}"))
     return records
+
+
+def _not_json(name: str):
+    """``NaN`` and ``Infinity`` are Python's extension, not JSON: the output could not hold them."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -88,11 +108,16 @@ def _read_parquet(path: Path) -> list[dict]:
         raise BatchError(f"cannot read Parquet file {path}: {exc}") from None
 
 
+_JSON_NAMES = {str: "string", int: "number", float: "number", bool: "boolean", list: "array",
+               type(None): "null"}
+
+
 def _row(index: int, record: Any, field: str, reserved: frozenset[str]) -> Row:
-    if isinstance(record, str):  # a JSONL line that did not parse
-        return Row(index, None, error=record)
+    if isinstance(record, Unreadable):
+        return Row(index, None, error=record.reason)
     if not isinstance(record, dict):
-        return Row(index, None, error=f"the row is a JSON {type(record).__name__}, not an object")
+        kind = _JSON_NAMES.get(type(record), type(record).__name__)
+        return Row(index, None, error=f"the row is a JSON {kind}, not an object")
     clash = sorted(reserved & record.keys())
     if clash:
         return Row(index, record, error=f"field {clash[0]!r} would be overwritten by the output: rename it")
@@ -107,4 +132,6 @@ def _row(index: int, record: Any, field: str, reserved: frozenset[str]) -> Row:
         json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:
         return Row(index, record, error="the row holds a lone surrogate (\\ud800-\\udfff), not valid Unicode")
+    except (RecursionError, ValueError):  # nested too deep to write back (Parquet input)
+        return Row(index, record, error="the row cannot be written back as JSON (nested too deeply)")
     return Row(index, record, text=text)

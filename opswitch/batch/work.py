@@ -1,9 +1,12 @@
 """What happens to a batch of rows: the same code in the local runner and in Ray actors.
 
 A row comes in as ``(index, text)`` and goes out as ``{"index": i, "result": {...}}``
-or ``{"index": i, "error": reason}``.  Only the row's own problems (too long
-for the context, too short to score) become row errors; anything else is a
-problem of the job and raised.
+or ``{"index": i, "error": reason}``.  A row's own problems (too long for the
+context or the cache budget, too short to score) are row errors, and so is
+any failure while generating or decoding it: a batch that fails is run again
+in halves, and a row that still fails alone is filed with the reason while
+the job goes on.  Problems of the job (no tokenizer, a budget that cannot hold
+one sequence, running out of memory) are raised.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import numpy as np
 from opswitch.batch.errors import BatchError
 from opswitch.core.errors import TextTooLongError
 
+DEFAULT_CACHE_MIB = 1024.0  # as `opswitch serve --cache-mib`
+MAX_CACHE_MIB = float(1 << 20)  # 1 TiB: beyond any machine, so a typo is caught
+
 GENERATE_COLUMNS = frozenset(
     {"index", "completion", "completion_ids", "stop_reason", "prompt_tokens", "seed", "settings"}
 )
@@ -29,7 +35,8 @@ class Task:
     """The job's kind, its text field and (for generate) the generation settings.
 
     ``generation`` holds ``lm.generate_ids`` keyword arguments; its ``seed`` is
-    the job's, from which each row's own seed is derived.
+    the job's, from which each row's own seed is derived.  ``cache_mib`` bounds
+    the KV caches of the rows generated together (it never changes a result).
     """
 
     kind: str  # "generate" | "eval"
@@ -37,6 +44,11 @@ class Task:
     model: str | None = None
     backend: str | None = None
     generation: Mapping[str, Any] = field(default_factory=dict)
+    cache_mib: float = DEFAULT_CACHE_MIB
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mib * 2**20)
 
     @property
     def columns(self) -> frozenset[str]:
@@ -84,14 +96,27 @@ def check_model(lm, task: Task) -> None:
         raise BatchError(
             f"stop token {stop} is outside the model's vocabulary (0..{lm.config.vocab_size - 1})"
         )
+    if task.kind == "generate":
+        smallest = lm.model.cache_pool(task.cache_bytes).bytes_for(1)
+        if smallest > task.cache_bytes:
+            raise BatchError(f"--cache-mib {task.cache_mib:g} cannot hold the KV cache of even one short "
+                             f"sequence of this model ({smallest / 2**20:.2f} MiB)")
 
 
 def generate_rows(
-    lm, prompts: Sequence[list[int]], seeds: Sequence[int], settings: Mapping[str, Any]
+    lm, prompts: Sequence[list[int]], seeds: Sequence[int], settings: Mapping[str, Any], cache_bytes: int
 ) -> list:
-    """Generate for several prompts in one batched loop (``lm.generate_batch``): each
-    row's ids are those of generating it alone with its own seed."""
-    return lm.generate_batch(list(prompts), [{**settings, "seed": seed} for seed in seeds])
+    """Generate for several prompts in one batched loop (``lm.generate_batch``), their
+    caches within ``cache_bytes``: each row's ids are those of generating it alone
+    with its own seed."""
+    return lm.generate_batch(list(prompts), [{**settings, "seed": seed} for seed in seeds],
+                             cache_bytes=cache_bytes)
+
+
+def failure(exc: Exception) -> str:
+    """A row's failure as one bounded line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 def run_rows(lm, task: Task, items: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
@@ -99,6 +124,7 @@ def run_rows(lm, task: Task, items: Sequence[tuple[int, str]]) -> list[dict[str,
     n_ctx = lm.config.n_positions
     out: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, list[int]]] = []
+    minimum = 1 if task.kind == "generate" else 2
     for index, text in items:
         try:  # bounded work for a huge row: stop once it cannot fit the context
             ids = lm.tokenizer.encode(text, max_tokens=n_ctx)
@@ -106,32 +132,77 @@ def run_rows(lm, task: Task, items: Sequence[tuple[int, str]]) -> list[dict[str,
             out[index] = {"index": index,
                           "error": f"the text is more than {n_ctx} tokens but the model's context is {n_ctx}"}
             continue
-        minimum = 1 if task.kind == "generate" else 2
+        except MemoryError:
+            raise
+        except Exception as exc:
+            out[index] = {"index": index, "error": f"the text cannot be tokenized: {failure(exc)}"}
+            continue
         if len(ids) > n_ctx:
             out[index] = {"index": index, "error": f"the text is {len(ids)} tokens but the model's context "
                           f"is {n_ctx}"}
         elif len(ids) < minimum:
             out[index] = {"index": index, "error": f"the text is {len(ids)} token(s); scoring needs two"}
+        elif task.kind == "generate" and (need := _cache_need(lm, task, len(ids))) > task.cache_bytes:
+            out[index] = {"index": index, "error": f"the row's KV cache needs {need / 2**20:.2f} MiB, more "
+                          f"than the budget (--cache-mib {task.cache_mib:g})"}
         else:
             todo.append((index, ids))
     settings = {"model": task.model, "backend": lm.backend.name}
     if task.kind == "generate":
         settings.update(task.generation)
-        seeds = [row_seed(task.generation["seed"], index) for index, _ in todo]
-        results = generate_rows(lm, [ids for _, ids in todo], seeds, task.generation)
-        for (index, ids), seed, res in zip(todo, seeds, results):
-            out[index] = {"index": index, "result": {
-                "completion": lm.tokenizer.decode(res.new_ids),
-                "completion_ids": [int(t) for t in res.new_ids],
-                "stop_reason": res.stop_reason,
-                "prompt_tokens": len(ids),
-                "seed": seed,
-                "settings": settings,
-            }}
+        out.update(_generate(lm, task, todo, settings))
     else:
         for index, ids in todo:
-            loss = lm.loss(ids)
+            try:
+                loss = lm.loss(ids)
+            except MemoryError:
+                raise
+            except Exception as exc:
+                out[index] = {"index": index, "error": f"scoring failed: {failure(exc)}"}
+                continue
             out[index] = {"index": index, "result": {
                 "loss": loss, "perplexity": float(np.exp(loss)), "tokens": len(ids), "settings": settings,
             }}
     return [out[index] for index, _ in items]
+
+
+def _cache_need(lm, task: Task, n_prompt: int) -> int:
+    """Bytes of the cache a row takes from the pool (the prompt and every new token)."""
+    n = min(lm.config.n_positions, n_prompt + max(int(task.generation.get("max_new_tokens", 100)), 1))
+    return lm.model.cache_pool(task.cache_bytes).bytes_for(n)
+
+
+def _generate(lm, task: Task, todo: list[tuple[int, list[int]]], settings: dict) -> dict[int, dict]:
+    """Records for the rows in one batched loop; if the batch fails, each half again, so
+    that only a row that fails alone becomes an error."""
+    seeds = [row_seed(task.generation["seed"], index) for index, _ in todo]
+    if not todo:
+        return {}
+    try:
+        results = generate_rows(lm, [ids for _, ids in todo], seeds, task.generation, task.cache_bytes)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if len(todo) == 1:
+            return {todo[0][0]: {"index": todo[0][0], "error": f"generation failed: {failure(exc)}"}}
+        half = len(todo) // 2  # halves, not one by one: a large batch with one bad row stays batched
+        return {**_generate(lm, task, todo[:half], settings), **_generate(lm, task, todo[half:], settings)}
+    return {index: _record(lm, index, ids, seed, res, settings)
+            for (index, ids), seed, res in zip(todo, seeds, results)}
+
+
+def _record(lm, index: int, ids: list[int], seed: int, res, settings: dict) -> dict[str, Any]:
+    try:
+        completion = lm.tokenizer.decode(res.new_ids)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        return {"index": index, "error": f"the completion cannot be decoded: {failure(exc)}"}
+    return {"index": index, "result": {
+        "completion": completion,
+        "completion_ids": [int(t) for t in res.new_ids],
+        "stop_reason": res.stop_reason,
+        "prompt_tokens": len(ids),
+        "seed": seed,
+        "settings": settings,
+    }}

@@ -57,6 +57,9 @@ def _common(p: argparse.ArgumentParser, field_flag: str, field_default: str) -> 
     p.add_argument("--shard-size", type=int, default=100, metavar="N",
                    help="rows per shard: at most this much work is redone after a crash (default 100)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per model call (default 8)")
+    p.add_argument("--cache-mib", type=float, default=1024, metavar="MIB",
+                   help="KV-cache memory budget for the rows of one model call, as serve's "
+                   "(default 1024; per process, so per actor on Ray); rows beyond it wait their turn")
     p.add_argument("--ray", metavar="auto|local|ADDRESS",
                    help="run on Ray (pip install 'opswitch[ray]'): auto = $RAY_ADDRESS or the cluster "
                    "started on this machine, else a new local one; local = a new local one; "
@@ -87,7 +90,8 @@ def spec_from(args: argparse.Namespace):
         )
     else:
         generation = {}
-    task = Task(args.job, args.field, model=args.model, backend=args.backend, generation=generation)
+    task = Task(args.job, args.field, model=args.model, backend=args.backend, generation=generation,
+                cache_mib=args.cache_mib)
     ray_flags = {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
                  "gpus_per_actor": args.gpus_per_actor}
     given = {k: v for k, v in ray_flags.items() if v is not None}
@@ -149,6 +153,12 @@ class CliReport:
         if self.bar is not None:
             self.bar.update(n)
 
+    def note(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"note: {line}", file=sys.stderr)
+        else:
+            self.info(f"note: {line}")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -175,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         report.close()
     rate = summary.ran / summary.seconds if summary.seconds > 0 else 0.0
-    written = summary.rows - summary.errors
+    written = summary.written
     errors = f", {summary.errors} bad rows in {summary.errors_file}" if summary.errors else ", no bad rows"
     report.info(f"✓ {written} rows written to {summary.output}{errors}; "
                 f"{summary.ran} rows run in {summary.seconds:.1f}s ({rate:.1f} rows/s)")
