@@ -195,7 +195,7 @@ def _engines(backends, formats):
     for backend in backends:
         for fmt in formats:
             if fmt == "f32" or fmt in backend.weight_formats:
-                out.append((backend.name + ("" if fmt == "f32" else f" {fmt}"), backend, fmt))
+                out.append((backend.spec + ("" if fmt == "f32" else f" {fmt}"), backend, fmt))
     return out
 
 
