@@ -273,3 +273,20 @@ def test_resume_refuses_another_jobs_shards(tmp_path, capsys):
     assert "different generation settings this time (use the same flags" in err
     with pytest.raises(BatchError, match="holds the shards of an unfinished job"):
         run_job(spec)
+
+
+def test_batch_takes_the_model_flags_of_generate(tmp_path, monkeypatch):
+    """--weights, --tokenizer (and --revision, --threads) as `generate` has them: the rows are
+    what `load_model` with the same flags generates."""
+    from opswitch.model.hub import DEMO_MODEL as DEMO_MODEL_DIR
+
+    monkeypatch.setenv("OPSWITCH_NUM_THREADS", "2")  # --threads sets it: restored after the test
+    inp, out = prompts_file(tmp_path, n=3), tmp_path / "o.jsonl"
+    argv = cli_args(inp, out, "--weights", "bf16", "--tokenizer", str(DEMO_MODEL_DIR), "--threads", "1",
+                    "--backend", "blas", "-q")  # fmt: skip
+    assert main(argv) == 0
+    lm = opswitch.load_model(None, backend="blas", weights="bf16", tokenizer=DEMO_MODEL_DIR)
+    for i, row in enumerate(read_jsonl(out)):
+        settings = {"max_new_tokens": 8, "seed": row_seed(7, i), "stop_token": -1, "temperature": 0.8,
+                    "top_k": 40, "top_p": 0.9}
+        assert row["completion_ids"] == lm.generate_ids(row["prompt"], **settings).new_ids

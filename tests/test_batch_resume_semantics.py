@@ -55,6 +55,7 @@ def _interrupted(lm, inp: Path, out: Path, task: Task, shards: set[int]) -> Job:
     items = [item for item in job.start() if item[0] // SHARD in shards]
     run_local(lm, job.task, items, job.add)
     assert not out.exists()
+    job.close()  # the process that ran it is gone: its lock with it
     return job
 
 

@@ -66,11 +66,12 @@ class Job:
         self.output, self.errors_file = self.paths.output, self.paths.errors
         self.shard_dir = self.paths.shards
         _check_flags(spec)
-        task = replace(spec.task, model=model_ref(spec.task.model))
+        task = replace(spec.task, model=model_ref(spec.task.model), tokenizer=model_ref(spec.task.tokenizer))
         _check_output(self, task)
         self.lock = JobLock(self.paths.lock, spec.output)
         try:
-            check_disjoint(self.paths, protected_paths(spec.input, task.model, self.paths))  # under the lock
+            protected = protected_paths(spec.input, task.model, self.paths, task.tokenizer)
+            check_disjoint(self.paths, protected)  # under the lock
             self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns)
             self.task = _with_seed(task, self.shard_dir if spec.resume else None)
             if data_format(spec.output, "the output file") == "parquet":
@@ -81,6 +82,9 @@ class Job:
                 "field": self.task.field,
                 "model": self.task.model,
                 "backend": self.task.backend,
+                "tokenizer": self.task.tokenizer,
+                "revision": self.task.revision,
+                "weights": self.task.weights,
                 "generation": dict(self.task.generation),
                 "input": str(spec.input.resolve()),
                 "input_sha256": _sha256(spec.input),
@@ -265,7 +269,7 @@ def _check_output(job: Job, task: Task) -> None:
     if not spec.output.parent.is_dir():
         raise BatchError(f"the output's folder {spec.output.parent} does not exist")
     check_kinds(job.paths)
-    check_disjoint(job.paths, protected_paths(spec.input, task.model, job.paths))
+    check_disjoint(job.paths, protected_paths(spec.input, task.model, job.paths, task.tokenizer))
     if spec.overwrite:
         return
     if spec.output.exists() and not (spec.resume and job.shard_dir.exists()):

@@ -12,7 +12,8 @@ def load_lm(task: Task):
     """The model as the job asks for it, checked against the job (tokenizer, stop token)."""
     from opswitch.api import load_model
 
-    lm = load_model(task.model, backend=task.backend)
+    lm = load_model(task.model, backend=task.backend, tokenizer=task.tokenizer, revision=task.revision,
+                    weights=task.weights)
     check_model(lm, task)
     return lm
 

@@ -61,19 +61,20 @@ def check_kinds(paths: JobPaths) -> None:
                          "move it away, or give another --output")
 
 
-def protected_paths(input_path: Path, model: str | None, paths: JobPaths) -> list[tuple[str, Path]]:
-    """What a job must never write or remove: the input, and a local model's directory and files
-    (an output may sit in the model's folder, as long as it is not one of its files; what an
-    earlier job on the same output left there is this job's, not the model's)."""
+def protected_paths(input_path: Path, model: str | None, paths: JobPaths,
+                    tokenizer: str | None = None) -> list[tuple[str, Path]]:
+    """What a job must never write or remove: the input, and a local model's (or tokenizer's)
+    directory and files (an output may sit in the model's folder, as long as it is not one of
+    its files; what an earlier job on the same output left there is this job's, not the model's)."""
     protected = [("the input", input_path)]
-    if model is not None:
-        path = Path(model)
-        if path.exists():
-            protected.append(("the model", path))
+    for what, ref in (("the model", model), ("the tokenizer", tokenizer)):
+        path = Path(ref) if ref is not None else None
+        if path is not None and path.exists():
+            protected.append((what, path))
             if path.is_dir():
                 ours = {p.resolve() for _, p in paths.named()}
                 with os.scandir(path) as entries:
-                    protected += [("a model file", Path(e.path)) for e in entries
+                    protected += [(f"a file of {what}", Path(e.path)) for e in entries
                                   if Path(e.path).resolve() not in ours]
     return protected
 

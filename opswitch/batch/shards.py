@@ -250,4 +250,5 @@ def _sync_folder(folder: Path) -> None:
 
 
 _WORDS = {"generation": "generation settings", "input_sha256": "input content", "rows": "row count",
-          "kind": "kind of job", "field": "text field", "shard_size": "--shard-size", "input": "input file"}
+          "kind": "kind of job", "field": "text field", "shard_size": "--shard-size", "input": "input file",
+          "tokenizer": "--tokenizer", "revision": "--revision", "weights": "--weights"}

@@ -45,6 +45,9 @@ class Task:
     backend: str | None = None
     generation: Mapping[str, Any] = field(default_factory=dict)
     cache_mib: float = DEFAULT_CACHE_MIB
+    tokenizer: str | None = None  # the model's own when None
+    revision: str | None = None  # a hub revision to pin
+    weights: str = "f32"  # the storage format of the weight matrices
 
     @property
     def cache_bytes(self) -> int:

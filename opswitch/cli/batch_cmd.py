@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from opswitch.cli.model_args import add_model_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from opswitch.cli.main import OneLineParser
@@ -45,9 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser, field_flag: str, field_default: str) -> None:
-    p.add_argument("--model", metavar="PATH_OR_NAME",
-                   help="model directory or Hugging Face id; default: the demo model")
-    p.add_argument("--backend", metavar="NAME[,NAME...]", help="backend (default: $OPSWITCH_BACKEND or auto)")
+    add_model_arguments(p)  # --model, --revision, --tokenizer, --backend, --weights, --threads
     p.add_argument("--input", required=True, type=Path, metavar="FILE", help=".jsonl/.ndjson or .parquet")
     p.add_argument("--output", required=True, type=Path, metavar="FILE", help=".jsonl/.ndjson or .parquet")
     p.add_argument(field_flag, dest="field", default=field_default, metavar="NAME",
@@ -91,7 +91,8 @@ def spec_from(args: argparse.Namespace):
     else:
         generation = {}
     task = Task(args.job, args.field, model=args.model, backend=args.backend, generation=generation,
-                cache_mib=args.cache_mib)
+                cache_mib=args.cache_mib, tokenizer=args.tokenizer, revision=args.revision,
+                weights=args.weights)
     ray_flags = {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
                  "gpus_per_actor": args.gpus_per_actor}
     given = {k: v for k, v in ray_flags.items() if v is not None}
