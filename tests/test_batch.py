@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import read_jsonl, write_jsonl
 from support import require
 
 import opswitch
@@ -43,13 +43,6 @@ def lm():
     return opswitch.load_model(None)
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def prompts_file(tmp_path: Path, n: int = len(PROMPTS), name: str = "prompts.jsonl") -> Path:

@@ -11,6 +11,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line, read_jsonl
 
 import opswitch
 from opswitch.batch import JobSpec, Task, generation_settings, run_job
@@ -26,14 +27,6 @@ def lm():
     return opswitch.load_model(None)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("opswitch: error:"), err
-    return err[0]
 
 
 def test_hostile_lines_are_bad_rows_and_the_job_goes_on(tmp_path, lm):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line, read_jsonl
 
 import opswitch
 from opswitch.batch import BatchError, Job, JobSpec, Task, generation_settings, run_job
@@ -40,14 +41,6 @@ def prompts_file(path: Path, n: int = len(PROMPTS)) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("opswitch: error:"), err
-    return err[0]
 
 
 # -- 1. the input and the model are never written, replaced or removed -------------------------
