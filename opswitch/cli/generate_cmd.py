@@ -47,7 +47,7 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
     from opswitch.cli.main import UsageError
 
     if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens {args.max_tokens}: generate at least 1 token")
+        raise UsageError(f"--max-tokens {args.max_tokens}: max_new_tokens must be at least 1")
     return GenerationConfig(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
