@@ -145,6 +145,10 @@ class CliReport:
             f"on Ray ({self.ray.actors} actors, {self.ray.cpus_per_actor:g} CPU"
             + (f", {self.ray.gpus_per_actor:g} GPU" if self.ray.gpus_per_actor else "") + " each)")
         self.info(f"Running {n_rows} rows {where}; shards in {job.shard_dir}")
+        if self.ray is not None:
+            self.info("note: Ray prints log lines of its own, some marked E (error) that are only notices,"
+                      " such as one on actor constructor arguments (ray-project/ray#53727); this job's own"
+                      " summary line says whether every row was written")
         if not self.quiet and sys.stderr.isatty() and n_rows:
             from tqdm import tqdm
 
