@@ -100,6 +100,7 @@ def test_cli_ray_auto_finishes_a_job_started_locally(ray_instance, tmp_path, lm,
     # rows 0-1 and the last shard (row 8, invalid JSON, filed at the start) were complete
     assert "Resuming: 3 rows in complete shards are done, 5 to go" in err
     assert "Running 5 rows on Ray (2 actors, 1 CPU each)" in err
+    assert "ray-project/ray#53727" in err  # Ray's own error-marked notice is explained
     assert out.read_bytes() == reference.read_bytes()
 
 
