@@ -144,6 +144,37 @@ def test_an_output_beside_the_model_files_is_fine(tmp_path, lm):
         assert summary.written == 2 and (model / "config.json").exists()
 
 
+@pytest.mark.parametrize("folder", ["model", "tokenizer"])
+def test_an_output_that_links_to_a_model_or_tokenizer_file_is_refused(tmp_path, lm, capsys, folder):
+    """A link is followed: the file it names stays protected, whatever the output is called."""
+    model, tokenizer = tmp_path / "model", tmp_path / "tok"
+    shutil.copytree(DEMO_MODEL, model)
+    tokenizer.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(DEMO_MODEL / name, tokenizer / name)
+    inp = prompts_file(tmp_path / "p.jsonl", 2)
+    home = model if folder == "model" else tokenizer
+    target = home / ("config.json" if folder == "model" else "vocab.json")
+    before = target.read_bytes()
+    out = home / "scores.jsonl"
+    out.symlink_to(target)
+    code = main(["batch", "eval", "--model", str(model), "--tokenizer", str(tokenizer), "--input", str(inp),
+                 "--output", str(out), "--overwrite"])  # fmt: skip
+    assert code == 2 and f"would overwrite or remove a file of the {folder}" in one_error_line(capsys)
+    assert target.read_bytes() == before and out.is_symlink()
+
+
+def test_an_output_beside_the_tokenizer_files_is_fine(tmp_path, lm):
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(DEMO_MODEL / name, tokenizer / name)
+    inp = prompts_file(tmp_path / "p.jsonl", 2)
+    task = Task("eval", "prompt", tokenizer=str(tokenizer))
+    summary = run_job(JobSpec(task, inp, tokenizer / "scores.jsonl"), lm=lm)
+    assert summary.written == 2 and (tokenizer / "vocab.json").exists()
+
+
 def test_refused_before_the_model_loads(tmp_path, capsys):
     inp, out = _input_inside_the_shards(tmp_path)
     code = main(["batch", "eval", "--model", "/no/such/model", "--input", str(inp), "--output", str(out),

@@ -72,10 +72,12 @@ def protected_paths(input_path: Path, model: str | None, paths: JobPaths,
         if path is not None and path.exists():
             protected.append((what, path))
             if path.is_dir():
-                ours = {p.resolve() for _, p in paths.named()}
+                # the job's own files are named, not followed: an output that is a link to a
+                # model file must not make that file "ours"
+                ours = {_entry(p) for _, p in paths.named()}
                 with os.scandir(path) as entries:
                     protected += [(f"a file of {what}", Path(e.path)) for e in entries
-                                  if Path(e.path).resolve() not in ours]
+                                  if _entry(Path(e.path)) not in ours]
     return protected
 
 
@@ -89,7 +91,7 @@ def check_disjoint(paths: JobPaths, protected: list[tuple[str, Path]]) -> None:
     written = paths.named() + shard_entries
     for what, guarded in protected:
         g_path, g_id = _identity(guarded)
-        inside_is_fine = what == "the model" and g_path.is_dir()
+        inside_is_fine = what in ("the model", "the tokenizer") and g_path.is_dir()
         for role, path in written:
             w_path, w_id = _identity(path)
             clash = (w_path == g_path or w_path in g_path.parents
@@ -98,6 +100,11 @@ def check_disjoint(paths: JobPaths, protected: list[tuple[str, Path]]) -> None:
             if clash:
                 raise BatchError(f"{role} {path} would overwrite or remove {what} {guarded}: "
                                  "give another --output")
+
+
+def _entry(path: Path) -> Path:
+    """A directory entry's own name under its resolved folder (the entry itself, not its target)."""
+    return path.absolute().parent.resolve() / path.name
 
 
 def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
