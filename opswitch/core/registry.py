@@ -408,17 +408,10 @@ class Registry:
             if key in tried:
                 continue
             tried.add(key)
-            try:
-                backend = self.backend(parsed.name, parsed.dtype or dtype, parsed.device)
-            except BackendError as exc:
-                if single:
-                    raise
-                skipped.append((parsed.name, str(exc)))
+            found = self._probed(parsed, dtype, skipped, raise_errors=single)
+            if found is None:
                 continue
-            probe = self.probe(backend)
-            if not probe.available:
-                skipped.append((backend.spec, probe.reason))
-                continue
+            backend, probe = found
             failure = self._prepare(backend)
             if failure:
                 skipped.append((backend.spec, failure))
@@ -434,6 +427,22 @@ class Registry:
             f"no backend of {text!r} is available ({reasons}); "
             f"available backends: {', '.join(self.available()) or 'none'}"
         )
+
+    def _probed(self, spec: Spec, dtype: str, skipped: list, raise_errors: bool = False,
+                ) -> tuple[Backend, Probe] | None:
+        """The instance for ``spec`` and its probe, if available; else None, with why in ``skipped``."""
+        try:
+            backend = self.backend(spec.name, spec.dtype or dtype, spec.device)
+        except BackendError as exc:
+            if raise_errors:
+                raise
+            skipped.append((spec.name, str(exc)))
+            return None
+        probe = self.probe(backend)
+        if not probe.available:
+            skipped.append((backend.spec, probe.reason))
+            return None
+        return backend, probe
 
     def _select_auto(self, dtype: str, tried: set, skipped: list) -> tuple[Backend, Probe] | None:
         """The best backend for ``auto``: probe in order of the highest priority each
@@ -456,19 +465,14 @@ class Registry:
                 continue
             tried.add(key)
             cls = self.backend_class(cand.name)
-            ceiling = cls.max_priority if isinstance(cls.max_priority, int) else cls.priority
+            ceiling = _ceiling(cls)
             chosen = prepare_best(floor=ceiling)  # what is probed already beats anything from here on
             if chosen:
                 return chosen
-            try:
-                backend = self.backend(cand.name, cand.dtype or dtype, cand.device)
-            except BackendError as exc:
-                skipped.append((cand.name, str(exc)))
+            found = self._probed(cand, dtype, skipped)
+            if found is None:
                 continue
-            probe = self.probe(backend)
-            if not probe.available:
-                skipped.append((backend.spec, probe.reason))
-                continue
+            backend, probe = found
             rank = probe.priority if isinstance(probe.priority, int) else cls.priority
             rank = min(rank, max(ceiling, cls.priority))  # a probe may not outrank its declared ceiling
             heapq.heappush(ranked, (-rank, order, backend, probe))
@@ -483,12 +487,8 @@ class Registry:
         priority its probe could report (so a possible GPU is probed first)."""
         classes = self._backend_classes()
 
-        def ceiling(name: str) -> int:
-            cls = classes[name][0]
-            return cls.max_priority if isinstance(cls.max_priority, int) else cls.priority
-
         names = [n for n in self.names() if dtype in classes[n][0].dtypes]
-        return [Spec(n, None, dtype) for n in sorted(names, key=lambda n: (-ceiling(n), n))]
+        return [Spec(n, None, dtype) for n in sorted(names, key=lambda n: (-_ceiling(classes[n][0]), n))]
 
     @staticmethod
     def _prepare(backend: Backend) -> str | None:
@@ -547,6 +547,11 @@ def contract_problem(cls: Any) -> str | None:
     if not isinstance(cls.thread_safe, bool):
         return f"{label}: `thread_safe` must be True or False, got {cls.thread_safe!r}"
     return None
+
+
+def _ceiling(cls: type[Backend]) -> int:
+    """The highest priority a backend's probe may report (auto probes in this order)."""
+    return cls.max_priority if isinstance(cls.max_priority, int) else cls.priority
 
 
 def _probe_seconds(cls: type[Backend]) -> float | None:
