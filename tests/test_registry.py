@@ -8,7 +8,8 @@ import pytest
 from opswitch.core import Backend, Probe, hookimpl
 from opswitch.core.errors import BackendError
 from opswitch.core.ops import OP_NAMES
-from opswitch.core.registry import OpTable, Registry
+from opswitch.core.optable import OpTable
+from opswitch.core.registry import Registry
 
 
 class Halfway(Backend):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from opswitch.core.ops import CATALOGUE
-from opswitch.core.registry import OpTable
+from opswitch.core.optable import OpTable
 from opswitch.testing.cases import CASES, Case, attention_bound
 
 
