@@ -12,12 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from opswitch.batch import JobSpec, RayOptions, Task, generation_settings, run_job
 from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.parsing import OneLineParser, UsageError
+from opswitch.cli.progress import Progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from opswitch.cli.main import OneLineParser
-
     p = sub.add_parser(
         "batch",
         help="generate or score over a dataset (JSON Lines or Parquet), locally or on Ray",
@@ -79,8 +82,6 @@ def _no_job(p: argparse.ArgumentParser) -> int:
 
 def spec_from(args: argparse.Namespace):
     """Flags to a JobSpec and RayOptions (or None), every value checked."""
-    from opswitch.batch import JobSpec, RayOptions, Task, generation_settings
-    from opswitch.cli.main import UsageError
 
     if args.job == "generate":
         generation = generation_settings(
@@ -128,8 +129,6 @@ class CliReport:
         self.info(f"Input: {job.spec.input}: {len(job.rows)} rows{note}")
 
     def loading(self, task):
-        from opswitch.cli.progress import Progress
-
         return Progress("Loading model")
 
     def loaded(self, lm) -> None:
@@ -150,8 +149,6 @@ class CliReport:
                       " such as one on actor constructor arguments (ray-project/ray#53727); this job's own"
                       " summary line says whether every row was written")
         if not self.quiet and sys.stderr.isatty() and n_rows:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=n_rows, unit="row", file=sys.stderr, dynamic_ncols=True)
 
     def done_rows(self, n: int) -> None:
@@ -171,7 +168,6 @@ class CliReport:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.batch import run_job
 
     spec, ray = spec_from(args)
     report = CliReport(args.quiet, ray)
