@@ -101,14 +101,6 @@ class BlasBackend(Backend):
         inner *= 0.5
         return inner
 
-    def softmax(self, x, causal=False):  # [..., n_q, n_k], last axis
-        if causal:
-            n_q, n_k = x.shape[-2:]
-            x = np.where(np.triu(np.ones((n_q, n_k), bool), k=n_k - n_q + 1), -np.inf, x)
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        e /= e.sum(axis=-1, keepdims=True)
-        return e
-
     def attention(self, qkv, n_head, k_cache, v_cache, start, out=None):
         """[n_new, 3*n_embd] -> [n_new, n_embd]; caches [n_head, capacity, d], written at start..
 

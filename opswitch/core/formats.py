@@ -21,9 +21,8 @@ from opswitch.core.errors import OpswitchError
 
 FORMATS = ("f32", "f16", "bf16", "int8")
 
-# The roles a weight can play; only matrices are ever stored in a reduced format.
+# The roles of matrix weights, the only ones ever stored in a reduced format (vectors: "vector").
 MATRIX_ROLES = ("linear", "embedding", "lm_head")
-ROLES = (*MATRIX_ROLES, "vector")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ def gelu(x):  # [...] -> [...]   tanh approximation, as GPT-2 ("gelu_new")
 def softmax(x, causal=False):  # [..., n_q, n_k] -> [..., n_q, n_k]
     """Softmax over the last axis; ``causal`` hides keys after each query.
 
+    Not an op (the model never calls it alone; backends fuse it into
+    ``attention``): the reference attention's helper, and a yardstick for tests.
+
     With ``n_k >= n_q`` the queries are the *last* ``n_q`` positions, so
     query ``i`` sees keys ``0 .. n_k - n_q + i`` (the KV-cache case).
     """
@@ -157,7 +160,6 @@ CATALOGUE: dict[str, OpSpec] = {
         OpSpec("add", add, "elementwise sum: residual connections"),
         OpSpec("layernorm", layernorm, "layer normalisation over the last axis"),
         OpSpec("gelu", gelu, "GELU, tanh approximation"),
-        OpSpec("softmax", softmax, "stable softmax over the last axis, optional causal mask"),
         OpSpec("attention", attention, "causal attention of one sequence over its caller-owned cache",
                writes=(2, 3)),
         OpSpec("attention_batch", attention_batch, "attention for a ragged batch of sequences",

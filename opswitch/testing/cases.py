@@ -126,30 +126,6 @@ def _gelu_cases() -> list[Case]:
     return cases
 
 
-def _softmax_bound(args, ref, u):
-    """exp(x - max) has relative error ~|x - max|·u from rounding its argument plus
-    a few ulp from exp; the normalising sum adds ~sqrt(n)·u.  Probabilities are
-    in [0, 1], so an absolute bound of that size (at least 64·u) is enough."""
-    x = args[0]
-    spread = np.minimum(np.abs(x - x.max(axis=-1, keepdims=True)), 100)
-    n = x.shape[-1]
-    return u * (64 + 4 * np.sqrt(n) + 2 * spread) * np.maximum(ref, 1e-3)
-
-
-def _softmax_cases() -> list[Case]:
-    cases = []
-    specs = [((1, 1), False, 1.0), ((3, 5), False, 1.0), ((2, 7, 7), True, 1.0),
-             ((4, 3, 10), True, 1.0), ((1, 50257), False, 5.0), ((3, 33), False, 1e4),
-             ((2, 17, 17), True, 1e4), ((1, 300, 300), True, 1.0)]
-    for shape, causal, scale in specs:
-        def build(rng, shape=shape, causal=causal, scale=scale):
-            return [_randn(rng, *shape, scale=scale)], {"causal": causal}
-        tag = "x".join(map(str, shape)) + ("-causal" if causal else "")
-        tag += f"-scale{scale:g}" if scale != 1 else ""
-        cases.append(Case("softmax", tag, build, _softmax_bound))
-    return cases
-
-
 def attention_bound(qkv, n_head, k_cache, v_cache, start, u):
     """Error bound for the attention output of one sequence, per element.
 
@@ -296,7 +272,7 @@ def _slice_cases() -> list[Case]:
 def _cross_entropy_bound(args, ref, u):
     """Per row, loss = m + log Σ exp(x - m) - x[t].  exp(x_j - m) carries relative error
     ~(|x_j - m| + 4)·u, which weighted by the probabilities p_j is (E_p|x - m| + 4)·u of
-    the sum; the sum over V terms adds ~sqrt(V)·u (as in _softmax_bound); log turns the
+    the sum; the sum over V terms adds ~sqrt(V)·u (the rounding of a sum of V terms); log turns the
     sum's relative error into an absolute one; m + log S and - x[t] each round once
     (2·(|m| + |lse| + |x[t]|)·u).  Rows are then summed: n·u·|total|.  64·u of slack
     covers log's and exp's own few ulp."""
@@ -329,7 +305,7 @@ def _cross_entropy_cases() -> list[Case]:
 
 CASES: list[Case] = [
     *_linear_cases(), *_matmul_cases(), *_add_cases(), *_layernorm_cases(), *_gelu_cases(),
-    *_softmax_cases(), *_attention_cases(), *_attention_batch_cases(), *_embedding_cases(),
+    *_attention_cases(), *_attention_batch_cases(), *_embedding_cases(),
     *_take_cases(), *_slice_cases(), *_concat_cases(),
     *_cross_entropy_cases(),
 ]
