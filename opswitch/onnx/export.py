@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from opswitch import __version__
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import flatten_params
 from opswitch.onnx import OnnxError, require_onnx
@@ -141,8 +142,6 @@ def build_model(config: GPT2Config, params: dict, *, with_past: bool = False):
                 inputs.append(info(f"past_key_values.{i}.{kind}", f32, past))
                 outputs.append(info(f"present.{i}.{kind}", f32, present))
     graph = helper.make_graph(g.nodes, "gpt2", inputs, outputs, initializers)
-    from opswitch import __version__
-
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="opswitch", producer_version=__version__, ir_version=IR_VERSION)
     model.doc_string = (f"GPT-2 ({config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "

@@ -32,7 +32,7 @@ import numpy as np
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import Params, nest_params
 from opswitch.onnx import OnnxError
-from opswitch.onnx.structure import check_structure, logits_name
+from opswitch.onnx.structure import check_structure, logits_name, token_input_name
 from opswitch.onnx.tensors import _dtype_name, check_tensors, read_model, tensor_array
 from opswitch.onnx.verify import check_by_running
 
@@ -233,17 +233,10 @@ class GraphMapper:
         return config, nest_params(flat, n_layer)
 
     def token_input(self) -> str:
-        name = self.token_input_name(self.graph)
+        name = token_input_name(self.graph)
         if name is None:
             self.fail("the graph has no integer input (token ids)")
         return name
-
-    @staticmethod
-    def token_input_name(graph) -> str | None:
-        inits = {t.name for t in graph.initializer}
-        ints = [i.name for i in graph.input if i.name not in inits
-                and i.type.tensor_type.elem_type in (6, 7)]  # INT32, INT64
-        return "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
 
     def embeddings(self, ids: str) -> tuple[str, str]:
         """(wte, wpe): the float matrices gathered by the token ids, and by anything else."""

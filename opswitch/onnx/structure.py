@@ -12,6 +12,7 @@ would only cost time and memory in the check run, so it is refused.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from opswitch.onnx import OnnxError
 
@@ -27,6 +28,14 @@ def logits_name(graph) -> str:
     if not names:
         raise OnnxError("the graph has no outputs; opswitch maps GPT-2 graphs only")
     return "logits" if "logits" in names else names[0]
+
+
+def token_input_name(graph: Any) -> str | None:
+    """The graph's token-id input: ``input_ids``, else its first integer input (None: none)."""
+    inits = {t.name for t in graph.initializer}
+    ints = [i.name for i in graph.input if i.name not in inits
+            and i.type.tensor_type.elem_type in (6, 7)]  # INT32, INT64
+    return "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
 
 
 def check_structure(graph, source: Path) -> None:

@@ -26,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from opswitch.core.registry import get_registry
 from opswitch.model.config import GPT2Config
+from opswitch.model.gpt2 import GPT2
 from opswitch.model.weights import Params
 from opswitch.onnx import OnnxError
-from opswitch.onnx.structure import describe, logits_name
+from opswitch.onnx.structure import describe, logits_name, token_input_name
+from opswitch.onnx.tensors import onnx_dtype
 
 # float32 runs of the same GPT-2 agree to ~1e-6 of the logit scale; a structural difference
 # moves logits by O(1) of it, so 1e-3 separates the two.
@@ -47,9 +50,6 @@ def check_by_running(model, source: Path, config: GPT2Config, params: Params, in
 
     ``inits`` holds the graph's initializers as arrays (weights memory-mapped, not copied).
     """
-    from opswitch.core.registry import get_registry
-    from opswitch.model.gpt2 import GPT2
-
     graph = model.graph
     runner = BoundedRun(model, source, inits)
     n_weights = sum(int(np.size(a)) for a in inits.values())
@@ -115,12 +115,10 @@ class Feeds:
     """The graph's inputs, filled with values of our choosing for given token ids."""
 
     def __init__(self, graph, source: Path, config: GPT2Config) -> None:
-        from opswitch.onnx.importer import GraphMapper
-
         self.source, self.config = source, config
         inits = {t.name for t in graph.initializer}
         self.inputs = [i for i in graph.input if i.name not in inits]
-        self.ids_name = GraphMapper.token_input_name(graph)
+        self.ids_name = token_input_name(graph)
         dims = next(i for i in self.inputs if i.name == self.ids_name).type.tensor_type.shape.dim
         self.batched = len(dims) == 2 and not dims[0].HasField("dim_value")  # else batch 1 (an export's)
         self.past = [i.name for i in self.inputs if i.name != self.ids_name and self._is_past(i)]
@@ -148,8 +146,6 @@ class Feeds:
         return {p: out[self._present(p)] for p in self.past}
 
     def make(self, ids: np.ndarray, past: dict | None = None) -> dict:
-        from opswitch.onnx.tensors import onnx_dtype
-
         c = self.config
         batch, n = ids.shape
         empty = np.zeros((batch, c.n_head, 0, c.n_embd // c.n_head), np.float32)
