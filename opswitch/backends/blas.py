@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import ClassVar
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class BlasBackend(Backend):
     name = "blas"
     priority = 50
     description = "scipy.linalg.blas GEMM/GEMV with fused bias; attention over the cache in place"
-    dtypes = ("float32", "float64")
+    dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)

@@ -374,7 +374,7 @@ class OpenCLBackend(Backend):
         self.context, self.options = check.context, check.options
         self.queue = cl.CommandQueue(self.context)
         self._pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
-        self._t = SimpleNamespace(**check.tune)
+        self._t = SimpleNamespace(**check.tune)  # type: ignore[arg-type]
         self._k = SimpleNamespace()
         for name, arg_types in KERNEL_ARGS.items():
             kernel = cl.Kernel(check.program, name)

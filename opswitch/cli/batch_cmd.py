@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from opswitch.batch import JobSpec, RayOptions, Task, generation_settings, run_job
+from opswitch.batch.job import Report
 from opswitch.cli.model_args import add_model_arguments
 from opswitch.cli.parsing import OneLineParser, UsageError
 from opswitch.cli.progress import Progress
@@ -105,7 +106,7 @@ def spec_from(args: argparse.Namespace):
     return spec, ray
 
 
-class CliReport:
+class CliReport(Report):
     """Prints a job's progress to stderr; a bar only where stderr is a terminal."""
 
     def __init__(self, quiet: bool, ray) -> None:

@@ -113,5 +113,5 @@ def run(args: argparse.Namespace) -> int:
     show_settings(console, config)
     if args.interactive:
         return Repl(lm, config, console, first_prompt=prompt).run()
-    result = generate_once(lm, prompt, config, console)
+    result = generate_once(lm, prompt, config, console)  # type: ignore[arg-type]  # required when not interactive
     return 130 if result.stop_reason == "interrupted" else 0

@@ -92,5 +92,5 @@ def decode(stored: Stored) -> np.ndarray:
     if stored.fmt == "bf16":
         return (stored.data.astype(np.uint32) << 16).view(np.float32)
     axis = channel_axis(stored.role)
-    shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]
+    shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]  # type: ignore[index]  # int8 always has a scale
     return stored.data.astype(np.float32) * shaped

@@ -9,6 +9,7 @@ against the contract (``contract_problem``) before anything uses them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -113,7 +114,7 @@ class Plugins:
         self._hook_broken = []
         for impl in self._pm.hook.opswitch_backends.get_hookimpls():
             source = self._sources.get(impl.plugin_name, "runtime")
-            outcome = contained(lambda impl=impl: list(impl.function()))
+            outcome = contained(functools.partial(_offered_by, impl))
             if not outcome.ok:
                 error = f"opswitch_backends() failed: {outcome.error}"
                 self._hook_broken.append(BrokenPlugin(impl.plugin_name, source, error))
@@ -134,6 +135,11 @@ class Plugins:
         """Plugins that failed to import or broke the contract, with why."""
         self.offered()
         return self._load_broken + self._hook_broken
+
+
+def _offered_by(impl: Any) -> list[Any]:
+    """Call one plugin's ``opswitch_backends()`` (contained by the caller)."""
+    return list(impl.function())
 
 
 def contract_problem(cls: Any) -> str | None:

@@ -80,5 +80,6 @@ def status(cls: type[Backend], source: str, found: Probe) -> BackendStatus:
 def probe_seconds(cls: type[Backend]) -> float | None:
     """A backend's own probe time budget, if it declares a sane one."""
     value = getattr(cls, "probe_seconds", None)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600
-    return float(value) if ok else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600:
+        return float(value)
+    return None

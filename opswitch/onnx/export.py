@@ -42,7 +42,8 @@ class _Builder:
     so that the initializers are exactly the model's weights."""
 
     def __init__(self, onnx) -> None:
-        self.onnx, self.nodes, self._n = onnx, [], 0
+        self.onnx, self._n = onnx, 0
+        self.nodes: list[Any] = []
 
     def __call__(self, op: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
         self._n += 1
@@ -113,7 +114,7 @@ def _graph_body(g: _Builder, config: GPT2Config, with_past: bool, head: str) -> 
     return g("MatMul", x, g("Transpose", head, perm=[1, 0]), out="logits")  # [B, S, n_vocab]
 
 
-def build_model(config: GPT2Config, params: dict, *, with_past: bool = False):
+def build_model(config: GPT2Config, params: dict, *, with_past: bool = False) -> Any:
     """The ``onnx.ModelProto`` of a GPT-2 (weights inside; see ``export_onnx`` for writing)."""
     onnx = require_onnx()
     from onnx import TensorProto, helper, numpy_helper

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,8 @@ def _gelu_cases() -> list[Case]:
     return cases
 
 
-def attention_bound(qkv, n_head, k_cache, v_cache, start, u):
+def attention_bound(qkv: np.ndarray, n_head: int, k_cache: np.ndarray, v_cache: np.ndarray, start: int,
+                    u: float) -> np.ndarray:
     """Error bound for the attention output of one sequence, per element.
 
     Score s_j = q·k_j/√d errs by δ ≤ (d+2)·u·Σ_c|q_c k_jc|/√d (Higham 3.5).
@@ -201,7 +203,8 @@ def _attention_cases() -> list[Case]:
 
 
 def _attention_batch_cases() -> list[Case]:
-    def build(rng, n_head, d, seqs):
+    def build(rng: np.random.Generator, n_head: int, d: int, seqs: list[tuple[int, int]],
+              ) -> tuple[list, dict[str, Any]]:
         e, rows, caches, starts, counts = n_head * d, [], [], [], []
         for n_new, start in seqs:
             capacity = start + n_new + 3
@@ -217,10 +220,11 @@ def _attention_batch_cases() -> list[Case]:
         "prompts-and-decodes": (4, 8, [(6, 0), (1, 9), (5, 12), (1, 1), (17, 0)]),
         "chunked-prefill": (2, 32, [(9, 40), (1, 40)]),
     }
-    return [
-        Case("attention_batch", tag, lambda rng, spec=spec: build(rng, *spec), _batch_bound)
-        for tag, spec in specs.items()
-    ]
+
+    def case(tag: str, n_head: int, d: int, seqs: list[tuple[int, int]]) -> Case:
+        return Case("attention_batch", tag, lambda rng: build(rng, n_head, d, seqs), _batch_bound)
+
+    return [case(tag, *spec) for tag, spec in specs.items()]
 
 
 def _exact(args, ref, u):
@@ -239,7 +243,7 @@ def _embedding_cases() -> list[Case]:
 
 
 def _take_cases() -> list[Case]:
-    def build(rng, shape, rows):
+    def build(rng: np.random.Generator, shape: tuple[int, int], rows: list[int]) -> tuple[list, dict]:
         return [_randn(rng, *shape), np.array(rows, dtype=np.int64)], {}
 
     return [
