@@ -205,7 +205,6 @@ def test_other_devices_kernel_shapes_compute_the_same(be, monkeypatch, shapes):
     out = other.attention(other.to_device(qkv), 5, *caches, 0)
     close(other.to_host(out), ref.attention(qkv, 5, np.zeros((5, 12, 8)), np.zeros((5, 12, 8)), 0))
     s = randn(3, 7, 300) * 1e4
-    close(other.to_host(other.softmax(other.to_device(s), causal=True)), ref.softmax(s, causal=True))
     g, bias = randn(300, seed=5), randn(300, seed=6)
     close(
         other.to_host(other.layernorm(*map(other.to_device, (s[0], g, bias)))), ref.layernorm(s[0], g, bias)
@@ -214,17 +213,6 @@ def test_other_devices_kernel_shapes_compute_the_same(be, monkeypatch, shapes):
 
 
 # -- numerics the reference itself does not give ---------------------------
-
-
-def test_fully_masked_softmax_rows_are_zero_not_nan(be):
-    x = randn(5, 3) * 1e4  # n_q > n_k: the first two queries see no key
-    got = be.to_host(be.softmax(be.to_device(x), causal=True))
-    np.testing.assert_array_equal(got[:2], 0.0)
-    with np.errstate(invalid="ignore"):  # the reference gives NaN there
-        want = ref.softmax(x, causal=True)
-    close(got[2:], want[2:])
-    inf_row = be.to_device(np.full((1, 4), -np.inf))
-    np.testing.assert_array_equal(be.to_host(be.softmax(inf_row)), 0.0)
 
 
 def test_embedding_checks_ids_on_the_host(be):

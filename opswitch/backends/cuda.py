@@ -894,9 +894,6 @@ class CudaBackend(Backend):
     def gelu(self, x):  # [...] -> [...]
         return self._call("gelu", self._gelu, (x,))
 
-    def softmax(self, x, causal=False):  # [..., n_q, n_k] -> [..., n_q, n_k]
-        return self._call("softmax", self._softmax, (x, causal))
-
     def attention(self, qkv, n_head, k_cache, v_cache, start):  # [n_new, 3e] -> [n_new, e]
         return self._call("attention", self._attention, (qkv, n_head, k_cache, v_cache, start))
 
@@ -1085,16 +1082,6 @@ class CudaBackend(Backend):
             self._flush()
             self._k["layernorm"]((x.size // n,), (NORM_THREADS,),
                                  (self._contiguous(x), g, b, out, np.int32(n), np.float32(eps)))  # fmt: skip
-        return out
-
-    def _softmax(self, x, causal=False, out=None, launch=True):
-        if out is None:
-            out = self._empty(x.shape)
-        if launch and out.size:
-            self._flush()
-            n_k = x.shape[-1]
-            n_q = x.shape[-2] if x.ndim > 1 else 1
-            self._softmax_rows(self._contiguous(x), out, x.size // n_k, n_k, n_q, bool(causal), 1.0)
         return out
 
     def _softmax_rows(self, x, out, rows: int, n_k: int, n_q: int, causal: bool, scale: float) -> None:

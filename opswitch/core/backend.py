@@ -53,6 +53,31 @@ class Device:
     runtime: str = ""  # the driver/compiler stack ("PoCL 3.0-rc2 (LLVM 14.0.6)"), when a backend has several
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A parsed ``name[:device][:dtype]``: how a user names one backend instance."""
+
+    name: str
+    device: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, dtype: str | None = None) -> Spec:
+        name, *rest = [part.strip() for part in text.strip().lower().split(":")]
+        device = None
+        for part in rest:
+            if part in DTYPES:
+                dtype = part
+            elif device is None and part:
+                device = part
+            else:
+                raise BackendError(
+                    f"cannot read backend spec {text!r}: write NAME[:DEVICE][:DTYPE], e.g. opencl:1,"
+                    f" naive:float64 (dtypes: {', '.join(DTYPES)})"
+                )
+        return cls(name, device, dtype)
+
+
 class Backend:
     """Base class for backends.  Subclasses set the ClassVars and add ops.
 

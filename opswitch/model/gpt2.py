@@ -21,7 +21,8 @@ import numpy as np
 from opswitch.core import formats
 from opswitch.core.backend import Backend
 from opswitch.core.errors import BackendError, ModelInputError, OpswitchError
-from opswitch.core.registry import OpTable, failing_op, get_registry
+from opswitch.core.optable import OpTable, failing_op
+from opswitch.core.registry import get_registry
 from opswitch.model.config import GPT2Config
 from opswitch.model.kvcache import CachePool, KVCache, new_cache
 

@@ -16,8 +16,9 @@ import copy
 import numpy as np
 import pytest
 
+from opswitch.core.backend import Backend
 from opswitch.core.ops import CATALOGUE
-from opswitch.core.registry import OpTable
+from opswitch.core.optable import OpTable
 from opswitch.testing.cases import CASES, Case, attention_bound
 
 
@@ -66,7 +67,7 @@ def _run(backend, case: Case, seed: int = 0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.id}" for c in CASES])
-def test_op_matches_reference(opswitch_backend, case: Case) -> None:
+def test_op_matches_reference(opswitch_backend: Backend, case: Case) -> None:
     backend = opswitch_backend
     args, rounded, ref_args, ref, device_args, before, out = _run(backend, case)
     native = case.op in type(backend).native_ops()
@@ -112,7 +113,7 @@ def _alloc_cache(backend, n_head, capacity, d):
 
 
 @pytest.mark.parametrize("n_steps", [1, 70])
-def test_decoding_through_the_cache_equals_attending_at_once(opswitch_backend, n_steps: int) -> None:
+def test_decoding_through_the_cache_equals_attending_at_once(opswitch_backend: Backend, n_steps: int) -> None:
     """A prompt, then one token per step through the caller-owned cache, equals
     attending over the whole sequence at once; the cache holds exactly the keys
     and values of every position."""
@@ -139,7 +140,7 @@ def test_decoding_through_the_cache_equals_attending_at_once(opswitch_backend, n
     np.testing.assert_array_equal(backend.to_host(v_cache).astype(np.float64), ref_v)
 
 
-def test_a_batch_equals_each_sequence_alone(opswitch_backend) -> None:
+def test_a_batch_equals_each_sequence_alone(opswitch_backend: Backend) -> None:
     """``attention_batch`` over prompts and decodes of different lengths gives, row
     for row and bit for bit, what ``attention_batch`` gives each sequence alone."""
     backend = opswitch_backend
