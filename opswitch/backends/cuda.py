@@ -900,8 +900,9 @@ class CudaBackend(Backend):
     def attention(self, qkv, n_head, k_cache, v_cache, start):  # [n_new, 3e] -> [n_new, e]
         return self._call("attention", self._attention, (qkv, n_head, k_cache, v_cache, start))
 
-    def attention_batch(self, qkv, n_head, caches, starts, counts):  # [rows, 3e] -> [rows, e]
-        return self._call("attention_batch", self._attention_batch, (qkv, n_head, caches, starts, counts))
+    def attention_batch(self, qkv, n_head, step):  # [step.n_rows, 3e] -> [step.n_rows, e]
+        args = (qkv, n_head, step.caches, step.starts, step.counts)
+        return self._call("attention_batch", self._attention_batch, args)
 
     def embedding(self, table, ids):  # [n_vocab, n], int [n_rows] -> [n_rows, n]
         return self._call("embedding", self._embedding, (table, ids))

@@ -9,6 +9,7 @@ from opswitch.core.formats import FORMATS, Stored
 from opswitch.core.hookspecs import hookimpl
 from opswitch.core.ops import CATALOGUE, OP_NAMES
 from opswitch.core.registry import OpTable, Registry, Spec, get_registry, select_backend
+from opswitch.core.step import CacheLayout, LayerStep, Step
 
 __all__ = [
     "CATALOGUE",
@@ -17,13 +18,16 @@ __all__ = [
     "OP_NAMES",
     "Backend",
     "BackendError",
+    "CacheLayout",
     "Device",
+    "LayerStep",
     "OpTable",
     "OpswitchError",
     "PluginError",
     "Probe",
     "Registry",
     "Spec",
+    "Step",
     "Stored",
     "get_registry",
     "hookimpl",

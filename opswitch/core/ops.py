@@ -7,12 +7,13 @@ n_embd]``; weights use the GPT-2 checkpoint layout (``Conv1D``: ``w`` is
 ``[n_in, n_out]``).
 
 Rows may belong to several sequences (a *ragged batch*): the row-wise ops
-never care, and ``attention_batch`` splits the rows by ``counts``, each
-sequence attending over its own cache.  One sequence is the batch of one.
+never care, and ``attention_batch`` splits the rows as its step descriptor
+says (``core.step``), each sequence attending over its own cache.  One
+sequence is the batch of one.
 
-The KV cache belongs to the caller: per layer a key and a value buffer of
-shape ``[n_head, capacity, head_dim]`` (head-major, so one head's keys are
-contiguous), allocated with ``Backend.alloc``.  ``attention`` writes the new
+The KV cache belongs to the caller (``core.step.CacheLayout``): per layer a
+key and a value buffer of shape ``[n_head, capacity, head_dim]`` (head-major,
+so one head's keys are contiguous), allocated with ``Backend.alloc``.  ``attention`` writes the new
 keys and values at ``start ..`` and reads rows ``0 .. start + n_new``; no op
 keeps hidden state between calls.
 
@@ -26,7 +27,7 @@ values.  Ops listed in ``OpSpec.writes`` change those arguments in place.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,16 +92,15 @@ def attention(qkv, n_head, k_cache, v_cache, start):
     return out.transpose(1, 0, 2).reshape(n_new, n_embd)
 
 
-def attention_batch(qkv, n_head, caches, starts, counts):
-    """``attention`` for a ragged batch: rows of sequence ``i`` are the next
-    ``counts[i]`` rows of qkv [sum(counts), 3 * n_embd]; ``caches[i]`` is its
-    ``(k_cache, v_cache)`` and ``starts[i]`` its first new position.
-    Returns out: [sum(counts), n_embd], rows in the order of qkv."""
-    outs, row = [], 0
-    for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-        outs.append(attention(qkv[row : row + count], n_head, k_cache, v_cache, start))
-        row += count
-    return np.concatenate(outs)
+def attention_batch(qkv, n_head, step):
+    """``attention`` for a ragged batch: ``step`` (a ``core.step.LayerStep``) says
+    which rows of qkv [step.n_rows, 3 * n_embd] are whose (``bounds``), where each
+    sequence starts in its cache (``starts``) and this layer's ``(k_cache, v_cache)``
+    of each (``caches``).  Returns out: [step.n_rows, n_embd], rows in qkv's order."""
+    return np.concatenate([
+        attention(qkv[a:b], n_head, k_cache, v_cache, start)
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts)
+    ])  # fmt: skip
 
 
 def embedding(table, ids):  # [n_vocab, n], int [n_rows] -> [n_rows, n]
@@ -171,11 +171,3 @@ CATALOGUE: dict[str, OpSpec] = {
 }
 OP_NAMES: tuple[str, ...] = tuple(CATALOGUE)
 
-
-def row_counts(counts: Sequence[int]) -> list[tuple[int, int]]:
-    """(first row, row after the last) of each sequence in a ragged batch."""
-    bounds, row = [], 0
-    for count in counts:
-        bounds.append((row, row + count))
-        row += count
-    return bounds

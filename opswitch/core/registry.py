@@ -31,7 +31,8 @@ from opswitch.core import formats, hookspecs
 from opswitch.core.backend import DTYPES, Backend, Device, Probe
 from opswitch.core.containment import contained, probe_timeout
 from opswitch.core.errors import BackendError
-from opswitch.core.ops import CATALOGUE, OP_NAMES, row_counts
+from opswitch.core.ops import CATALOGUE, OP_NAMES
+from opswitch.core.step import LayerStep
 
 ENTRY_POINT_GROUP = "opswitch"
 BUILTIN_PLUGINS = (
@@ -117,7 +118,9 @@ def _is_host_passthrough(x: Any) -> bool:
 
 
 def _tree(fn: Callable, x: Any) -> Any:
-    """Apply ``fn`` to every array in ``x`` (lists and tuples of arrays: caches)."""
+    """Apply ``fn`` to every array in ``x`` (lists and tuples of arrays, a step's caches)."""
+    if isinstance(x, LayerStep):
+        return x.with_caches(_tree(fn, x.caches))
     if isinstance(x, (list, tuple)) and not _is_host_passthrough(x):
         if all(_is_host_passthrough(v) for v in x):
             return x  # a list of ints (starts, counts)
@@ -126,7 +129,9 @@ def _tree(fn: Callable, x: Any) -> Any:
 
 
 def _store_tree(backend: Backend, device: Any, host: Any) -> None:
-    if isinstance(device, (list, tuple)):
+    if isinstance(device, LayerStep):
+        _store_tree(backend, device.caches, host.caches)
+    elif isinstance(device, (list, tuple)):
         for d, h in zip(device, host):
             _store_tree(backend, d, h)
     elif not _is_host_passthrough(device):
@@ -159,13 +164,13 @@ def _attention_per_sequence(table: OpTable) -> Callable:
     """``attention_batch`` for a backend with single-sequence ``attention`` only:
     split the rows, attend per sequence, join (each through the table's ops)."""
 
-    def run(qkv, n_head, caches, starts, counts):
-        if len(counts) == 1:
-            k_cache, v_cache = caches[0]
-            return table.attention(qkv, n_head, k_cache, v_cache, starts[0])
+    def run(qkv, n_head, step):
+        if len(step.caches) == 1:
+            k_cache, v_cache = step.caches[0]
+            return table.attention(qkv, n_head, k_cache, v_cache, step.starts[0])
         outs = [
             table.attention(table.slice_rows(qkv, a, b), n_head, k_cache, v_cache, start)
-            for (a, b), (k_cache, v_cache), start in zip(row_counts(counts), caches, starts)
+            for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts)
         ]
         return table.concat_rows(outs)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from opswitch.core.step import attention_step
+
 
 @dataclass(frozen=True)
 class Case:
@@ -187,12 +189,11 @@ def _attention_case_bound(args, ref, u):
 
 
 def _batch_bound(args, ref, u):
-    qkv, n_head, caches, starts, counts = args
-    parts, row = [], 0
-    for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-        parts.append(attention_bound(qkv[row : row + count], n_head, k_cache, v_cache, start, u))
-        row += count
-    return np.concatenate(parts)
+    qkv, n_head, step = args
+    return np.concatenate([
+        attention_bound(qkv[a:b], n_head, k_cache, v_cache, start, u)
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts)
+    ])  # fmt: skip
 
 
 def _cache(rng, n_head, capacity, d, filled):
@@ -233,7 +234,7 @@ def _attention_batch_cases() -> list[Case]:
             caches.append((_cache(rng, n_head, capacity, d, start), _cache(rng, n_head, capacity, d, start)))
             starts.append(start)
             counts.append(n_new)
-        return [np.concatenate(rows), n_head, caches, starts, counts], {}
+        return [np.concatenate(rows), n_head, attention_step(caches, starts, counts)], {}
 
     specs = {
         "one-decode": (3, 8, [(1, 10)]),
