@@ -228,8 +228,8 @@ def _attention_cases() -> list[Case]:
 def _attention_batch_cases() -> list[Case]:
     def build(rng, n_head, d, seqs):
         e, rows, caches, starts, counts = n_head * d, [], [], [], []
-        for n_new, start in seqs:
-            capacity = start + n_new + 3
+        for n_new, start, *slack in seqs:
+            capacity = start + n_new + (slack[0] if slack else 3)
             rows.append(_randn(rng, n_new, 3 * e))
             caches.append((_cache(rng, n_head, capacity, d, start), _cache(rng, n_head, capacity, d, start)))
             starts.append(start)
@@ -241,6 +241,8 @@ def _attention_batch_cases() -> list[Case]:
         "decode-x4": (2, 16, [(1, 5), (1, 0), (1, 63), (1, 200)]),
         "prompts-and-decodes": (4, 8, [(6, 0), (1, 9), (5, 12), (1, 1), (17, 0)]),
         "chunked-prefill": (2, 32, [(9, 40), (1, 40)]),
+        # (new rows, past, free positions after): caches filled to their last position
+        "full-caches": (3, 8, [(1, 63, 0), (20, 0, 0), (1, 0, 0), (4, 11, 0), (1, 299, 1)]),
     }
     return [
         Case("attention_batch", tag, lambda rng, spec=spec: build(rng, *spec), _batch_bound)
