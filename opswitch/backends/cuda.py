@@ -303,7 +303,7 @@ class SlotArena:
 
 # -- CUDA graphs of repeated steps ----------------------------------------------
 EAGER, CAPTURE, REPLAY = "eager", "capture", "replay"
-MAX_EAGER_KEYS = 64  # steps remembered as not capturable
+MAX_EAGER_KEYS = 64  # step keys remembered (as seen, or as not capturable)
 
 
 class NotCapturable(RuntimeError):

@@ -176,10 +176,11 @@ class GPT2:
                 )
             ids.append(new)
             caches.append(cache)
-        shape = ([c.length for c in caches], [int(i.size) for i in ids], [c.capacity for c in caches])
-        step = Step(*map(tuple, shape)) if all_rows else Step.last_rows(*shape)
-        new = np.concatenate(ids)
-        logits = self._on_backend(lambda: self.backend.to_host(self._logits(new, step, caches)))
+        starts, counts = tuple(c.length for c in caches), tuple(int(i.size) for i in ids)
+        capacities = tuple(c.capacity for c in caches)
+        step = Step(starts, counts, capacities) if all_rows else Step.last_rows(starts, counts, capacities)
+        tokens = np.concatenate(ids)
+        logits = self._on_backend(lambda: self.backend.to_host(self._logits(tokens, step, caches)))
         for cache, count in zip(caches, step.counts):
             cache.length += count
         return np.asarray(logits, dtype=np.float32)
