@@ -328,7 +328,7 @@ class StepGraphs:
     A *step* is what the model brackets with the backend's ``begin_step`` and
     ``end_step``: ``begin(key)`` and ``finish()`` here.  ``key`` is what a
     graph of the step depends on (``step_key``: each sequence's new rows and
-    the key splits of its cache), or None for a step that cannot be captured
+    its cache's capacity), or None for a step that cannot be captured
     (a prompt: cuBLAS).  Ops called outside a step run eagerly, unrecorded.
     Each op call in a step becomes a token: its name, its scalars, its host
     integers by value, or only by shape where the op reads them from the
