@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from opswitch.backends.naive import NaiveBackend
-from opswitch.core import BackendError, CacheLayout, LayerStep, Step
+from opswitch.core import Backend, BackendError, CacheLayout, LayerStep, OpTable, Step, ops
 from opswitch.core.errors import ModelInputError
+from opswitch.core.step import attention_step
 from opswitch.model.gpt2 import GPT2
 
 
@@ -150,3 +151,39 @@ def test_the_cache_layout_is_what_a_model_cache_allocates(model, tiny_config):
     assert all(k.shape == v.shape == layout.shape for k, v in cache.layers)
     assert len(cache.layers) == layout.n_layer and cache.nbytes == layout.nbytes
     assert CacheLayout(2, 3, 8, 10, "float16").nbytes == 2 * 2 * 3 * 10 * 8 * 2
+
+
+class AttentionOnly(Backend):
+    """Single-sequence ``attention`` and nothing else: batches go per sequence, the rest falls back."""
+
+    name = "attention-only"
+    dtypes = ("float64",)
+    attention = staticmethod(ops.attention)
+
+
+class NoAttention(Backend):
+    """Neither attention op: the step's caches go to the host reference and are stored back."""
+
+    name = "no-attention"
+    dtypes = ("float64",)
+
+
+@pytest.mark.parametrize("backend_class", [AttentionOnly, NoAttention])
+def test_a_step_reaches_attention_through_the_op_table_however_it_is_provided(backend_class):
+    """Per sequence through ``attention`` (the rows split at the step's bounds), or on the
+    host with the caches copied back: both are the reference's batch, caches included."""
+    rng = np.random.default_rng(2)
+    n_head, d, starts, counts, capacities = 2, 4, (0, 5, 2), (3, 1, 6), (3, 6, 9)
+    host = [(rng.standard_normal((n_head, c, d)), rng.standard_normal((n_head, c, d))) for c in capacities]
+    qkv = rng.standard_normal((sum(counts), 3 * n_head * d))
+    want_caches = [(k.copy(), v.copy()) for k, v in host]
+    want = ops.attention_batch(qkv, n_head, attention_step(want_caches, starts, counts))
+    backend = backend_class("float64")
+    table = OpTable(backend)
+    assert table.per_sequence == (backend_class is AttentionOnly)
+    caches = [(backend.to_device(k), backend.to_device(v)) for k, v in host]
+    got = table.attention_batch(backend.to_device(qkv), n_head, attention_step(caches, starts, counts))
+    np.testing.assert_array_equal(backend.to_host(got), want)
+    for (k, v), (wk, wv) in zip(caches, want_caches):
+        np.testing.assert_array_equal(backend.to_host(k), wk)
+        np.testing.assert_array_equal(backend.to_host(v), wv)
