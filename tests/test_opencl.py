@@ -15,6 +15,7 @@ from support import require
 
 from opswitch.backends import opencl
 from opswitch.core import ops as ref
+from opswitch.core.step import attention_step
 
 ENV_VARS = (opencl.ENV_DEVICE, opencl.ENV_TUNING, "PYOPENCL_CTX")
 
@@ -232,7 +233,7 @@ def test_attention_writes_the_callers_cache_in_place(be):
     k_cache, v_cache = be.alloc((n_head, capacity, d)), be.alloc((n_head, capacity, d))
     k_ptr = k_cache.data.int_ptr
     be.attention(be.to_device(qkv[:4]), n_head, k_cache, v_cache, 0)
-    be.attention_batch(be.to_device(qkv[4:7]), n_head, [(k_cache, v_cache)], [4], [3])
+    be.attention_batch(be.to_device(qkv[4:7]), n_head, attention_step([(k_cache, v_cache)], [4], [3]))
     assert k_cache.data.int_ptr == k_ptr
     want_k = np.zeros((n_head, capacity, d))
     want_k[:, :7] = qkv[:, n_head * d : 2 * n_head * d].reshape(7, n_head, d).transpose(1, 0, 2)

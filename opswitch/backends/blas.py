@@ -147,12 +147,10 @@ class BlasBackend(Backend):
         np.exp(scores, out=scores)
         scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
 
-    def attention_batch(self, qkv, n_head, caches, starts, counts):
+    def attention_batch(self, qkv, n_head, step):  # [step.n_rows, 3 * n_embd] -> [step.n_rows, n_embd]
         out = np.empty((qkv.shape[0], qkv.shape[1] // 3), dtype=self.dtype)
-        row = 0
-        for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-            self.attention(qkv[row : row + count], n_head, k_cache, v_cache, start, out[row : row + count])
-            row += count
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts):
+            self.attention(qkv[a:b], n_head, k_cache, v_cache, start, out[a:b])
         return out
 
     def embedding(self, table, ids):

@@ -498,12 +498,10 @@ class OpenCLBackend(Backend):
         self._attend(qkv, n_head, k_cache, v_cache, start, 0, qkv.shape[0], out)
         return out
 
-    def attention_batch(self, qkv, n_head, caches, starts, counts):
+    def attention_batch(self, qkv, n_head, step):  # [step.n_rows, 3 * n_embd] -> [step.n_rows, n_embd]
         out = self._empty((qkv.shape[0], qkv.shape[1] // 3))
-        row0 = 0
-        for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-            self._attend(qkv, n_head, k_cache, v_cache, start, row0, count, out)
-            row0 += count
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts):
+            self._attend(qkv, n_head, k_cache, v_cache, start, a, b - a, out)
         return out
 
     def _attend(self, qkv, n_head, k_cache, v_cache, start, row0, n_new, out) -> None:

@@ -20,6 +20,7 @@ from opswitch.core.ops import CATALOGUE, OP_NAMES
 from opswitch.core.optable import OpTable
 from opswitch.core.registry import Registry, get_registry, select_backend, use_registry
 from opswitch.core.select import Selection
+from opswitch.core.step import CacheLayout, LayerStep, Step
 
 __all__ = [
     "CATALOGUE",
@@ -28,13 +29,16 @@ __all__ = [
     "OP_NAMES",
     "Backend",
     "BackendError",
+    "CacheLayout",
     "Device",
+    "LayerStep",
     "OpTable",
     "OpswitchError",
     "Probe",
     "Registry",
     "Selection",
     "Spec",
+    "Step",
     "Stored",
     "get_registry",
     "hookimpl",

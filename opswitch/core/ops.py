@@ -7,12 +7,13 @@ n_embd]``; weights use the GPT-2 checkpoint layout (``Conv1D``: ``w`` is
 ``[n_in, n_out]``).
 
 Rows may belong to several sequences (a *ragged batch*): the row-wise ops
-never care, and ``attention_batch`` splits the rows by ``counts``, each
-sequence attending over its own cache.  One sequence is the batch of one.
+never care, and ``attention_batch`` splits the rows as its step descriptor
+says (``core.step``), each sequence attending over its own cache.  One
+sequence is the batch of one.
 
-The KV cache belongs to the caller: per layer a key and a value buffer of
-shape ``[n_head, capacity, head_dim]`` (head-major, so one head's keys are
-contiguous), allocated with ``Backend.alloc``.  ``attention`` writes the new
+The KV cache belongs to the caller (``core.step.CacheLayout``): per layer a
+key and a value buffer of shape ``[n_head, capacity, head_dim]`` (head-major,
+so one head's keys are contiguous), allocated with ``Backend.alloc``.  ``attention`` writes the new
 keys and values at ``start ..`` and reads rows ``0 .. start + n_new``; no op
 keeps hidden state between calls.
 
@@ -32,9 +33,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from opswitch.core.step import LayerStep
+
 Array = Any  # a backend's own array (numpy on the host backends), opaque above the core
 Host = np.ndarray  # the references compute on host numpy arrays
-Cache = tuple[Array, Array]  # one sequence's (k_cache, v_cache), each [n_head, capacity, head_dim]
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float, so float32 stays float32
 
@@ -99,17 +101,15 @@ def attention(qkv: Host, n_head: int, k_cache: Host, v_cache: Host, start: int) 
     return out.transpose(1, 0, 2).reshape(n_new, n_embd)
 
 
-def attention_batch(qkv: Host, n_head: int, caches: Sequence[Cache], starts: Sequence[int],
-                    counts: Sequence[int]) -> Host:
-    """``attention`` for a ragged batch: rows of sequence ``i`` are the next
-    ``counts[i]`` rows of qkv [sum(counts), 3 * n_embd]; ``caches[i]`` is its
-    ``(k_cache, v_cache)`` and ``starts[i]`` its first new position.
-    Returns out: [sum(counts), n_embd], rows in the order of qkv."""
-    outs, row = [], 0
-    for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-        outs.append(attention(qkv[row : row + count], n_head, k_cache, v_cache, start))
-        row += count
-    return np.concatenate(outs)
+def attention_batch(qkv: Host, n_head: int, step: LayerStep) -> Host:
+    """``attention`` for a ragged batch: ``step`` (a ``core.step.LayerStep``) says
+    which rows of qkv [step.n_rows, 3 * n_embd] are whose (``bounds``), where each
+    sequence starts in its cache (``starts``) and this layer's ``(k_cache, v_cache)``
+    of each (``caches``).  Returns out: [step.n_rows, n_embd], rows in qkv's order."""
+    return np.concatenate([
+        attention(qkv[a:b], n_head, k_cache, v_cache, start)
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts)
+    ])  # fmt: skip
 
 
 def embedding(table: Host, ids: Host) -> Host:  # [n_vocab, n], int [n_rows] -> [n_rows, n]
@@ -196,19 +196,10 @@ class BackendOps(Protocol):
     def layernorm(self, x: Array, g: Array, b: Array, eps: float = 1e-5) -> Array: ...  # [n, e] -> [n, e]
     def gelu(self, x: Array) -> Array: ...  # [...] -> [...]
     def attention(self, qkv: Array, n_head: int, k_cache: Array, v_cache: Array, start: int) -> Array: ...
-    def attention_batch(self, qkv: Array, n_head: int, caches: Sequence[Cache], starts: Sequence[int],
-                        counts: Sequence[int]) -> Array: ...  # [sum(counts), 3e] -> [sum(counts), e]
+    def attention_batch(self, qkv: Array, n_head: int, step: LayerStep) -> Array: ...  # [n, 3e] -> [n, e]
     def embedding(self, table: Array, ids: np.ndarray) -> Array: ...  # [n_vocab, e], int [n] -> [n, e]
     def take_rows(self, x: Array, rows: np.ndarray) -> Array: ...  # [n, e], int [k] -> [k, e]
     def slice_rows(self, x: Array, start: int, stop: int) -> Array: ...  # [n, e] -> [stop - start, e]
     def concat_rows(self, parts: Sequence[Array]) -> Array: ...  # list of [n_i, e] -> [sum n_i, e]
     def cross_entropy(self, logits: Array, targets: np.ndarray) -> Array: ...  # [n, n_vocab], int [n] -> [1]
 
-
-def row_counts(counts: Sequence[int]) -> list[tuple[int, int]]:
-    """(first row, row after the last) of each sequence in a ragged batch."""
-    bounds, row = [], 0
-    for count in counts:
-        bounds.append((row, row + count))
-        row += count
-    return bounds

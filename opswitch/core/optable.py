@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from opswitch.core.backend import Backend
-from opswitch.core.ops import CATALOGUE, OP_NAMES, row_counts
+from opswitch.core.ops import CATALOGUE, OP_NAMES
+from opswitch.core.step import LayerStep
 
 
 def _is_host_passthrough(x: Any) -> bool:
@@ -27,7 +28,9 @@ def _is_host_passthrough(x: Any) -> bool:
 
 
 def _tree(fn: Callable[[Any], Any], x: Any) -> Any:
-    """Apply ``fn`` to every array in ``x`` (lists and tuples of arrays: caches)."""
+    """Apply ``fn`` to every array in ``x`` (lists and tuples of arrays, a step's caches)."""
+    if isinstance(x, LayerStep):
+        return x.with_caches(_tree(fn, x.caches))
     if isinstance(x, (list, tuple)) and not _is_host_passthrough(x):
         if all(_is_host_passthrough(v) for v in x):
             return x  # a list of ints (starts, counts)
@@ -36,7 +39,9 @@ def _tree(fn: Callable[[Any], Any], x: Any) -> Any:
 
 
 def _store_tree(backend: Backend, device: Any, host: Any) -> None:
-    if isinstance(device, (list, tuple)):
+    if isinstance(device, LayerStep):
+        _store_tree(backend, device.caches, host.caches)
+    elif isinstance(device, (list, tuple)):
         for d, h in zip(device, host):
             _store_tree(backend, d, h)
     elif not _is_host_passthrough(device):
@@ -69,13 +74,13 @@ def _attention_per_sequence(table: OpTable) -> Callable[..., Any]:
     """``attention_batch`` for a backend with single-sequence ``attention`` only:
     split the rows, attend per sequence, join (each through the table's ops)."""
 
-    def run(qkv: Any, n_head: int, caches: Any, starts: Any, counts: Any) -> Any:
-        if len(counts) == 1:
-            k_cache, v_cache = caches[0]
-            return table.attention(qkv, n_head, k_cache, v_cache, starts[0])
+    def run(qkv: Any, n_head: int, step: LayerStep) -> Any:
+        if len(step.caches) == 1:
+            k_cache, v_cache = step.caches[0]
+            return table.attention(qkv, n_head, k_cache, v_cache, step.starts[0])
         outs = [
             table.attention(table.slice_rows(qkv, a, b), n_head, k_cache, v_cache, start)
-            for (a, b), (k_cache, v_cache), start in zip(row_counts(counts), caches, starts)
+            for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts)
         ]
         return table.concat_rows(outs)
 

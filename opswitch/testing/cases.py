@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from opswitch.core.step import attention_step
+
 
 @dataclass(frozen=True)
 class Case:
@@ -165,12 +167,11 @@ def _attention_case_bound(args, ref, u):
 
 
 def _batch_bound(args, ref, u):
-    qkv, n_head, caches, starts, counts = args
-    parts, row = [], 0
-    for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-        parts.append(attention_bound(qkv[row : row + count], n_head, k_cache, v_cache, start, u))
-        row += count
-    return np.concatenate(parts)
+    qkv, n_head, step = args
+    return np.concatenate([
+        attention_bound(qkv[a:b], n_head, k_cache, v_cache, start, u)
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts)
+    ])  # fmt: skip
 
 
 def _cache(rng, n_head, capacity, d, filled):
@@ -203,25 +204,27 @@ def _attention_cases() -> list[Case]:
 
 
 def _attention_batch_cases() -> list[Case]:
-    def build(rng: np.random.Generator, n_head: int, d: int, seqs: list[tuple[int, int]],
+    def build(rng: np.random.Generator, n_head: int, d: int, seqs: list[tuple[int, ...]],
               ) -> tuple[list, dict[str, Any]]:
         e, rows, caches, starts, counts = n_head * d, [], [], [], []
-        for n_new, start in seqs:
-            capacity = start + n_new + 3
+        for n_new, start, *slack in seqs:
+            capacity = start + n_new + (slack[0] if slack else 3)
             rows.append(_randn(rng, n_new, 3 * e))
             caches.append((_cache(rng, n_head, capacity, d, start), _cache(rng, n_head, capacity, d, start)))
             starts.append(start)
             counts.append(n_new)
-        return [np.concatenate(rows), n_head, caches, starts, counts], {}
+        return [np.concatenate(rows), n_head, attention_step(caches, starts, counts)], {}
 
-    specs = {
+    specs: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {
         "one-decode": (3, 8, [(1, 10)]),
         "decode-x4": (2, 16, [(1, 5), (1, 0), (1, 63), (1, 200)]),
         "prompts-and-decodes": (4, 8, [(6, 0), (1, 9), (5, 12), (1, 1), (17, 0)]),
         "chunked-prefill": (2, 32, [(9, 40), (1, 40)]),
+        # (new rows, past, free positions after): caches filled to their last position
+        "full-caches": (3, 8, [(1, 63, 0), (20, 0, 0), (1, 0, 0), (4, 11, 0), (1, 299, 1)]),
     }
 
-    def case(tag: str, n_head: int, d: int, seqs: list[tuple[int, int]]) -> Case:
+    def case(tag: str, n_head: int, d: int, seqs: list[tuple[int, ...]]) -> Case:
         return Case("attention_batch", tag, lambda rng: build(rng, n_head, d, seqs), _batch_bound)
 
     return [case(tag, *spec) for tag, spec in specs.items()]

@@ -19,6 +19,7 @@ import pytest
 from opswitch.core.backend import Backend
 from opswitch.core.ops import CATALOGUE
 from opswitch.core.optable import OpTable
+from opswitch.core.step import LayerStep, attention_step
 from opswitch.testing.cases import CASES, Case, attention_bound
 
 
@@ -27,13 +28,18 @@ def _is_float_array(x) -> bool:
 
 
 def _tree(fn, x):
-    """Apply ``fn`` to every float array in ``x`` (lists/tuples of arrays: caches, parts)."""
+    """Apply ``fn`` to every float array in ``x`` (lists/tuples of arrays: caches, parts;
+    a step's caches)."""
+    if isinstance(x, LayerStep):
+        return x.with_caches(_tree(fn, x.caches))
     if isinstance(x, (list, tuple)):
         return type(x)(_tree(fn, v) for v in x)
     return fn(x) if _is_float_array(x) else x
 
 
 def _leaves(x) -> list:
+    if isinstance(x, LayerStep):
+        return _leaves(x.caches)
     if isinstance(x, (list, tuple)):
         return [leaf for v in x for leaf in _leaves(v)]
     return [x]
@@ -158,9 +164,9 @@ def test_a_batch_equals_each_sequence_alone(opswitch_backend: Backend) -> None:
         parts.append(rng.standard_normal((n_new, 3 * n_head * d)).astype(backend.dtype))
     starts, counts = [s for _, s in seqs], [n for n, _ in seqs]
     together = backend.to_host(ops.attention_batch(backend.to_device(np.concatenate(parts)), n_head,
-                                                   batch_caches, starts, counts))
+                                                   attention_step(batch_caches, starts, counts)))
     alone = [
-        backend.to_host(ops.attention_batch(backend.to_device(p), n_head, [c], [s], [n]))
+        backend.to_host(ops.attention_batch(backend.to_device(p), n_head, attention_step([c], [s], [n])))
         for p, c, s, n in zip(parts, solo_caches, starts, counts)
     ]
     np.testing.assert_array_equal(together, np.concatenate(alone))
