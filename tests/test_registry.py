@@ -204,3 +204,34 @@ def test_use_registry_installs_one_for_a_block_and_restores_the_last(registry):
             assert fresh is not registry and fresh is not before
         assert get_registry() is registry
     assert get_registry() is before
+
+
+def test_instrumented_wraps_every_op_and_restores_the_table(tiny_config, tiny_params):
+    # the profiler's hook: a real forward pass sees every op through the wrapper, computes the
+    # same logits, and once the block ends (even by an exception) the table is as it was
+    from opswitch.model.gpt2 import GPT2
+
+    model = GPT2(tiny_config, tiny_params, Registry(autoload=False).backend("naive"))
+    before = {name: getattr(model.ops, name) for name in OP_NAMES}
+    want = model.forward([1, 2, 3])
+    calls: list[str] = []
+
+    def wrap(name, op):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return op(*args, **kwargs)
+
+        return counted
+
+    with model.ops.instrumented(wrap) as table:
+        assert table is model.ops
+        got = model.forward([1, 2, 3])
+    np.testing.assert_array_equal(got, want)
+    assert {"linear", "layernorm", "attention_batch", "gelu", "matmul"} <= set(calls)
+    assert calls.count("layernorm") == 2 * tiny_config.n_layer + 1
+    assert {name: getattr(model.ops, name) for name in OP_NAMES} == before
+    seen = len(calls)
+    with pytest.raises(RuntimeError), model.ops.instrumented(wrap):
+        raise RuntimeError("a profiler's failure")
+    model.forward([1, 2, 3])
+    assert len(calls) == seen and {name: getattr(model.ops, name) for name in OP_NAMES} == before

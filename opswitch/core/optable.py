@@ -133,7 +133,34 @@ class OpTable:
             parts.append("attention_batch (per sequence through attention)")
         return ", ".join(parts)
 
-    # -- the profiling hook (issue 23, helper E) goes here -----------------
+    def instrumented(self, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]) -> _Instrumented:
+        """``with table.instrumented(wrap):`` every op slot is ``wrap(name, op)``, restored after.
+
+        The supported hook for profilers and tracers (``opswitch bench --profile``, or a
+        plugin author's): the model keeps calling plain attributes, so nothing is paid
+        outside the block.  ``wrap`` returns the callable to use (it may call ``op``);
+        an op that calls another through the table (per-sequence attention) calls the
+        wrapped one, so a profiler counting time should skip nested calls.  Blocks nest.
+        """
+        return _Instrumented(self, wrap)
+
+
+class _Instrumented:
+    """The context of ``OpTable.instrumented``: swaps the slots in on enter, back on exit."""
+
+    def __init__(self, table: OpTable, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]) -> None:
+        self.table, self.wrap = table, wrap
+        self.originals: dict[str, Callable[..., Any]] = {}
+
+    def __enter__(self) -> OpTable:
+        self.originals = {name: getattr(self.table, name) for name in OP_NAMES}
+        for name, op in self.originals.items():
+            setattr(self.table, name, self.wrap(name, op))
+        return self.table
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name, op in self.originals.items():
+            setattr(self.table, name, op)
 
 
 def failing_op(exc: BaseException) -> str | None:
