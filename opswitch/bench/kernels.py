@@ -1,4 +1,4 @@
-"""numba kernels for ``opswitch bench``'s memory-bandwidth measurement (needs numba)."""
+"""numba kernels for the memory-bandwidth measurement in ``opswitch.bench.machine`` (needs numba)."""
 
 from __future__ import annotations
 

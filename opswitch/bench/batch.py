@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 
-from opswitch.cli.benchmark import Quiet, Row
+from opswitch.bench.idle import Quiet
+from opswitch.bench.models import hf_shape, random_hf_model
+from opswitch.bench.rows import Row
 from opswitch.core.errors import OpswitchError
 
 
@@ -83,38 +85,21 @@ def bench_batch_torch(hf_model, prompts: list[list[int]], new_tokens: int, repea
     return row
 
 
-def run_batch(args, backends, config, params, no_torch: str | None, quiet: Quiet) -> int:
-    """The --batch table: one row per batch size, one column per implementation."""
-    from opswitch.model.gpt2 import GPT2
-
-    sizes = parse_batches(args.batch)
-    from opswitch.cli.benchmark import hf_model as build_hf_model
-
-    hf_model = None if no_torch else build_hf_model(config)
-    models = [GPT2(config, params, backend) for backend in backends]
-    impls = (["torch"] if hf_model is not None else []) + [m.backend.name for m in models]
-    print(f"\nbatched decode, aggregate tokens/s over {args.new_tokens - 1} decode steps after a"
-          f" {args.prompt_tokens}-token prefill (higher is better; ratio to torch in brackets)")
-    print("  " + f"{'batch':>5}" + "".join(f"{name:>20}" for name in impls))
-    rows = []
+def batch_rows(sizes: list[int], vocab: int, hf_model, models, prompt_tokens: int, new_tokens: int,
+               repeats: int, quiet: Quiet):
+    """For each batch size, its rows: HF's first (when ``hf_model`` is given), then each of ours."""
     for size in sizes:
-        prompts = batch_prompts(size, args.prompt_tokens, config.vocab_size)
+        prompts = batch_prompts(size, prompt_tokens, vocab)
         line = []
         if hf_model is not None:
-            line.append(bench_batch_torch(hf_model, prompts, args.new_tokens, args.repeats, quiet))
-        line += [bench_batch_ours(m, prompts, args.new_tokens, args.repeats, quiet) for m in models]
-        base = line[0].median if hf_model is not None else None
-        cells = [f"{r.median:.1f}" + (f" ({r.median / base:.2f}x)" if base and r.impl != "torch" else "")
-                 for r in line]
-        print("  " + f"{size:>5}" + "".join(f"{c:>20}" for c in cells), flush=True)
-        rows += line
-    if no_torch:
-        print(f"\nreference: {no_torch}")
-    print("\n" + quiet.report.summary())
-    if args.json:
-        import json
+            line.append(bench_batch_torch(hf_model, prompts, new_tokens, repeats, quiet))
+        line += [bench_batch_ours(m, prompts, new_tokens, repeats, quiet) for m in models]
+        yield size, line
 
-        with open(args.json, "w") as f:
-            json.dump([{"what": r.what, "impl": r.impl, "unit": r.unit, "median": r.median,
-                        "samples": r.samples} for r in rows], f, indent=2)
-    return 0
+
+def batch_models(config, params, backends, with_torch: bool):
+    """(HF model or None, our models): one per backend, the same weights in each of ours."""
+    from opswitch.model.gpt2 import GPT2
+
+    hf_model = random_hf_model(0, **hf_shape(config)) if with_torch else None
+    return hf_model, [GPT2(config, params, backend) for backend in backends]
