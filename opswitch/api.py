@@ -35,7 +35,7 @@ from opswitch.model.config import GPT2Config
 from opswitch.model.gpt2 import GPT2, as_ids
 from opswitch.model.hub import resolve_model
 from opswitch.model.weights import load_gpt2
-from opswitch.tokenizer import Tokenizer, load_tokenizer
+from opswitch.tokenizer import Tokenizer, has_tokenizer_files, load_tokenizer
 
 
 class LanguageModel:
@@ -287,15 +287,11 @@ def load_model(
     else:
         directory = resolve_model(path_or_id, revision=revision)
         config, params = load_gpt2(directory)
-        tok = load_tokenizer(tokenizer or directory) if tokenizer or _has_tokenizer(directory) else None
+        tok = load_tokenizer(tokenizer or directory) if tokenizer or has_tokenizer_files(directory) else None
         source = str(directory)
     lm = LanguageModel(GPT2(config, params, chosen, weights), tok, source, reason)
     lm.load_seconds = time.perf_counter() - started
     return lm
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).exists() for name in ("vocab.json", "tokenizer.json"))
 
 
 def _is_onnx(path_or_id) -> bool:

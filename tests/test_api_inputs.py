@@ -113,3 +113,23 @@ def test_a_padded_vocabulary_is_masked_not_fatal(tmp_path):
     result = lm.generate_ids("It is", max_new_tokens=20, temperature=0.9, seed=3, stop_token=-1)
     assert len(result.new_ids) == 20 and max(result.new_ids) < config.vocab_size
     assert isinstance(lm.generate("It is", max_new_tokens=5, temperature=0), str)
+
+
+def test_a_model_directory_with_a_char_tokenizer_loads_it(tmp_path, tiny_config, tiny_params):
+    """load_model(dir) finds the tokenizer load_tokenizer(dir) finds, whichever files make it;
+    and a directory with only half of a BPE pair is an error naming the missing file, not a
+    model that silently has no tokenizer."""
+    from opswitch.core.errors import TokenizerError
+    from opswitch.model.weights import save_gpt2
+    from opswitch.tokenizer import CharTokenizer, load_tokenizer
+
+    save_gpt2(tmp_path, tiny_config, tiny_params, overwrite=True)
+    CharTokenizer.from_text("abcdefgh ").save(tmp_path / "tokenizer_char.json")
+    lm = opswitch.load_model(tmp_path, "naive")
+    assert isinstance(lm.tokenizer, CharTokenizer)
+    assert lm.tokenizer.chars == load_tokenizer(tmp_path).chars
+    assert isinstance(lm.generate("abc", max_new_tokens=3, temperature=0), str)
+    (tmp_path / "tokenizer_char.json").unlink()
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"vocab\.json"):
+        opswitch.load_model(tmp_path, "naive")

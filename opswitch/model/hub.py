@@ -29,6 +29,7 @@ from opswitch.core.errors import ModelNotFoundError, WeightsError
 from opswitch.core.files import not_a_file
 from opswitch.model.safetensors import PICKLE_SUFFIXES, refuse_pickle
 from opswitch.model.weights import weight_files
+from opswitch.tokenizer.files import TOKENIZER_FILES
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo-model"
 
@@ -46,14 +47,12 @@ ALLOW_PATTERNS = [
     "generation_config.json",
     "*.safetensors",
     "model.safetensors.index.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
+    *TOKENIZER_FILES,
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
 # The files opswitch reads from a snapshot (besides *.safetensors).
-_READ = ("config.json", "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer.json")
+_READ = ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
 # A name ending like a model file is a path the user mistyped, never a hub id.
 _FILE_SUFFIXES = (".safetensors", ".json", *PICKLE_SUFFIXES)
 _SHORT_HASH = re.compile(r"[0-9a-f]{7,39}")

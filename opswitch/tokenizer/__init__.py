@@ -14,10 +14,10 @@ from typing import Protocol, runtime_checkable
 from opswitch.core.errors import TokenizerError
 from opswitch.tokenizer.bpe import BPETokenizer, StreamDecoder, _read_json, present
 from opswitch.tokenizer.char import CharTokenizer
+from opswitch.tokenizer.files import CHAR_FILE, TOKENIZER_FILES, has_tokenizer_files, tokenizer_set
 
-__all__ = ["BPETokenizer", "CharTokenizer", "StreamDecoder", "Tokenizer", "load_tokenizer"]
-
-CHAR_FILE = "tokenizer_char.json"
+__all__ = ["CHAR_FILE", "TOKENIZER_FILES", "BPETokenizer", "CharTokenizer", "StreamDecoder", "Tokenizer",
+           "has_tokenizer_files", "load_tokenizer", "tokenizer_set"]
 
 
 @runtime_checkable
@@ -78,13 +78,12 @@ def load_tokenizer(path: str | os.PathLike[str]) -> BPETokenizer | CharTokenizer
 
 
 def _load_dir(directory: Path) -> BPETokenizer | CharTokenizer:
-    """Pick the tokenizer files in a model directory, BPE first."""
-    if present(directory / "vocab.json") and present(directory / "merges.txt"):
-        return BPETokenizer.from_dir(directory)
-    if present(directory / "tokenizer.json"):
-        return BPETokenizer.from_dir(directory)
-    if present(directory / CHAR_FILE):
+    """Pick the tokenizer files in a model directory, BPE first (``tokenizer_set`` decides)."""
+    names = tokenizer_set(directory)
+    if names == (CHAR_FILE,):
         return CharTokenizer.load(directory / CHAR_FILE)
+    if names is not None:
+        return BPETokenizer.from_dir(directory)
     found = sorted(p.name for p in directory.iterdir())[:8]
     raise TokenizerError(
         f"no tokenizer in {directory}: looked for vocab.json + merges.txt, tokenizer.json "
