@@ -177,3 +177,16 @@ def test_streamed_text_keeps_a_character_cut_at_the_end(monkeypatch):
     streamed = "".join(lm.stream("x"))
     assert streamed == lm.tokenizer.decode(ids) and streamed.startswith(" price")
     assert len(streamed) > len(" price")  # the cut character is not dropped
+
+
+def test_log_softmax_is_stable_and_normalised():
+    # the one log-softmax (logprobs, evaluation, the cross_entropy reference): huge and
+    # tiny logits alike give finite log-probabilities that exponentiate to a distribution
+    from opswitch.generation import log_softmax
+
+    x = np.array([[1000.0, 0.0, -1000.0], [3.0, 3.0, 3.0]], dtype=np.float32)
+    lp = log_softmax(x)
+    assert lp.dtype == np.float64 and np.isfinite(lp[:, :2]).all()
+    np.testing.assert_allclose(np.exp(lp).sum(axis=-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(lp[1], -np.log(3.0), rtol=1e-12)
+    assert lp[0, 0] == 0.0 and lp[0, 1] == -1000.0

@@ -137,11 +137,18 @@ def cross_entropy(logits: Host, targets: Host) -> Host:  # [n, n_vocab], int [n]
     float64 whatever the input dtype; returned as a 1-element array in the
     logits' dtype.
     """
-    x = np.asarray(logits, dtype=np.float64)
     t = np.asarray(targets, dtype=np.int64).reshape(-1)
-    m = x.max(axis=-1)
-    lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))
-    return np.array([(lse - x[np.arange(t.size), t]).sum()], dtype=np.asarray(logits).dtype)
+    lp = log_softmax(logits)
+    return np.array([-lp[np.arange(t.size), t].sum()], dtype=np.asarray(logits).dtype)
+
+
+def log_softmax(x):  # [..., n_vocab] -> [..., n_vocab] float64
+    """``log softmax(x)`` over the last axis in float64, stable (``x - m - log Σ exp(x - m)``
+    with ``m`` the row's max): the one the cross_entropy reference, evaluation and the
+    server's logprobs share (not an op: a host helper)."""
+    x = np.asarray(x, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Sampling and the generation loop, above the model and the tokenizer."""
 
+from opswitch.core.ops import log_softmax  # the one stable log-softmax (logprobs, evaluation)
 from opswitch.generation.config import GenerationConfig
 from opswitch.generation.loop import (
     BatchGenerator,
@@ -18,6 +19,7 @@ __all__ = [
     "check_request",
     "generate_batch",
     "generate_ids",
+    "log_softmax",
     "sample_next",
     "stream_ids",
 ]

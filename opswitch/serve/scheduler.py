@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from opswitch.core.errors import OpswitchError
-from opswitch.generation import BatchGenerator, GenerationConfig
+from opswitch.generation import BatchGenerator, GenerationConfig, log_softmax
 from opswitch.generation.loop import Running
 from opswitch.model.kvcache import CacheFullError
 from opswitch.serve.metrics import Metrics
@@ -372,9 +372,7 @@ def _logprobs(logits: np.ndarray | None, token: int, top: int) -> tuple[float, d
     """The chosen token's log-probability under the model, and the ``top`` likeliest."""
     if logits is None:
         return float("nan"), {}
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max()
-    lp = x - np.log(np.exp(x).sum())
+    lp = log_softmax(logits)
     best = np.argpartition(-lp, top)[:top] if 0 < top < lp.size else np.arange(lp.size if top else 0)
     best = sorted(best, key=lambda i: -lp[i])  # type: ignore[assignment]
     return float(lp[token]), {int(i): float(lp[i]) for i in best}
