@@ -40,7 +40,7 @@ F16_FAST_MAX = 2.0**16  # f16 GEMV inputs below this take the pre-scaled kernel 
 
 
 @dataclass(frozen=True)
-class Packed:
+class PackedWeight:
     """A matrix in a reduced format, laid out for the kernels.
 
     data is ``[n_out, n_in]`` (a row per output channel, so each output is one
@@ -102,14 +102,14 @@ class CpuBackend(BlasBackend):
             data = data.view(np.int16)
         if stored.role == "linear":
             data = data.T
-        return Packed(stored.fmt, stored.role, np.ascontiguousarray(data), stored.scale)
+        return PackedWeight(stored.fmt, stored.role, np.ascontiguousarray(data), stored.scale)
 
     def to_host(self, x: Any) -> np.ndarray:
-        return formats.decode(x.stored()) if isinstance(x, Packed) else np.asarray(x)
+        return formats.decode(x.stored()) if isinstance(x, PackedWeight) else np.asarray(x)
 
     # -- products --------------------------------------------------------------
     def linear(self, x, w, b=None):  # [n_rows, n_in], [n_in, n_out] -> [n_rows, n_out]
-        if isinstance(w, Packed):
+        if isinstance(w, PackedWeight):
             out = self._packed_product(x, w)
             if b is not None:
                 out += b
@@ -124,9 +124,9 @@ class CpuBackend(BlasBackend):
         return out
 
     def matmul(self, a, b, transpose_b=False):  # [m, k] @ [k, n] (or [n, k]ᵀ) -> [m, n]
-        if isinstance(b, Packed) and transpose_b and b.role != "linear":
+        if isinstance(b, PackedWeight) and transpose_b and b.role != "linear":
             return self._packed_product(a, b)
-        if isinstance(b, Packed):
+        if isinstance(b, PackedWeight):
             b = self.to_host(b)
         if a.shape[0] == 1 and transpose_b:  # the tied lm_head in decode: dot products
             out = np.empty((1, b.shape[0]), dtype=np.float32)
@@ -134,7 +134,7 @@ class CpuBackend(BlasBackend):
             return out
         return super().matmul(a, b, transpose_b)
 
-    def _packed_product(self, x, w: Packed) -> np.ndarray:
+    def _packed_product(self, x, w: PackedWeight) -> np.ndarray:
         """x [m, n_in] times the packed [n_out, n_in] transposed: [m, n_out]."""
         n_out, n_in = w.data.shape
         out = np.empty((x.shape[0], n_out), dtype=np.float32)
@@ -150,7 +150,7 @@ class CpuBackend(BlasBackend):
             out[:, lo:hi] = self._gemm(1.0, dense.T, x.T, trans_a=1).T
         return out
 
-    def _packed_gemv(self, w: Packed, x: np.ndarray, out: np.ndarray) -> None:
+    def _packed_gemv(self, w: PackedWeight, x: np.ndarray, out: np.ndarray) -> None:
         k = self._k
         if w.fmt == "int8":
             k.gemv_rows_int8(w.data, w.scale, x, out)
@@ -161,7 +161,7 @@ class CpuBackend(BlasBackend):
         else:  # also NaN: the exact form, which never scales x
             k.gemv_rows_f16_exact(w.data, x, out)
 
-    def _dequantise(self, w: Packed, lo: int, hi: int) -> np.ndarray:
+    def _dequantise(self, w: PackedWeight, lo: int, hi: int) -> np.ndarray:
         n_in = w.data.shape[1]
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.size < (hi - lo) * n_in:
@@ -177,7 +177,7 @@ class CpuBackend(BlasBackend):
         return dense
 
     def embedding(self, table, ids):
-        if isinstance(table, Packed):  # widen only the gathered rows
+        if isinstance(table, PackedWeight):  # widen only the gathered rows
             ids = np.asarray(ids)
             scale = None if table.scale is None else table.scale[ids]
             rows = table.data[ids].view(np.float16) if table.fmt == "f16" else table.data[ids]
