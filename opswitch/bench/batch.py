@@ -15,17 +15,6 @@ import time
 from opswitch.bench.idle import Quiet
 from opswitch.bench.models import hf_shape, random_hf_model
 from opswitch.bench.rows import Row
-from opswitch.core.errors import OpswitchError
-
-
-def parse_batches(text: str) -> list[int]:
-    try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise OpswitchError(f"--batch takes batch sizes such as 1,4,16,64, got {text!r}")
-    return sizes
 
 
 def batch_prompts(batch: int, prompt_tokens: int, vocab: int) -> list[list[int]]:

@@ -322,11 +322,21 @@ def _tokenizer_table(args, quiet) -> None:
     sys.stdout.flush()
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise OpswitchError(f"--batch takes batch sizes such as 1,4,16,64, got {text!r}")
+    return sizes
+
+
 def _batch_table(args, backends, config, params, no_torch: str | None, quiet: Quiet) -> int:
     """The --batch table: one row per batch size, one column per implementation."""
-    from opswitch.bench.batch import batch_models, batch_rows, parse_batches
+    from opswitch.bench.batch import batch_models, batch_rows
 
-    sizes = parse_batches(args.batch)
+    sizes = _batch_sizes(args.batch)
     hf_model, models = batch_models(config, params, backends, with_torch=not no_torch)
     impls = (["torch"] if hf_model is not None else []) + [m.backend.name for m in models]
     print(f"\nbatched decode, aggregate tokens/s over {args.new_tokens - 1} decode steps after a"
