@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from helpers import one_error_line
 
 from opswitch.cli.main import main
 
@@ -25,3 +28,22 @@ def test_quick_bench_runs_every_section(capsys, tmp_path, monkeypatch) -> None:
         assert section in out, f"missing section {section!r}"
     assert "decoy" not in out and "1 threads" in out
     assert "CPU: " in out and "smoke run (--quick)" in out
+
+
+def test_quick_batch_bench_prints_and_writes_every_size(capsys, tmp_path) -> None:
+    # --batch: one table row per batch size, one column per engine, every sample in --json
+    out_file = tmp_path / "batch.json"
+    args = ["--quick", "--batch", "1,2", "--backend", "naive", "--no-reference", "--json", str(out_file)]
+    assert main(["bench", *args]) == 0
+    out = capsys.readouterr().out
+    assert "batched decode, aggregate tokens/s" in out and "reference: skipped (--no-reference)" in out
+    rows = json.loads(out_file.read_text())
+    want = [("decode batch 1", "naive"), ("decode batch 2", "naive")]
+    assert [(r["what"], r["impl"]) for r in rows] == want
+    assert all(r["samples"] and r["median"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("sizes", ["0", "1,x", ","])
+def test_batch_sizes_that_are_not_sizes_are_one_line(capsys, sizes) -> None:
+    assert main(["bench", "--quick", "--batch", sizes, "--backend", "naive", "--no-reference"]) == 2
+    assert one_error_line(capsys).endswith(f"--batch takes batch sizes such as 1,4,16,64, got {sizes!r}")
