@@ -27,6 +27,13 @@ MiB = 1 << 20
 CONFIG_LIMIT = 1 * MiB
 INDEX_LIMIT = 16 * MiB
 TOKENIZER_LIMIT = 64 * MiB
+# The files a model directory's tokenizer is read from, as sets, in the order the loader
+# prefers them: opswitch.tokenizer.files decides with them, the hub downloads and checks them.
+CHAR_TOKENIZER_FILE = "tokenizer_char.json"
+TOKENIZER_SETS: tuple[tuple[str, ...], ...] = (
+    ("vocab.json", "merges.txt"), ("tokenizer.json",), (CHAR_TOKENIZER_FILE,),
+)
+TOKENIZER_FILES: tuple[str, ...] = tuple(name for names in TOKENIZER_SETS for name in names)
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),

@@ -26,10 +26,9 @@ import re
 from pathlib import Path
 
 from opswitch.core.errors import ModelNotFoundError, WeightsError
-from opswitch.core.files import not_a_file
+from opswitch.core.files import TOKENIZER_FILES, not_a_file
 from opswitch.model.safetensors import PICKLE_SUFFIXES, refuse_pickle
 from opswitch.model.weights import weight_files
-from opswitch.tokenizer.files import TOKENIZER_FILES
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo-model"
 

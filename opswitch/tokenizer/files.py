@@ -1,7 +1,9 @@
-"""Which files make a tokenizer: the one answer ``load_tokenizer``, ``load_model`` and the hub share.
+"""Which files make a tokenizer: the one answer ``load_tokenizer`` and ``load_model`` share.
 
 Three places used to decide this and disagreed (``load_model(dir)`` dropped a
-char tokenizer that ``load_tokenizer(dir)`` found).
+char tokenizer that ``load_tokenizer(dir)`` found).  The names themselves are
+``core.files``'s, so that the hub (in ``model``, which may not import the
+tokenizer) downloads and checks the same files.
 """
 
 from __future__ import annotations
@@ -9,12 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CHAR_FILE = "tokenizer_char.json"
-# the sets a model directory's tokenizer is read from, in the order load_tokenizer prefers them
-TOKENIZER_SETS: tuple[tuple[str, ...], ...] = (
-    ("vocab.json", "merges.txt"), ("tokenizer.json",), (CHAR_FILE,),
-)
-TOKENIZER_FILES: tuple[str, ...] = tuple(name for names in TOKENIZER_SETS for name in names)
+from opswitch.core.files import CHAR_TOKENIZER_FILE, TOKENIZER_FILES, TOKENIZER_SETS
+
+CHAR_FILE = CHAR_TOKENIZER_FILE
+__all__ = ["CHAR_FILE", "TOKENIZER_FILES", "TOKENIZER_SETS", "has_tokenizer_files", "tokenizer_set"]
 
 
 def tokenizer_set(directory: str | os.PathLike[str]) -> tuple[str, ...] | None:
