@@ -1,15 +1,15 @@
-"""Shared fixtures: tiny random GPT-2 models built without any reference stack."""
+"""Shared fixtures: tiny random GPT-2 models built without any reference stack, and the demo
+model. Plain helpers live in helpers.py (import them from there, never from here)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 # the terminal summary's line per backend (what ran), kept in support.py with the CI rules
 from support import pytest_collection_modifyitems, pytest_terminal_summary  # noqa: F401
 
+from opswitch.bench.models import random_params
 from opswitch.model.config import GPT2Config
-from opswitch.model.weights import nest_params
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -29,18 +29,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             missing.append(f"{name}: {exc}")
     if missing:
         raise pytest.UsageError("required backends are unavailable: " + "; ".join(missing))
-
-
-def random_params(config: GPT2Config, seed: int = 0, scale: float = 0.3) -> dict:
-    """Random weights of the config's shapes; gains near 1, non-zero biases."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for name, shape in config.param_shapes().items():
-        values = rng.standard_normal(shape) * scale
-        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
-            values += 1.0
-        flat[name] = values.astype(np.float32)
-    return nest_params(flat, config.n_layer)
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +84,11 @@ def long_context_model_dir(tmp_path_factory, gpt2_tokenizer_dir):
     step costs more as the text grows, so generation lasts long enough to interrupt."""
     config = GPT2Config(vocab_size=50257, n_positions=4096, n_embd=32, n_layer=2, n_head=2)
     return _model_dir(tmp_path_factory, gpt2_tokenizer_dir, "long-context-gpt2", config, seed=2)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """The demo model on the default backend (a module may override ``lm`` with its own)."""
+    import opswitch
+
+    return opswitch.load_model(None)

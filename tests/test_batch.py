@@ -38,13 +38,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return opswitch.load_model(None)
-
-
-
-
 def prompts_file(tmp_path: Path, n: int = len(PROMPTS), name: str = "prompts.jsonl") -> Path:
     rows = [{"id": f"r{i}", "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(n)]
     return write_jsonl(tmp_path / name, rows)

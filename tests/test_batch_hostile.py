@@ -13,20 +13,12 @@ from pathlib import Path
 import pytest
 from helpers import one_error_line, read_jsonl
 
-import opswitch
 from opswitch.batch import JobSpec, Task, generation_settings, run_job
 from opswitch.cli.main import main
 from opswitch.core.errors import NonFiniteLogitsError
 from opswitch.model.hub import DEMO_MODEL
 
 SETTINGS = generation_settings(max_new_tokens=2, seed=1)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return opswitch.load_model(None)
-
-
 
 
 def test_hostile_lines_are_bad_rows_and_the_job_goes_on(tmp_path, lm):

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from support import require
 
-import opswitch
 from opswitch.batch import Job, JobSpec, RayOptions, Task, generation_settings, run_job
 from opswitch.batch.local import run_local
 from opswitch.cli.main import main
@@ -37,11 +36,6 @@ def ray_instance():
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return opswitch.load_model(None)
 
 
 @pytest.fixture

@@ -9,18 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import opswitch
 from opswitch.batch import Job, JobSpec, Task, generation_settings, run_job
 from opswitch.batch.job import Report
 from opswitch.batch.local import run_local
 
 PROMPTS = ["It is a truth", "Mr. Darcy", "Elizabeth could not", "The ball", "She had never", "In the morning"]
 SHARD = 2
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return opswitch.load_model(None)
 
 
 class Counting(Report):

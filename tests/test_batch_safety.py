@@ -29,18 +29,11 @@ PROMPTS = ["It is a truth universally acknowledged", "Mr. Darcy", "Elizabeth cou
 SETTINGS = generation_settings(max_new_tokens=3, seed=3, stop_token=-1)
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return opswitch.load_model(None)
-
-
 def prompts_file(path: Path, n: int = len(PROMPTS)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": PROMPTS[i % len(PROMPTS)]}) + "\n"
                             for i in range(n)))
     return path
-
-
 
 
 # -- 1. the input and the model are never written, replaced or removed -------------------------

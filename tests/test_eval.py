@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from support import require
 
 from opswitch.api import LanguageModel
@@ -29,12 +27,6 @@ DEMO_HELDOUT_NATS = 4.2493
 # Sums of ~10^2 float32 per-token losses, each good to ~1e-6 relative (see test_parity's
 # LOGIT_RTOL, 2e-5 of the logit scale): 1e-5 relative is what two correct float32 runs give.
 LOSS_RTOL = 1e-5
-
-
-def opswitch(*args, input: str | None = None, timeout: float = 180):
-    return subprocess.run([sys.executable, "-m", "opswitch", *map(str, args)], capture_output=True,
-                          text=True, input=input, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 @pytest.mark.parametrize("n,context,stride", [(1, 8, 8), (2, 8, 8), (100, 16, 16), (100, 16, 5),
@@ -69,10 +61,12 @@ def torch():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, torch):
-    from hf_models import perturbed_hf_model, save
+    from helpers import save_hf
 
-    model = perturbed_hf_model(seed=3, n_positions=32)
-    return save(model, tmp_path_factory.mktemp("hf-eval")), model
+    from opswitch.bench.models import random_hf_model
+
+    model = random_hf_model(seed=3, n_positions=32)
+    return save_hf(model, tmp_path_factory.mktemp("hf-eval")), model
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +148,7 @@ def text_file(tmp_path_factory):
 
 
 def test_eval_prints_figures_and_json_agrees_with_the_api(tiny_model_dir, text_file):
-    r = opswitch("eval", "--model", tiny_model_dir, "--text", text_file, "--stride", "50", "--json")
+    r = run_cli("eval", "--model", tiny_model_dir, "--text", text_file, "--stride", "50", "--json")
     assert r.returncode == 0, r.stderr
     figures = json.loads(r.stdout)
     lm = LanguageModel(GPT2(*load_gpt2(tiny_model_dir), get_registry().backend(figures["backend"])))
@@ -168,7 +162,7 @@ def test_eval_prints_figures_and_json_agrees_with_the_api(tiny_model_dir, text_f
     assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]), rel=1e-9)
     bits = figures["loss"] * figures["tokens_scored"] / math.log(2)
     assert figures["bits_per_byte"] == pytest.approx(bits / figures["bytes_scored"], rel=1e-9)
-    table = opswitch("eval", "--model", tiny_model_dir, "--text", text_file, "--max-tokens", "40")
+    table = run_cli("eval", "--model", tiny_model_dir, "--text", text_file, "--max-tokens", "40")
     assert table.returncode == 0, table.stderr
     assert "Scored 39 of 40 tokens" in table.stdout and "perplexity" in table.stdout
     assert "Backend:" in table.stderr and "\r" not in table.stderr  # no progress bar off a terminal
@@ -182,18 +176,18 @@ def test_eval_prints_figures_and_json_agrees_with_the_api(tiny_model_dir, text_f
 ])
 def test_eval_bad_input_is_one_line_and_exit_2(tiny_model_dir, text_file, extra, message):
     args = ["eval", "--model", tiny_model_dir, "--text", text_file, *extra]
-    r = opswitch(*args)
+    r = run_cli(*args)
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_eval_of_text_too_short_and_not_utf8(tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Hi", encoding="utf-8")
-    r = opswitch("eval", "--model", tiny_model_dir, "--text", short)
+    r = run_cli("eval", "--model", tiny_model_dir, "--text", short)
     assert r.returncode == 2 and "at least two" in r.stderr
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00abc")
-    r = opswitch("eval", "--model", tiny_model_dir, "--text", binary)
+    r = run_cli("eval", "--model", tiny_model_dir, "--text", binary)
     assert r.returncode == 2 and "not UTF-8" in r.stderr
 
 
@@ -207,7 +201,7 @@ def test_heldout_sample_is_the_validation_split():
 
 @pytest.mark.slow
 def test_eval_reproduces_the_demo_models_heldout_figure():
-    r = opswitch("eval", "--text", HELDOUT, "--json", timeout=900)
+    r = run_cli("eval", "--text", HELDOUT, "--json", timeout=900)
     assert r.returncode == 0, r.stderr
     figures = json.loads(r.stdout)
     assert figures["tokens_scored"] == 37116 - 1 - 144  # 145 windows, each first token unscored

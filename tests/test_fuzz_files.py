@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import expect_result_or_opswitch_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,16 +34,6 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
 )
-
-
-def expect_result_or_opswitch_error(fn, *args):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return fn(*args)
-        except OpswitchError as exc:
-            assert "\n" not in str(exc) and len(str(exc)) < 1000, str(exc)
-            return None
 
 
 # -- safetensors headers ------------------------------------------------------------------------
@@ -133,8 +123,8 @@ def test_fuzz_config_json(config: str) -> None:
 @pytest.fixture(scope="module")
 def small_model_files(tmp_path_factory) -> bytes:
     """The bytes of a valid model.safetensors for GOOD_CONFIG."""
+    from opswitch.bench.models import random_params
     from opswitch.model.weights import save_gpt2
-    from tests.conftest import random_params
 
     directory = tmp_path_factory.mktemp("fuzz-model")
     config = GPT2Config.from_dict(GOOD_CONFIG)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from opswitch.bench.models import random_params
 from opswitch.core.errors import (
     ConfigError,
     OpswitchError,
@@ -21,7 +22,6 @@ from opswitch.core.files import CONFIG_LIMIT, not_a_file, read_json
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import load_gpt2, save_gpt2
 from opswitch.tokenizer import load_tokenizer
-from tests.conftest import random_params
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 

@@ -19,10 +19,10 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from support import IN_CI, require
 
 from opswitch.core.errors import ModelNotFoundError, WeightsError
@@ -137,10 +137,8 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """``python -m opswitch ARGS`` with no HF_* settings but ``env``'s."""
     hub_settings = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_")
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(hub_settings)}
-    env = {**inherited, "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "opswitch", *args], env=env, capture_output=True, text=True, timeout=60
-    )
+    env = {"HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT), **env}
+    return run_cli(*args, base=inherited, env=env, timeout=60)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -4,13 +4,12 @@ cache); import of our export and of torch's dynamo export on every backend; insp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from support import require
 
 onnx = require("onnx")
@@ -37,10 +36,12 @@ def rel_err(got, expected) -> float:
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    from hf_models import perturbed_hf_model, save
+    from helpers import save_hf
 
-    model = perturbed_hf_model(seed=5, **SHAPE)
-    return save(model, tmp_path_factory.mktemp("hf")), model
+    from opswitch.bench.models import random_hf_model
+
+    model = random_hf_model(seed=5, **SHAPE)
+    return save_hf(model, tmp_path_factory.mktemp("hf")), model
 
 
 @pytest.fixture(scope="module")
@@ -225,20 +226,15 @@ def test_an_onnx_model_needs_a_tokenizer_only_for_text(exported, tiny_model_dir,
     assert main(["export-onnx", "--model", str(tiny_model_dir), "--out", str(onnx_path)]) == 0
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a fortune.")
-    r = _cli("eval", "--model", onnx_path, "--text", text, "--backend", "naive", "--json")
+    r = run_cli("eval", "--model", onnx_path, "--text", text, "--backend", "naive", "--json", timeout=300)
     assert r.returncode == 2 and "--tokenizer" in r.stderr and r.stderr.count("\n") == 1
-    r = _cli("eval", "--model", onnx_path, "--tokenizer", tiny_model_dir, "--text", text,
-             "--backend", "naive", "--json")
+    r = run_cli("eval", "--model", onnx_path, "--tokenizer", tiny_model_dir, "--text", text,
+                "--backend", "naive", "--json", timeout=300)
     via_onnx = json.loads(r.stdout)
-    via_dir = json.loads(_cli("eval", "--model", tiny_model_dir, "--text", text, "--backend", "naive",
-                              "--json").stdout)
+    via_dir = json.loads(run_cli("eval", "--model", tiny_model_dir, "--text", text, "--backend", "naive",
+                                 "--json", timeout=300).stdout)
     assert via_onnx["tokens_scored"] == via_dir["tokens_scored"]
     assert via_onnx["loss"] == pytest.approx(via_dir["loss"], rel=1e-6)
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "opswitch", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 # ---------------------------------------------------------------- the commands

@@ -10,6 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from helpers import expect_result_or_opswitch_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import require
@@ -17,7 +18,6 @@ from support import require
 onnx = require("onnx")
 
 from onnx import AttributeProto, TensorProto  # noqa: E402
-from test_fuzz_files import expect_result_or_opswitch_error  # noqa: E402
 
 from opswitch.model.config import GPT2Config  # noqa: E402
 from opswitch.onnx.export import build_model  # noqa: E402
@@ -31,7 +31,7 @@ CONFIG = GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=1, n_head=2,
 
 
 def _params():
-    from conftest import random_params
+    from opswitch.bench.models import random_params
 
     return random_params(CONFIG, seed=3)
 

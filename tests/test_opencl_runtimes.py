@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from typing import ClassVar
 
 import pytest
+from helpers import run_cli
 from support import IN_CI, require
 
 pyopencl = require("pyopencl")
@@ -67,10 +67,7 @@ def intel():
 
 def run(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in LOADER_VARIABLES}
-    return subprocess.run(
-        [sys.executable, "-m", "opswitch", *args], capture_output=True, text=True, timeout=timeout,
-        env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )  # fmt: skip
+    return run_cli(*args, base=clean, env=env, timeout=timeout)
 
 
 @pytest.fixture

@@ -11,38 +11,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hf_models import perturbed_hf_model
+from helpers import LOGIT_RTOL, PARITY_SHAPES, random_prompt
 from support import require
 
 torch = require("torch")
 transformers = require("transformers")
 
 from opswitch.api import LanguageModel  # noqa: E402
+from opswitch.bench.models import random_hf_model  # noqa: E402
 from opswitch.model.gpt2 import GPT2  # noqa: E402
 from opswitch.model.weights import load_gpt2  # noqa: E402
 
-SHAPES = {
-    # odd sizes: n_embd 96 over 3 heads (head dim 32), vocab not a multiple of 8
-    "odd-96x3-v1001": dict(n_layer=2, n_embd=96, n_head=3, vocab_size=1001, n_positions=128),
-    # n_inner not 4·n_embd, head dim 16, 3 layers
-    "inner200-64x4-v517": dict(n_layer=3, n_embd=64, n_head=4, vocab_size=517, n_positions=96, n_inner=200),
-    # GPT-2's real vocabulary size: the tied lm_head is a 50257-row matrix
-    "gpt2vocab-128x2": dict(n_layer=1, n_embd=128, n_head=2, vocab_size=50257, n_positions=80),
-    # an untied lm_head (its own matrix), and an epsilon that is not the default
-    "untied-eps1e-6-48x2": dict(n_layer=2, n_embd=48, n_head=2, vocab_size=333, n_positions=96,
-                                tie_word_embeddings=False, layer_norm_epsilon=1e-6),
-}
-# float32 logits are sums over n_embd products after a dozen ops, each carrying
-# ~1e-7 relative error; HF's own float32 result has the same order of error, so
-# agreement to 2e-5 of the logit scale is what two correct float32 runs give.
-LOGIT_RTOL = 2e-5
 N_GREEDY = 64
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
+@pytest.fixture(scope="module", params=list(PARITY_SHAPES))
 def hf_model_dir(request, tmp_path_factory):
     """An HF model saved with safe_serialization=True, and the model itself."""
-    model = perturbed_hf_model(seed=len(request.param), **SHAPES[request.param])
+    model = random_hf_model(seed=len(request.param), **PARITY_SHAPES[request.param])
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory, safe_serialization=True)
     return directory, model
@@ -59,13 +45,9 @@ def _ours(loaded, backend) -> LanguageModel:
     return LanguageModel(GPT2(config, params, backend))
 
 
-def _prompt(vocab_size: int, n: int = 23) -> list[int]:
-    return np.random.default_rng(vocab_size).integers(0, vocab_size, n).tolist()
-
-
 def test_logits_match_transformers(hf_model_dir, loaded, opswitch_backend):
     _, hf = hf_model_dir
-    ids = _prompt(hf.config.vocab_size)
+    ids = random_prompt(hf.config.vocab_size)
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0].numpy().astype(np.float64)
     got = _ours(loaded, opswitch_backend).forward(ids).astype(np.float64)
@@ -94,7 +76,7 @@ def _hf_greedy(hf, ids: list[int], n: int) -> tuple[list[int], float]:
 @pytest.fixture(scope="module")
 def hf_greedy(hf_model_dir):
     _, hf = hf_model_dir
-    ids = _prompt(hf.config.vocab_size, 11)
+    ids = random_prompt(hf.config.vocab_size, 11)
     return ids, *_hf_greedy(hf, ids, N_GREEDY)
 
 
@@ -112,7 +94,7 @@ def test_greedy_generation_matches_transformers(hf_greedy, loaded, opswitch_back
 
 def test_cached_decode_equals_uncached_forward(loaded, opswitch_backend):
     model = _ours(loaded, opswitch_backend).model
-    ids = _prompt(model.config.vocab_size, 17)
+    ids = random_prompt(model.config.vocab_size, 17)
     full = model.forward(ids)
     cache = model.new_cache()
     steps = [model.next_logits(ids[:9], cache)] + [model.next_logits([t], cache) for t in ids[9:]]
@@ -123,7 +105,7 @@ def test_cached_decode_equals_uncached_forward(loaded, opswitch_backend):
 
 def test_loss_matches_transformers(hf_model_dir, loaded, opswitch_backend):
     _, hf = hf_model_dir
-    ids = _prompt(hf.config.vocab_size, 31)
+    ids = random_prompt(hf.config.vocab_size, 31)
     with torch.no_grad():
         expected = float(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss)
     got = _ours(loaded, opswitch_backend).loss(ids)
@@ -134,7 +116,7 @@ def test_chunked_prefill_equals_one_prefill(loaded, opswitch_backend):
     """A prompt fed through the cache in chunks (prefill with a past) gives the logits
     of feeding it at once."""
     model = _ours(loaded, opswitch_backend).model
-    ids = _prompt(model.config.vocab_size, 21)
+    ids = random_prompt(model.config.vocab_size, 21)
     full = model.forward(ids)
     cache = model.new_cache(len(ids))
     chunks = [ids[:5], ids[5:6], ids[6:15], ids[15:]]
@@ -148,7 +130,7 @@ def test_a_batched_step_equals_each_sequence_alone(loaded, opswitch_backend):
     logits equal stepping that sequence alone (the same ops, so bit for bit on
     backends whose kernels do not depend on the batch's row count)."""
     model = _ours(loaded, opswitch_backend).model
-    prompts = [_prompt(model.config.vocab_size, n)[:n] for n in (7, 1, 12, 3)]
+    prompts = [random_prompt(model.config.vocab_size, n)[:n] for n in (7, 1, 12, 3)]
     solo = [model.new_cache(20) for _ in prompts]
     together = [model.new_cache(20) for _ in prompts]
     alone = np.stack([model.step([(p, c)])[0] for p, c in zip(prompts, solo)])
@@ -165,7 +147,7 @@ def test_a_batched_step_equals_each_sequence_alone(loaded, opswitch_backend):
 @pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
 def test_generate_batch_equals_one_by_one(loaded, opswitch_backend, temperature):
     lm = _ours(loaded, opswitch_backend)
-    prompts = [_prompt(lm.config.vocab_size, n) for n in (3, 9, 1, 5)]
+    prompts = [random_prompt(lm.config.vocab_size, n) for n in (3, 9, 1, 5)]
     settings = [dict(seed=s, max_new_tokens=m) for s, m in zip((1, 2, 3, 4), (12, 5, 9, 1))]
     batched = lm.generate_batch(prompts, settings, temperature=temperature, stop_token=-1)
     alone = [

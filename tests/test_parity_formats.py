@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import LOGIT_RTOL, PARITY_SHAPES, random_prompt
 from support import require
 
 torch = require("torch")
 require("transformers")
 
-from hf_models import perturbed_hf_model  # noqa: E402
-from test_parity import LOGIT_RTOL, SHAPES, _prompt  # noqa: E402
 
 from opswitch.api import LanguageModel  # noqa: E402
+from opswitch.bench.models import random_hf_model  # noqa: E402
 from opswitch.core import formats  # noqa: E402
 from opswitch.core.registry import get_registry  # noqa: E402
 from opswitch.model.gpt2 import GPT2, weight_role  # noqa: E402
@@ -50,12 +50,12 @@ N_GREEDY = 64
 AMPLIFICATION = 4.0
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
+@pytest.fixture(scope="module", params=list(PARITY_SHAPES))
 def hf_case(request, tmp_path_factory):
-    model = perturbed_hf_model(seed=len(request.param), **SHAPES[request.param])
+    model = random_hf_model(seed=len(request.param), **PARITY_SHAPES[request.param])
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory, safe_serialization=True)
-    ids = _prompt(model.config.vocab_size, 11)
+    ids = random_prompt(model.config.vocab_size, 11)
     steps, margins = [], []
     with torch.no_grad():
         result = model(torch.tensor([ids]), use_cache=True)
@@ -66,7 +66,7 @@ def hf_case(request, tmp_path_factory):
             steps.append(int(torch.argmax(logits)))
             past = result.past_key_values
             result = model(torch.tensor([[steps[-1]]]), past_key_values=past, use_cache=True)
-        prompt = _prompt(model.config.vocab_size)
+        prompt = random_prompt(model.config.vocab_size)
         expected = model(torch.tensor([prompt])).logits[0].numpy().astype(np.float64)
     return load_gpt2(directory), ids, steps, np.array(margins), prompt, expected
 

@@ -9,11 +9,10 @@ install it.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
+from helpers import run_cli
 
 from opswitch.core import Backend, Probe, hookimpl
 from opswitch.core.errors import BackendError
@@ -44,10 +43,9 @@ def broken_site(tmp_path):
 
 
 def _run(site, *args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OPSWITCH_PROBE_TIMEOUT": "2"}
-    return subprocess.run([sys.executable, "-m", "opswitch", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def test_broken_plugins_never_break_the_tool(broken_site):

@@ -11,13 +11,7 @@ import textwrap
 from importlib import metadata
 
 import pytest
-
-
-def opswitch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "opswitch", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
-    )
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def example_installed() -> None:
 
 
 def test_example_plugin_is_listed_with_partial_coverage(example_installed):
-    result = opswitch("backends", "--json")
+    result = run_cli("backends", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)["backends"]}
     example = rows["example"]
@@ -38,14 +32,14 @@ def test_example_plugin_is_listed_with_partial_coverage(example_installed):
     assert "attention" in example["fallback_ops"]
     assert rows["naive"]["available"] and rows["blas"]["available"]
 
-    table = opswitch("backends", "--ops").stdout
+    table = run_cli("backends", "--ops").stdout
     assert "opswitch-example 0.1.0" in table
     op_line = next(line for line in table.splitlines() if line.startswith("attention"))
     assert op_line.split()[-1] == "fallback"  # the example column is last (lowest priority)
 
 
 def test_autoload_switch_hides_entry_point_plugins(example_installed):
-    result = opswitch("backends", "--json", env={"OPSWITCH_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    result = run_cli("backends", "--json", env={"OPSWITCH_DISABLE_PLUGIN_AUTOLOAD": "1"})
     names = [row["name"] for row in json.loads(result.stdout)["backends"]]
     assert "example" not in names and "naive" in names
 
@@ -58,20 +52,20 @@ def test_a_plugin_that_fails_to_import_is_listed_as_broken(tmp_path):
     (dist / "entry_points.txt").write_text("[opswitch]\nbroken = opswitch_broken_mod\n")
     (tmp_path / "opswitch_broken_mod.py").write_text("raise ImportError('needs libfrob.so')\n")
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = opswitch("backends", env=env)
+    result = run_cli("backends", env=env)
     assert result.returncode == 0, result.stderr
     assert "broken  BROKEN  (opswitch-broken 9.9): ImportError: needs libfrob.so" in result.stdout
     assert "naive" in result.stdout
-    payload = json.loads(opswitch("backends", "--json", env=env).stdout)
+    payload = json.loads(run_cli("backends", "--json", env=env).stdout)
     broken = {b["name"]: b for b in payload["broken_plugins"]}
     assert broken["broken"]["source"] == "opswitch-broken 9.9"
-    chosen = opswitch("generate", "--backend", "broken", "--prompt", "hi", env=env)
+    chosen = run_cli("generate", "--backend", "broken", "--prompt", "hi", env=env)
     assert chosen.returncode == 2 and len(chosen.stderr.strip().splitlines()) == 1
     assert "its plugin (opswitch-broken 9.9) failed: ImportError: needs libfrob.so" in chosen.stderr
 
 
 def test_conformance_command_passes_for_the_example_plugin(example_installed):
-    """The exact command the README gives plugin authors."""
+    """The exact command docs/plugins.md gives plugin authors."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--pyargs", "opswitch.testing",
          "--opswitch-backend=example", "-q", "-p", "no:cacheprovider"],

@@ -9,32 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import save_sharded
 
+from opswitch.bench.models import random_params
 from opswitch.core.errors import WeightsError
 from opswitch.model.config import GPT2Config
-from opswitch.model.safetensors import save_safetensors
-from opswitch.model.weights import INDEX_NAME, flatten_params, load_gpt2, save_gpt2
-from tests.conftest import random_params
+from opswitch.model.weights import INDEX_NAME, load_gpt2, save_gpt2
 
 CONFIG = GPT2Config(vocab_size=61, n_positions=16, n_embd=8, n_layer=2, n_head=2,
                     bos_token_id=0, eos_token_id=60)
 OLD, NEW = random_params(CONFIG, seed=1), random_params(CONFIG, seed=2)
-
-
-def save_sharded(directory: Path, params: dict, shards: int = 3) -> list[str]:
-    """What HF's save_pretrained(max_shard_size=...) writes: an index and model-XXXXX-of-XXXXX files."""
-    save_gpt2(directory, CONFIG, params, overwrite=True)
-    (directory / "model.safetensors").unlink()
-    flat = {"transformer." + n: a for n, a in flatten_params(params).items()}
-    names = sorted(flat)
-    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
-    weight_map = {}
-    for i, file in enumerate(files):
-        part = names[i::shards]
-        save_safetensors(directory / file, {n: flat[n] for n in part}, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return files
 
 
 def wte(directory: Path) -> np.ndarray:
@@ -42,7 +26,7 @@ def wte(directory: Path) -> np.ndarray:
 
 
 def test_overwrite_keeps_files_an_old_index_names_that_are_not_shards(tmp_path: Path) -> None:
-    save_sharded(tmp_path, OLD)
+    save_sharded(tmp_path, CONFIG, OLD)
     (tmp_path / "vocab.json").write_text('{"a": 0}')
     (tmp_path / "notes.safetensors").write_bytes(b"mine")
     index = json.loads((tmp_path / INDEX_NAME).read_text())
@@ -59,7 +43,7 @@ def test_overwrite_keeps_files_an_old_index_names_that_are_not_shards(tmp_path: 
 
 
 def test_overwrite_with_an_unreadable_index_deletes_no_shard(tmp_path: Path) -> None:
-    files = save_sharded(tmp_path, OLD)
+    files = save_sharded(tmp_path, CONFIG, OLD)
     (tmp_path / INDEX_NAME).write_text("not json")
     save_gpt2(tmp_path, CONFIG, NEW, overwrite=True)
     assert all((tmp_path / f).exists() for f in files)  # not provably ours: kept
@@ -100,7 +84,7 @@ def test_a_crash_at_any_step_leaves_a_loadable_directory(tmp_path: Path, monkeyp
     while True:
         directory = tmp_path / str(k)
         if sharded:
-            save_sharded(directory, OLD)
+            save_sharded(directory, CONFIG, OLD)
         else:
             save_gpt2(directory, CONFIG, OLD)
         with monkeypatch.context() as m:
@@ -132,7 +116,7 @@ def test_a_killed_writers_temporary_files_are_never_loaded_and_cleaned_up(tmp_pa
 
 @pytest.mark.parametrize("shard", ["vocab.json", ".model.safetensors.0123456789ab.tmp", "config.json"])
 def test_an_index_may_only_name_safetensors_files(tmp_path: Path, shard: str) -> None:
-    save_sharded(tmp_path, OLD)
+    save_sharded(tmp_path, CONFIG, OLD)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     index["weight_map"]["transformer.wte.weight"] = shard
     (tmp_path / INDEX_NAME).write_text(json.dumps(index))

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import queue
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
+from helpers import BACKEND, KEY, PROMPT, Server, http, metric
 from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
@@ -26,57 +21,7 @@ import openai  # noqa: E402
 
 import opswitch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-KEY = "test-key"
 MAX_BATCH, MAX_QUEUE = 8, 32
-BACKEND = "blas"
-
-
-class Server:
-    """`python -m opswitch serve` on a free loopback port, stopped with SIGINT as a user would."""
-
-    def __init__(self, *args: str) -> None:
-        # one BLAS thread unless told otherwise: on a small shared machine, threaded GEMMs of a few
-        # rows spend their time waiting for each other
-        env = {"OPSWITCH_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opswitch", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    raise RuntimeError("the server exited:\n" + "".join(self.log)) from None
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("the server did not start:\n" + "".join(self.log)) from None
-                continue
-            found = re.search(r"at (http://\S+)/v1 ", line)
-            if found:
-                self.url = found.group(1)
-                break
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +42,7 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def http(server, method: str, path: str, key: str | None = KEY, headers: dict | None = None,
-         **kwargs) -> httpx.Response:
-    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-    return httpx.request(method, f"{server.url}{path}", headers=headers, **{"timeout": 60, **kwargs})
-
-
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
-PROMPT = "It is a truth universally acknowledged"
 
 
 # -- completions equal lm.generate ---------------------------------------------------------------
@@ -235,37 +173,32 @@ def test_unknown_route_and_missing_key(server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
-def _metric(server, name: str) -> float:
-    text = http(server, "GET", "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
-
-
 def test_full_queue_is_429_and_a_disconnect_frees_the_batch(server):
     """A request of MAX_QUEUE sequences fills the queue; the next gets 429 with Retry-After.
     Closing the first stream cancels its sequences and frees their cache."""
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 200, "n": MAX_QUEUE, "stream": True,
             "temperature": 1.0, "seed": 1}
     headers = {"Authorization": f"Bearer {KEY}"}
-    before = _metric(server, "opswitch_generated_tokens_total")
+    before = metric(server, "opswitch_generated_tokens_total")
     with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions", json=body,
                                                  headers=headers) as stream:
         assert stream.status_code == 200
         lines = stream.iter_lines()  # (kept: closing the iterator would close the connection)
         next(lines)  # the first token has been made: the batch runs, the rest waits
-        assert _metric(server, "opswitch_running_sequences") == MAX_BATCH
-        assert _metric(server, "opswitch_kv_cache_bytes_in_use") > 0
+        assert metric(server, "opswitch_running_sequences") == MAX_BATCH
+        assert metric(server, "opswitch_kv_cache_bytes_in_use") > 0
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
         with pytest.raises(openai.RateLimitError) as info:
             client.completions.create(model="demo", prompt=PROMPT, max_tokens=5, n=MAX_BATCH + 1)
         assert info.value.response.headers["retry-after"] == "1"
     deadline = time.monotonic() + 30  # the stream is closed: its sequences go at the next step
-    while _metric(server, "opswitch_running_sequences") and time.monotonic() < deadline:
+    while metric(server, "opswitch_running_sequences") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _metric(server, "opswitch_running_sequences") == 0
-    assert _metric(server, "opswitch_queue_length") == 0
-    assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
+    assert metric(server, "opswitch_running_sequences") == 0
+    assert metric(server, "opswitch_queue_length") == 0
+    assert metric(server, "opswitch_kv_cache_bytes_in_use") == 0
     # cancelled, not finished: finishing would have made MAX_QUEUE * 200 tokens
-    made = _metric(server, "opswitch_generated_tokens_total") - before
+    made = metric(server, "opswitch_generated_tokens_total") - before
     assert made < MAX_QUEUE * 200 / 4, f"{made} tokens were made for a stream that was closed"
 
 
@@ -310,10 +243,10 @@ def test_a_client_that_leaves_a_whole_request_frees_its_batch(server):
     with pytest.raises(httpx.ReadTimeout):
         http(server, "POST", "/v1/completions", json=body, timeout=1.0)
     deadline = time.monotonic() + 30
-    while _metric(server, "opswitch_running_sequences") and time.monotonic() < deadline:
+    while metric(server, "opswitch_running_sequences") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _metric(server, "opswitch_running_sequences") == 0
-    assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
+    assert metric(server, "opswitch_running_sequences") == 0
+    assert metric(server, "opswitch_kv_cache_bytes_in_use") == 0
     assert 'opswitch_requests_total{status="499"}' in http(server, "GET", "/metrics").text
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import BACKEND, KEY, PROMPT, Server
 from support import require
 
 hypothesis = require("hypothesis")
@@ -18,7 +19,6 @@ httpx = require("httpx")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_serve import BACKEND, KEY, PROMPT, Server  # noqa: E402  (it skips without the serve extra)
 
 ARGUMENTS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
              "stream_options", "logprobs", "stop", "seed", "user", "echo", "suffix", "best_of",

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import BACKEND, KEY, PROMPT, ROOT, Server, http, metric
 from support import require
 
 httpx = require("httpx")
 
-from test_serve import BACKEND, KEY, PROMPT, ROOT, Server, http  # noqa: E402  (it skips without the extra)
 
 N_CTX = 256  # the demo model's context
 HEADER_TIMEOUT = BODY_TIMEOUT = SEND_TIMEOUT = 1.0
@@ -71,11 +71,6 @@ def _drain(sock: socket.socket, within: float) -> tuple[bytes, bool]:
 def _rss_bytes(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024
-
-
-def _metric(server, name: str) -> float:
-    text = http(server, "GET", "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
 def _openai_error(response: httpx.Response) -> dict:
@@ -239,8 +234,8 @@ def test_a_client_that_never_reads_its_stream_is_cut_off(server):
     n, max_tokens = 8, 240
     body = json.dumps({"model": "demo", "prompt": "Hello", "max_tokens": max_tokens, "n": n, "seed": 1,
                        "temperature": 1.0, "stream": True, "logprobs": 5}).encode()
-    generated_before = _metric(server, "opswitch_generated_tokens_total")
-    connections_before = _metric(server, "opswitch_open_connections")  # (counting the scrape's own)
+    generated_before = metric(server, "opswitch_generated_tokens_total")
+    connections_before = metric(server, "opswitch_open_connections")  # (counting the scrape's own)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's kernel takes little
     sock.connect(_address(server))
@@ -249,14 +244,14 @@ def test_a_client_that_never_reads_its_stream_is_cut_off(server):
                      + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
         deadline = time.monotonic() + 60
         time.sleep(1)
-        while _metric(server, "opswitch_running_sequences") and time.monotonic() < deadline:
+        while metric(server, "opswitch_running_sequences") and time.monotonic() < deadline:
             time.sleep(0.2)
-        generated = _metric(server, "opswitch_generated_tokens_total") - generated_before
-        assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
+        generated = metric(server, "opswitch_generated_tokens_total") - generated_before
+        assert metric(server, "opswitch_kv_cache_bytes_in_use") == 0
         # the server lets go of the connection (and its unsent output) while the client still
         # holds it open, unread: closing gracefully would wait for it to read, for ever
         deadline = time.monotonic() + 4 * SEND_TIMEOUT + 5
-        while _metric(server, "opswitch_open_connections") > connections_before:
+        while metric(server, "opswitch_open_connections") > connections_before:
             assert time.monotonic() < deadline, "the server kept the connection of a client that never read"
             time.sleep(0.2)
         data, closed = _drain(sock, within=SEND_TIMEOUT + 10)

@@ -18,13 +18,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from helpers import KEY, Server, metric
 from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
     require(_module)
 
 import openai  # noqa: E402
-from test_serve import KEY, Server, _metric  # noqa: E402
 
 import opswitch  # noqa: E402
 
@@ -75,7 +75,7 @@ def _until(condition, what: str, seconds: float = 60.0) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streaming"])
 def test_a_client_that_leaves_is_cancelled_not_finished(server, stream):
-    before = _metric(server, "opswitch_generated_tokens_total")
+    before = metric(server, "opswitch_generated_tokens_total")
     body = {"model": "long", "prompt": PROMPT, "max_tokens": LONG_TOKENS, "n": N_LONG, "temperature": 1.0,
             "seed": 11, "stream": stream}
     sock = _raw_request(server, body)
@@ -87,17 +87,17 @@ def test_a_client_that_leaves_is_cancelled_not_finished(server, stream):
                 assert chunk, "the server closed the stream"
                 received += chunk
         else:
-            _until(lambda: _metric(server, "opswitch_running_sequences") == N_LONG, "the request never ran")
+            _until(lambda: metric(server, "opswitch_running_sequences") == N_LONG, "the request never ran")
     finally:
         sock.close()
-    _until(lambda: _metric(server, "opswitch_running_sequences") == 0, "the sequences kept running")
-    made = _metric(server, "opswitch_generated_tokens_total") - before
+    _until(lambda: metric(server, "opswitch_running_sequences") == 0, "the sequences kept running")
+    made = metric(server, "opswitch_generated_tokens_total") - before
     # cancelled at the next step, it makes a few tokens (8 to 24 here); a tenth of the request
     # leaves hundreds of steps for a slow machine.  (All N_LONG sequences ending on the stop
     # token that early, had they run on, is vanishingly unlikely; with seed 11 none does.)
     assert 0 < made < N_LONG * LONG_TOKENS / 10, f"{made} tokens were made for a client that had left"
-    assert _metric(server, "opswitch_kv_cache_bytes_in_use") == 0
-    assert _metric(server, "opswitch_queue_length") == 0
+    assert metric(server, "opswitch_kv_cache_bytes_in_use") == 0
+    assert metric(server, "opswitch_queue_length") == 0
 
 
 N_STOP, STOP_SEED = 3, 5

@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
+from helpers import BACKEND, Server
 from support import require
 
 httpx = require("httpx")
 
-from test_serve import BACKEND, Server  # noqa: E402  (it skips without the serve extra)
 
 GRACE = 5.0
 

@@ -110,7 +110,7 @@ def test_sampling_any_temperature_gives_a_valid_id(temperature, logits, top_k, t
 @pytest.fixture
 def two_models(tmp_path: Path, tiny_config, tiny_params):
     """DIR with model.safetensors and a different other.safetensors beside it."""
-    from tests.conftest import random_params
+    from opswitch.bench.models import random_params
 
     save_gpt2(tmp_path, tiny_config, tiny_params)
     other = random_params(tiny_config, seed=99)
@@ -139,9 +139,14 @@ def test_resolve_model_never_swaps_a_weights_file_for_another(two_models) -> Non
 
 
 def test_resolve_model_accepts_a_shard_its_index_names(tmp_path: Path) -> None:
-    from opswitch.model.hub import resolve_model
-    from tests.test_save_safety import CONFIG, OLD, save_sharded
+    from helpers import save_sharded
 
-    files = save_sharded(tmp_path, OLD)
+    from opswitch.bench.models import random_params
+    from opswitch.model.config import GPT2Config
+    from opswitch.model.hub import resolve_model
+
+    config = GPT2Config(vocab_size=61, n_positions=16, n_embd=8, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=60)
+    files = save_sharded(tmp_path, config, random_params(config, seed=1))
     assert resolve_model(str(tmp_path / files[1])) == tmp_path
-    assert load_gpt2(tmp_path)[0] == CONFIG
+    assert load_gpt2(tmp_path)[0] == config
