@@ -7,11 +7,13 @@ same way, so their ratio within one run is the figure that means something.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from opswitch.bench.idle import Quiet
 from opswitch.bench.rows import Row
+from opswitch.core.backend import Backend
 
 
 def decode_rate(model, prompt: list[int], new_tokens: int, repeats: int, quiet: Quiet) -> Row:
@@ -111,7 +113,7 @@ def engine_rows(engine: str, model, vocab: int, repeats: int, prompt: int, late:
     return rows
 
 
-def native_engines(backends, formats: list[str]) -> list[tuple[str, object, str]]:
+def native_engines(backends: Sequence[Backend], formats: Sequence[str]) -> list[tuple[str, Backend, str]]:
     """(label, backend, format) for each backend and each format it keeps natively."""
     out = []
     for backend in backends:
