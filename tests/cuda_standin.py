@@ -450,7 +450,7 @@ class Function:
                 raise TypeError(f"{self.name}: a kernel argument of type {type(a).__name__}")
         si = self.module.si
         if si.kernels == "cpu":
-            from tests import cuda_cpu
+            import cuda_cpu
 
             built, raw = cuda_cpu.build(self.module.file), [_raw(a) for a in args]
             fn = lambda: built.launch(self.name, grid, block, shared_mem, raw)  # noqa: E731

@@ -581,7 +581,7 @@ def test_the_arena_copies_at_once_or_when_flushed():
 
 # -- the backend itself, on a stand-in CuPy that emulates its kernels (tests/cuda_standin.py) ---
 def standin(monkeypatch, **kwargs):
-    from tests.cuda_standin import StandIn
+    from cuda_standin import StandIn
 
     return StandIn(**kwargs).install(monkeypatch)
 

@@ -10,6 +10,7 @@ show: timing, races between blocks, anything of the real memory system.
 
 from __future__ import annotations
 
+import cuda_cpu
 import numpy as np
 import pytest
 
@@ -17,7 +18,6 @@ from opswitch.backends import cuda
 from opswitch.core import Registry
 from opswitch.testing import test_conformance as suite
 from opswitch.testing.cases import CASES
-from tests import cuda_cpu
 
 pytestmark = pytest.mark.skipif(not cuda_cpu.available(), reason="needs g++ to build the kernels for the CPU")
 
@@ -30,7 +30,7 @@ def built():
 
 @pytest.fixture
 def si(monkeypatch):
-    from tests.cuda_standin import StandIn
+    from cuda_standin import StandIn
 
     return StandIn(kernels="cpu").install(monkeypatch)
 
@@ -54,8 +54,9 @@ def test_decoding_through_the_cache_and_a_batch(backend):
 def test_greedy_decode_with_graphs_equals_the_naive_backend(monkeypatch, si, weights):
     """A 20-token prompt (SGEMM path, widened weights) and 6 decode steps (GEMV,
     split attention), replayed from a captured graph: the naive backend's logits."""
+    from test_cuda import generate, tiny_gpt2
+
     from opswitch.model.gpt2 import GPT2
-    from tests.test_cuda import generate, tiny_gpt2
 
     monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
     registry = Registry(autoload=False)
@@ -73,6 +74,6 @@ def test_greedy_decode_with_graphs_equals_the_naive_backend(monkeypatch, si, wei
 
 def test_fused_pairs_keep_every_output(backend):
     """add_layernorm and gemv_n's GELU epilogue, as CUDA code, on rows wider than a block."""
-    from tests.test_cuda import check_fused_pairs
+    from test_cuda import check_fused_pairs
 
     check_fused_pairs(backend)
