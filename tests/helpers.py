@@ -161,7 +161,7 @@ def metric(server: Server, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
-# -- models for the parity and CUDA tests ------------------------------------------------------
+# -- models for the parity tests ------------------------------------------------------
 PARITY_SHAPES = {
     # odd sizes: n_embd 96 over 3 heads (head dim 32), vocab not a multiple of 8
     "odd-96x3-v1001": dict(n_layer=2, n_embd=96, n_head=3, vocab_size=1001, n_positions=128),
@@ -182,85 +182,3 @@ LOGIT_RTOL = 2e-5
 def random_prompt(vocab_size: int, n: int = 23) -> list[int]:
     """``n`` ids of a vocabulary, the same for one vocabulary size."""
     return np.random.default_rng(vocab_size).integers(0, vocab_size, n).tolist()
-
-
-def tiny_gpt2(n_layer=2, n_head=2, n_embd=32, vocab=64, n_positions=64):
-    """(config, small-valued random params) of a small GPT-2 for the CUDA tests."""
-    from opswitch.bench.models import random_params
-    from opswitch.model.config import GPT2Config
-
-    config = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head)  # fmt: skip
-    return config, random_params(config, seed=1, scale=0.02)
-
-
-def greedy_step_logits(model, prompt, n_new):
-    """Greedy decode: every step's logits."""
-    cache = model.new_cache()
-    logits = [model.step([(prompt, cache)])]
-    for _ in range(n_new):
-        logits.append(model.step([([int(np.argmax(logits[-1][0]))], cache)]))
-    return np.concatenate(logits)
-
-
-def _randn(rng: np.random.Generator):
-    return lambda *shape: rng.standard_normal(shape)
-
-
-def check_fused_pairs(be) -> None:
-    """add -> layernorm and linear -> gelu, fused on the device: the fused op's result
-    and the first op's output (still readable) are the reference's; other orders flush."""
-    from opswitch.core import formats, ops
-
-    randn = _randn(np.random.default_rng(0))
-    x, y = randn(3, 700).astype(np.float32), randn(3, 700).astype(np.float32)
-    g, b = randn(700).astype(np.float32), randn(700).astype(np.float32)
-    dx, dy, dg, db = (be.to_device(v) for v in (x, y, g, b))  # an upload between them would flush
-    total = be.add(dx, dy)
-    normed = be.layernorm(total, dg, db)
-    want_total = x.astype(np.float64) + y
-    np.testing.assert_allclose(be.to_host(normed), ops.layernorm(want_total, g, b), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(be.to_host(total), x + y)
-    a, w, bias = (randn(*s).astype(np.float32) for s in ((3, 70), (70, 100), (100,)))
-    for fmt in ("f32", "f16", "bf16", "int8"):
-        stored = formats.encode(w, fmt, "linear")
-        wide = formats.decode(stored).astype(np.float64)
-        args = be.to_device(a), be.upload_weight(stored), be.to_device(bias)
-        pre = be.linear(*args)
-        act = be.gelu(pre)
-        want_pre = a.astype(np.float64) @ wide + bias
-        np.testing.assert_allclose(be.to_host(act), ops.gelu(want_pre), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(be.to_host(pre), want_pre, rtol=1e-5, atol=1e-5)
-    # add -> layernorm -> linear -> gelu: one GEMV, which makes the layernorm's rows itself
-    w2, b2 = randn(700, 50).astype(np.float32), randn(50).astype(np.float32)
-    dw2, db2 = be.to_device(w2), be.to_device(b2)
-    total2 = be.add(dx, dy)
-    normed2 = be.layernorm(total2, dg, db)
-    pre2 = be.linear(normed2, dw2, db2)
-    act2 = be.gelu(pre2)
-    want_normed = ops.layernorm(want_total, g, b)
-    want_pre2 = want_normed @ w2 + b2
-    np.testing.assert_allclose(be.to_host(act2), ops.gelu(want_pre2), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(be.to_host(pre2), want_pre2, rtol=1e-4, atol=1e-4)  # sums of 700 |x| ~ 3
-    np.testing.assert_allclose(be.to_host(normed2), want_normed, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(be.to_host(total2), x + y)
-    other = be.gelu(be.add(dx, dy))  # not a fused pair: the add launches first
-    np.testing.assert_allclose(be.to_host(other), ops.gelu(want_total), rtol=1e-5, atol=1e-5)
-    # the qkv GEMV writes the new keys and values into the caches: 2 sequences, 3 new rows
-    n_head, d, capacity, starts, counts = 2, 8, 300, [290, 4], [2, 1]
-    e = n_head * d
-    h, wq, bq = (randn(*s).astype(np.float32) for s in ((3, 40), (40, 3 * e), (3 * e,)))
-    past = [(randn(n_head, capacity, d), randn(n_head, capacity, d)) for _ in counts]
-    past = [(k.astype(np.float32), v.astype(np.float32)) for k, v in past]
-    caches = [(be.to_device(k), be.to_device(v)) for k, v in past]
-    args = be.to_device(h), be.to_device(wq), be.to_device(bq)
-    qkv = be.linear(*args)
-    att = be.attention_batch(qkv, n_head, caches, starts, counts)
-    want_qkv = h.astype(np.float64) @ wq + bq
-    ref_caches = [(k.astype(np.float64), v.astype(np.float64)) for k, v in past]
-    want_att = ops.attention_batch(want_qkv, n_head, ref_caches, starts, counts)
-    np.testing.assert_allclose(be.to_host(att), want_att, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(be.to_host(qkv), want_qkv, rtol=1e-5, atol=1e-5)
-    for (k, v), (rk, rv) in zip(caches, ref_caches):
-        np.testing.assert_allclose(be.to_host(k), rk, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(be.to_host(v), rv, rtol=1e-5, atol=1e-5)
