@@ -142,10 +142,10 @@ def cross_entropy(logits: Host, targets: Host) -> Host:  # [n, n_vocab], int [n]
     return np.array([-lp[np.arange(t.size), t].sum()], dtype=np.asarray(logits).dtype)
 
 
-def log_softmax(x):  # [..., n_vocab] -> [..., n_vocab] float64
+def log_softmax(x: Host) -> np.ndarray:  # [..., n_vocab] -> [..., n_vocab] float64
     """``log softmax(x)`` over the last axis in float64, stable (``x - m - log Σ exp(x - m)``
-    with ``m`` the row's max): the one the cross_entropy reference, evaluation and the
-    server's logprobs share (not an op: a host helper)."""
+    with ``m`` the row's max): the one the cross_entropy reference (so evaluation on the
+    host) and the server's logprobs share (not an op: a host helper)."""
     x = np.asarray(x, dtype=np.float64)
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
