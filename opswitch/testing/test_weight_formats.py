@@ -1,5 +1,5 @@
 """Weights in a storage format (``opswitch.core.formats``): a backend's products with
-an uploaded f16/bf16/int8 weight against the float64 reference of the *decoded*
+an uploaded f16/bf16/int8/q8_0/q4_0 weight against the float64 reference of the *decoded*
 weight, so a fused dequantise-and-multiply kernel is held to the same error bound
 as a float32 GEMM (the rounding of the format itself is not the backend's error).
 
@@ -16,9 +16,11 @@ from opswitch.core import formats
 from opswitch.core.registry import get_registry
 from opswitch.testing.cases import _linear_bound, _matmul_bound
 
-REDUCED = ("f16", "bf16", "int8")
-# (rows, n_in, n_out): decode GEMV, a small batch, a GEMM; odd sizes; GPT-2 small's c_fc
-SHAPES = [(1, 7, 3), (1, 65, 127), (3, 96, 97), (7, 33, 130), (1, 768, 3072), (40, 96, 200)]
+REDUCED = ("f16", "bf16", "int8", "q8_0", "q4_0")
+# (rows, n_in, n_out): decode GEMV, a small batch, a GEMM; odd sizes; GPT-2 small's c_fc.
+# The block formats need n_in a multiple of 32: the others test their int8 fallback.
+SHAPES = [(1, 7, 3), (1, 65, 127), (3, 96, 97), (7, 33, 130), (1, 768, 3072), (40, 96, 200),
+          (6, 64, 40)]
 
 
 def _upload(backend, w: np.ndarray, fmt: str, role: str):
