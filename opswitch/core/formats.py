@@ -129,6 +129,18 @@ _F16_MAX = float(np.finfo(np.float16).max)
 _CHUNK_BLOCKS = 1 << 13  # blocks encoded or decoded at a time (1 MiB of float32 values)
 
 
+def storage_note(fmt: str, kept: dict[str, int]) -> str:
+    """What the load line says about the weights: ``fmt``, and how many matrices a
+    block format left in ``BLOCK_FALLBACK`` (``kept``: matrices per stored format)."""
+    others = {f: n for f, n in kept.items() if f != fmt}
+    if fmt not in BLOCK_FORMATS or not others:
+        return fmt
+    total = sum(kept.values())
+    parts = ", ".join(f"{n} of {total} matrices as {f}" for f, n in sorted(others.items()))
+    return (f"{fmt}; {parts} ({fmt} holds a matrix whose reduction length is a multiple of"
+            f" {BLOCK} and whose block scales fit in f16)")
+
+
 def reduction_axis(role: str) -> int:
     """The axis the blocks run along: rows of a Conv1D weight, columns of a table."""
     return 0 if role == "linear" else 1
