@@ -25,6 +25,7 @@ from opswitch.core import formats
 from opswitch.core.registry import get_registry
 from opswitch.model.config import GPT2Config
 from opswitch.model.gpt2 import GPT2, weight_role
+from opswitch.model.weights import nest_params
 
 BLOCK_FORMATS = ("q8_0", "q4_0")
 LOGIT_RTOL = 2e-5  # two correct float32 runs of these models (test_parity's bound and reasoning)
@@ -32,9 +33,15 @@ AMPLIFICATION = 4.0  # test_parity_formats: sqrt(5 matmuls) in quadrature, layer
 
 
 def _random_params(config: GPT2Config, seed: int) -> dict:
-    from conftest import random_params
-
-    return random_params(config, seed=seed, scale=0.2)
+    """Random weights of the config's shapes (scale 0.2), layernorm gains near 1."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for name, shape in config.param_shapes().items():
+        values = rng.standard_normal(shape) * 0.2
+        if name.endswith(("ln_1.weight", "ln_2.weight")) or name == "ln_f.weight":
+            values += 1.0
+        flat[name] = values.astype(np.float32)
+    return nest_params(flat, config.n_layer)
 
 
 @pytest.fixture(scope="module")
