@@ -4,7 +4,12 @@ weight, so a fused dequantise-and-multiply kernel is held to the same error boun
 as a float32 GEMM (the rounding of the format itself is not the backend's error).
 
 Runs for every format, whether the backend keeps it natively (``weight_formats``)
-or receives it decoded, so the model's path for any backend is covered.
+or receives it decoded, so the model's path for any backend is covered.  The block
+formats (q8_0, q4_0) are held to the same bound: their decoded values ``q·d`` are
+exact in float32, and a block kernel that multiplies them by x and sums in float32
+rounds each term at most once more (the block scale) than a GEMM, within the
+``k + 2`` of ``_gemm_bound`` for any k >= 32; a kernel that rounds x to 8 bits, as
+ggml's does, would not be, and that is a difference this test must report.
 """
 
 from __future__ import annotations
