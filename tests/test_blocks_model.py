@@ -99,7 +99,7 @@ def _rounding_bound(w: np.ndarray, fmt: str, role: str) -> np.ndarray:
     round to nearest), one full step for q4_0 (d = -max / 8 with ``max`` the value of
     largest magnitude; values of the other sign reach +8 and are clipped to 7)."""
     rows = np.abs(np.asarray(w.T if role == "linear" else w, dtype=np.float64))
-    blocks = rows.reshape(rows.shape[0], -1, formats.BLOCK)
+    blocks = rows.reshape(rows.shape[0], -1, formats.BLOCK_VALUES)
     amax = blocks.max(axis=2, keepdims=True)
     d, q_max, step = (amax / 127, 127, 0.5) if fmt == "q8_0" else (amax / 8, 8, 1.0)
     d16_error = np.maximum(d * 2.0**-11, 2.0**-25)
@@ -161,8 +161,8 @@ def test_the_weights_stay_blocks_on_cpu() -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    stored = f32_bytes // 4 // formats.BLOCK * formats.BLOCK_BYTES["q8_0"]
-    chunks = 8 * formats._CHUNK_BLOCKS * formats.BLOCK * 4
+    stored = f32_bytes // 4 // formats.BLOCK_VALUES * formats.BLOCK_BYTES["q8_0"]
+    chunks = 8 * formats._CHUNK_BLOCKS * formats.BLOCK_VALUES * 4
     assert model.stored_formats == {"q8_0": 9}
     assert peak <= 1.3 * stored + chunks, f"peak {peak / 2**20:.1f} MiB, {stored / 2**20:.1f} MiB of blocks"
     assert peak < f32_bytes / 2  # far from a float32 copy (the bound above is ~0.45 of it)

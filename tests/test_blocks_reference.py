@@ -193,6 +193,6 @@ def test_encoding_and_decoding_hold_about_their_output_in_memory(fmt) -> None:
         decode_peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    slack = 16 * formats._CHUNK_BLOCKS * formats.BLOCK * 4  # a few float32 chunk temporaries
+    slack = 16 * formats._CHUNK_BLOCKS * formats.BLOCK_VALUES * 4  # a few float32 chunk temporaries
     assert encode_peak <= stored.nbytes + slack, (encode_peak, stored.nbytes)
     assert decode_peak <= decoded.nbytes + slack, (decode_peak, decoded.nbytes)

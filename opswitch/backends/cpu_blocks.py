@@ -31,7 +31,7 @@ from numba.np.arrayobj import make_array
 
 from opswitch.backends.cpu_kernels import _f16
 
-BLOCK = 32
+BLOCK_VALUES = 32
 Q8_0_BYTES = 34
 Q4_0_BYTES = 18
 ROWS = 16  # output rows per parallel task, as cpu_kernels
@@ -46,9 +46,9 @@ def _lanes(typingctx):
 
     def codegen(context, builder, signature, args):
         ary = make_array(arrty)(context, builder)
-        data = cgutils.alloca_once(builder, ir.FloatType(), size=BLOCK)
+        data = cgutils.alloca_once(builder, ir.FloatType(), size=BLOCK_VALUES)
         intp = context.get_value_type(types.intp)
-        context.populate_array(ary, data=data, shape=[ir.Constant(intp, BLOCK)],
+        context.populate_array(ary, data=data, shape=[ir.Constant(intp, BLOCK_VALUES)],
                                strides=[ir.Constant(intp, 4)], itemsize=ir.Constant(intp, 4), meminfo=None)
         return ary._getvalue()
 
@@ -91,13 +91,13 @@ else:
 def _dot_q8_0(w, o, x, r):
     n_blocks = w.shape[1] // Q8_0_BYTES
     acc = _lanes()
-    for i in range(BLOCK):
+    for i in range(BLOCK_VALUES):
         acc[i] = 0
     for blk in range(n_blocks):
         base = blk * Q8_0_BYTES
         d = _scale(w, o, base)
-        xo = blk * BLOCK
-        for i in range(BLOCK):
+        xo = blk * BLOCK_VALUES
+        for i in range(BLOCK_VALUES):
             acc[i] += (np.float32(np.int8(w[o, base + 2 + i])) * d) * x[r, xo + i]
     return acc.sum()
 
@@ -106,14 +106,14 @@ def _dot_q8_0(w, o, x, r):
 def _dot_q4_0(w, o, x, r):
     n_blocks = w.shape[1] // Q4_0_BYTES
     acc = _lanes()
-    for i in range(BLOCK):
+    for i in range(BLOCK_VALUES):
         acc[i] = 0
-    half = BLOCK // 2
+    half = BLOCK_VALUES // 2
     for blk in range(n_blocks):
         base = blk * Q4_0_BYTES
         d = _scale(w, o, base)
         d_high = d * np.float32(0.0625)  # the high nibble is read in place, 16 times too big
-        xo = blk * BLOCK
+        xo = blk * BLOCK_VALUES
         for j in range(half):
             b = np.int32(w[o, base + 2 + j])
             acc[j] += (np.float32((b & np.int32(15)) - np.int32(8)) * d) * x[r, xo + j]
@@ -149,18 +149,18 @@ def dequant_q8_0(w, out):  # uint8 [n, nb·34] -> f32 [n, nb·32], exactly forma
         for blk in range(w.shape[1] // Q8_0_BYTES):
             base = blk * Q8_0_BYTES
             d = _scale(w, o, base)
-            for i in range(BLOCK):
-                out[o, blk * BLOCK + i] = np.float32(np.int8(w[o, base + 2 + i])) * d
+            for i in range(BLOCK_VALUES):
+                out[o, blk * BLOCK_VALUES + i] = np.float32(np.int8(w[o, base + 2 + i])) * d
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")
 def dequant_q4_0(w, out):  # uint8 [n, nb·18] -> f32 [n, nb·32]
-    half = BLOCK // 2
+    half = BLOCK_VALUES // 2
     for o in range(w.shape[0]):
         for blk in range(w.shape[1] // Q4_0_BYTES):
             base = blk * Q4_0_BYTES
             d = _scale(w, o, base)
             for j in range(half):
                 b = np.int32(w[o, base + 2 + j])
-                out[o, blk * BLOCK + j] = np.float32((b & np.int32(15)) - np.int32(8)) * d
-                out[o, blk * BLOCK + half + j] = np.float32((b >> np.int32(4)) - np.int32(8)) * d
+                out[o, blk * BLOCK_VALUES + j] = np.float32((b & np.int32(15)) - np.int32(8)) * d
+                out[o, blk * BLOCK_VALUES + half + j] = np.float32((b >> np.int32(4)) - np.int32(8)) * d

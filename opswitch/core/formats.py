@@ -118,8 +118,8 @@ def decode(stored: Stored) -> np.ndarray:
 # loader passes a slice of the mapped file as it is (``from_blocks``).  The
 # quantisers are ggml's reference ones, bit for bit as ``gguf.quants`` writes them.
 
-BLOCK = 32  # values per block, both formats
-BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
+BLOCK_VALUES = 32  # values per block, both formats
+BLOCK_BYTES = {"q8_0": 2 + BLOCK_VALUES, "q4_0": 2 + BLOCK_VALUES // 2}
 BLOCK_FORMATS = tuple(BLOCK_BYTES)
 # Where a block format cannot hold a matrix (its reduction length is not a multiple
 # of 32, or a block's scale overflows f16), the matrix is stored in this format
@@ -138,7 +138,7 @@ def storage_note(fmt: str, kept: dict[str, int]) -> str:
     total = sum(kept.values())
     parts = ", ".join(f"{n} of {total} matrices as {f}" for f, n in sorted(others.items()))
     return (f"{fmt}; {parts} ({fmt} holds a matrix whose reduction length is a multiple of"
-            f" {BLOCK} and whose block scales fit in f16)")
+            f" {BLOCK_VALUES} and whose block scales fit in f16)")
 
 
 def reduction_axis(role: str) -> int:
@@ -157,14 +157,14 @@ def from_blocks(fmt: str, role: str, blocks: np.ndarray, shape: tuple[int, ...])
     if len(dims) != 2 or min(dims) < 1:
         raise OpswitchError(f"a {fmt} weight has a 2-D shape of positive sizes, got {dims}")
     n_red, n_rows = (dims[0], dims[1]) if role == "linear" else (dims[1], dims[0])
-    if n_red % BLOCK:
+    if n_red % BLOCK_VALUES:
         raise OpswitchError(f"a {fmt} weight of shape {dims} has a reduction length {n_red},"
-                            f" not a multiple of the block size {BLOCK}")
+                            f" not a multiple of the block size {BLOCK_VALUES}")
     if not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8 or blocks.ndim != 2:
         got = (f"{blocks.dtype} array of {blocks.ndim} dims" if isinstance(blocks, np.ndarray)
                else type(blocks).__name__)
         raise OpswitchError(f"{fmt} blocks must be a 2-D uint8 array, got a {got}")
-    want = (n_rows, n_red // BLOCK * BLOCK_BYTES[fmt])
+    want = (n_rows, n_red // BLOCK_VALUES * BLOCK_BYTES[fmt])
     if blocks.shape != want:
         raise OpswitchError(f"{fmt} blocks of a {dims} weight must be {want[0]} x {want[1]} bytes,"
                             f" got {blocks.shape[0]} x {blocks.shape[1]}")
@@ -176,12 +176,12 @@ def quantize_rows(rows: np.ndarray, fmt: str) -> np.ndarray:
     reference quantiser, with ``gguf.quants``' own float32 operations in its order (so
     bit-identical for every input, non-finite ones included)."""
     n, k = rows.shape
-    out = np.empty((n, k // BLOCK * BLOCK_BYTES[fmt]), dtype=np.uint8)
-    per_chunk = max(1, _CHUNK_BLOCKS // max(1, k // BLOCK))
+    out = np.empty((n, k // BLOCK_VALUES * BLOCK_BYTES[fmt]), dtype=np.uint8)
+    per_chunk = max(1, _CHUNK_BLOCKS // max(1, k // BLOCK_VALUES))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for lo in range(0, n, per_chunk):
             hi = min(n, lo + per_chunk)
-            blocks = np.asarray(rows[lo:hi], dtype=np.float32).reshape(-1, BLOCK)
+            blocks = np.asarray(rows[lo:hi], dtype=np.float32).reshape(-1, BLOCK_VALUES)
             d, q = _QUANTISERS[fmt](blocks, 1)
             packed = out[lo:hi].reshape(-1, BLOCK_BYTES[fmt])
             packed[:, :2] = d.astype(np.float16).view(np.uint8)
@@ -196,13 +196,14 @@ def quantize_columns(w: np.ndarray, fmt: str) -> np.ndarray:
     transposed into place."""
     k, n = w.shape
     size = BLOCK_BYTES[fmt]
-    out = np.empty((n, k // BLOCK * size), dtype=np.uint8)
-    grouped = out.reshape(n, k // BLOCK, size)
+    out = np.empty((n, k // BLOCK_VALUES * size), dtype=np.uint8)
+    grouped = out.reshape(n, k // BLOCK_VALUES, size)
     per_chunk = max(1, _CHUNK_BLOCKS // max(1, n))  # groups of 32 rows at a time
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for lo in range(0, k // BLOCK, per_chunk):
-            hi = min(k // BLOCK, lo + per_chunk)
-            blocks = np.asarray(w[lo * BLOCK : hi * BLOCK], dtype=np.float32).reshape(hi - lo, BLOCK, n)
+        for lo in range(0, k // BLOCK_VALUES, per_chunk):
+            hi = min(k // BLOCK_VALUES, lo + per_chunk)
+            slab = np.asarray(w[lo * BLOCK_VALUES : hi * BLOCK_VALUES], dtype=np.float32)
+            blocks = slab.reshape(hi - lo, BLOCK_VALUES, n)
             d, q = _QUANTISERS[fmt](blocks, 1)
             grouped[:, lo:hi, :2] = np.ascontiguousarray(d[:, 0, :].astype(np.float16).T).view(
                 np.uint8).reshape(n, hi - lo, 2)
@@ -250,7 +251,7 @@ def _encode_blocks(w: np.ndarray, fmt: str, role: str) -> Stored:
     """``w`` in a block format; a matrix the format cannot hold stays ``BLOCK_FALLBACK``
     (the caller sees it in ``Stored.fmt``)."""
     axis = reduction_axis(role)
-    if w.shape[axis] % BLOCK or w.size == 0:
+    if w.shape[axis] % BLOCK_VALUES or w.size == 0:
         return encode(w, BLOCK_FALLBACK, role)
     blocks = quantize_columns(w, fmt) if role == "linear" else quantize_rows(w, fmt)
     stored = Stored(fmt, role, blocks, None, tuple(w.shape))
