@@ -73,14 +73,19 @@ def weight_role(path: str) -> str:
     return "vector"  # biases, layernorm gains, position embeddings: always float32
 
 
-def _upload(backend: Backend, params: Any, fmt: str, path: str = "") -> Any:
+def _upload(backend: Backend, params: Any, fmt: str | None, path: str = "") -> Any:
     """Every weight to ``backend`` once, in ``fmt`` where the backend keeps it natively,
-    else as the float32 values the format stands for (so all backends agree)."""
+    else as the float32 values the format stands for (so all backends agree).
+    ``fmt=None`` keeps each weight as the host params hold it (arrays as f32)."""
     if isinstance(params, dict):
         return {k: _upload(backend, v, fmt, f"{path}.{k}".lstrip(".")) for k, v in params.items()}
     if isinstance(params, list):
         return [_upload(backend, v, fmt, f"{path}.{i}") for i, v in enumerate(params)]
-    stored = formats.encode(params, fmt, weight_role(path))
+    if isinstance(params, formats.Stored):  # kept as the file stores it (a GGUF's f16, q8_0...)
+        same = fmt is None or fmt == params.fmt
+        stored = params if same else formats.encode(formats.decode(params), fmt, params.role)
+    else:
+        stored = formats.encode(params, fmt or "f32", weight_role(path))
     if stored.fmt != "f32" and stored.fmt not in backend.weight_formats:
         stored = formats.Stored("f32", stored.role, formats.decode(stored))
     return backend.upload_weight(stored)
@@ -123,10 +128,11 @@ class GPT2:
     class is given a backend instance.
     """
 
-    def __init__(self, config: GPT2Config, params: dict, backend: Backend, weights: str = "f32") -> None:
+    def __init__(self, config: GPT2Config, params: dict, backend: Backend, weights: str | None = "f32") -> None:
         self.config = config
         self.host_params = params
-        self.weights = formats.check_format(weights)
+        # None: as the host params hold each weight (a GGUF's own types); else re-encoded
+        self.weights = None if weights is None else formats.check_format(weights)
         self.bind(backend)
 
     def bind(self, backend: Backend) -> GPT2:
