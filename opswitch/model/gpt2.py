@@ -128,7 +128,8 @@ class GPT2:
     class is given a backend instance.
     """
 
-    def __init__(self, config: GPT2Config, params: dict, backend: Backend, weights: str | None = "f32") -> None:
+    def __init__(self, config: GPT2Config, params: dict, backend: Backend,
+                 weights: str | None = "f32") -> None:
         self.config = config
         self.host_params = params
         # None: as the host params hold each weight (a GGUF's own types); else re-encoded

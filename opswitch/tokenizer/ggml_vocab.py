@@ -28,12 +28,17 @@ def from_ggml_vocab(meta: Mapping[str, Any], source: str) -> BPETokenizer:
         raise TokenizerError(
             f"{source}: tokenizer.ggml.model is {shown(model)}; opswitch reads GPT-2 byte-level BPE ('gpt2')"
             " tokenizers only: pass --tokenizer DIR, or use token ids")
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
+    if pre != "gpt-2":  # another pre-tokenizer splits text differently: ids would be silently wrong
+        raise TokenizerError(
+            f"{source}: tokenizer.ggml.pre is {shown(pre)}; opswitch splits text as GPT-2 does ('gpt-2')"
+            " only: pass --tokenizer DIR, or use token ids")
     tokens = meta.get("tokenizer.ggml.tokens")
     merges = meta.get("tokenizer.ggml.merges", [])
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-        raise TokenizerError(f"{source}: tokenizer.ggml.tokens is not a list of strings; re-convert the model")
+        raise TokenizerError(f"{source}: tokenizer.ggml.tokens is not a list of strings; re-convert it")
     if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
-        raise TokenizerError(f"{source}: tokenizer.ggml.merges is not a list of strings; re-convert the model")
+        raise TokenizerError(f"{source}: tokenizer.ggml.merges is not a list of strings; re-convert it")
     types = _types(meta.get("tokenizer.ggml.token_type"), len(tokens), source)
     vocab: dict[str, int] = {}
     added: list[AddedToken] = []
@@ -68,3 +73,24 @@ def _pairs(merges: list[str], source: str) -> list[tuple[str, str]]:
                                  "separated by a space; re-convert the model")
         pairs.append((parts[0], parts[1]))
     return pairs
+
+
+def to_ggml_vocab(tokenizer: object) -> dict[str, list] | None:
+    """The ``tokenizer.ggml.*`` arrays of a BPETokenizer (None for another kind, which GGUF's
+    ``gpt2`` model cannot express): tokens in id order (gaps as ``[PAD<i>]`` of type unused,
+    as llama.cpp's converter writes them), their types, the merges in rank order."""
+    if not isinstance(tokenizer, BPETokenizer):
+        return None
+    table = tokenizer._tokens
+    added = tokenizer._added
+    tokens, types = [], []
+    for i, token in enumerate(table):
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        else:
+            tokens.append(token)
+            extra = added.get(token)
+            types.append(1 if extra is None or extra.id != i else CONTROL if extra.special else USER_DEFINED)
+    merges = [f"{a} {b}" for (a, b), _ in sorted(tokenizer._ranks.items(), key=lambda item: item[1])]
+    return {"tokens": tokens, "types": types, "merges": merges}
