@@ -66,7 +66,7 @@ class CpuBackend(BlasBackend):
     priority = 60  # above blas: faster in every workload of the side-by-side table (README)
     description = "blas + numba: fused dequantising GEMV for f16/bf16/int8, one thread pool in decode"
     dtypes = ("float32",)
-    weight_formats = formats.FORMATS
+    weight_formats = tuple(f for f in formats.FORMATS if f not in formats.BLOCK_FORMATS)
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)

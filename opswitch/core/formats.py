@@ -9,6 +9,9 @@ The functions here are the reference: ``encode`` makes the stored form,
 ``decode`` the float32 values a backend must compute with.  A backend that
 keeps a format natively receives the ``Stored`` weight; any other receives
 ``decode(encode(w))``, so every backend computes with the same values.
+
+``q8_0`` and ``q4_0`` are GGML's block formats (see "Block formats" below):
+the bytes of a GGUF tensor of that type, one row per output channel.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from opswitch.core.errors import OpswitchError
 
-FORMATS = ("f32", "f16", "bf16", "int8")
+FORMATS = ("f32", "f16", "bf16", "int8", "q8_0", "q4_0")
 
 # The roles a weight can play; only matrices are ever stored in a reduced format.
 MATRIX_ROLES = ("linear", "embedding", "lm_head")
@@ -30,20 +33,25 @@ ROLES = (*MATRIX_ROLES, "vector")
 class Stored:
     """A weight in a storage format.
 
-    data: float32 (f32), float16 (f16), uint16 bit patterns (bf16) or int8;
+    data: float32 (f32), float16 (f16), uint16 bit patterns (bf16), int8, or
+    for the block formats uint8 ``[n_channels, row_bytes]`` (GGML's blocks);
     scale: float32 per output channel for int8, else None.  For ``linear``
     weights ([n_in, n_out]) the output channel is a column; for
     ``embedding``/``lm_head`` tables ([n_vocab, n]) it is a row.
+    logical_shape: the shape of the matrix the blocks stand for (block formats
+    only; ``shape`` gives it for every format).
     """
 
     fmt: str
     role: str
     data: np.ndarray
     scale: np.ndarray | None = None
+    logical_shape: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.data.shape
+        """The logical shape: [n_in, n_out] for ``linear``, [n_vocab, n] for tables."""
+        return self.data.shape if self.logical_shape is None else self.logical_shape
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +72,8 @@ def channel_axis(role: str) -> int:
 def encode(w: np.ndarray, fmt: str, role: str) -> Stored:
     """``w`` (any float array) in storage format ``fmt``; vectors always stay f32."""
     check_format(fmt)
+    if fmt in BLOCK_FORMATS and role in MATRIX_ROLES and np.ndim(w) == 2:
+        return _encode_blocks(w, fmt, role)
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     if fmt == "f32" or role not in MATRIX_ROLES or w32.ndim != 2:
         return Stored("f32", role, w32)
@@ -92,6 +102,147 @@ def decode(stored: Stored) -> np.ndarray:
         return stored.data.astype(np.float32)
     if stored.fmt == "bf16":
         return (stored.data.astype(np.uint32) << 16).view(np.float32)
+    if stored.fmt in BLOCK_FORMATS:
+        return _decode_blocks(stored)
     axis = channel_axis(stored.role)
     shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]
     return stored.data.astype(np.float32) * shaped
+
+
+# -- Block formats: GGML's q8_0 and q4_0 ---------------------------------------------
+# Each output channel's values along the reduction axis are cut into blocks of 32,
+# each with one f16 scale d.  q8_0 (34 bytes): d, then 32 int8 q; value = q·d.
+# q4_0 (18 bytes): d, then 16 bytes, byte j holding element j in its low nibble and
+# element j + 16 in its high one; value = (nibble - 8)·d.  ``data`` holds exactly
+# the bytes of a GGUF tensor of the type (a row per output channel), so a GGUF
+# loader passes a slice of the mapped file as it is (``from_blocks``).  The
+# quantisers are ggml's reference ones, bit for bit as ``gguf.quants`` writes them.
+
+BLOCK = 32  # values per block, both formats
+BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
+BLOCK_FORMATS = tuple(BLOCK_BYTES)
+# Where a block format cannot hold a matrix (its reduction length is not a multiple
+# of 32, or a block's scale overflows f16), the matrix is stored in this format
+# instead: 8 bits per value with a float32 scale per channel, the closest we have.
+BLOCK_FALLBACK = "int8"
+_F16_MAX = float(np.finfo(np.float16).max)
+_CHUNK_BLOCKS = 1 << 13  # blocks encoded or decoded at a time (1 MiB of float32 values)
+
+
+def reduction_axis(role: str) -> int:
+    """The axis the blocks run along: rows of a Conv1D weight, columns of a table."""
+    return 0 if role == "linear" else 1
+
+
+def from_blocks(fmt: str, role: str, blocks: np.ndarray, shape: tuple[int, ...]) -> Stored:
+    """A block-format weight from bytes already in GGML's layout (a GGUF tensor's),
+    without copying them; ``shape`` is the logical shape (``Stored.shape``)."""
+    if fmt not in BLOCK_FORMATS:
+        raise OpswitchError(f"{fmt!r} is not a block format: use one of {', '.join(BLOCK_FORMATS)}")
+    if role not in MATRIX_ROLES:
+        raise OpswitchError(f"a {fmt} weight must be a matrix ({', '.join(MATRIX_ROLES)}), not {role!r}")
+    dims = tuple(int(n) for n in shape)
+    if len(dims) != 2 or min(dims) < 1:
+        raise OpswitchError(f"a {fmt} weight has a 2-D shape of positive sizes, got {dims}")
+    n_red, n_rows = (dims[0], dims[1]) if role == "linear" else (dims[1], dims[0])
+    if n_red % BLOCK:
+        raise OpswitchError(f"a {fmt} weight of shape {dims} has a reduction length {n_red},"
+                            f" not a multiple of the block size {BLOCK}")
+    if not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8 or blocks.ndim != 2:
+        got = (f"{blocks.dtype} array of {blocks.ndim} dims" if isinstance(blocks, np.ndarray)
+               else type(blocks).__name__)
+        raise OpswitchError(f"{fmt} blocks must be a 2-D uint8 array, got a {got}")
+    want = (n_rows, n_red // BLOCK * BLOCK_BYTES[fmt])
+    if blocks.shape != want:
+        raise OpswitchError(f"{fmt} blocks of a {dims} weight must be {want[0]} x {want[1]} bytes,"
+                            f" got {blocks.shape[0]} x {blocks.shape[1]}")
+    return Stored(fmt, role, blocks, None, dims)
+
+
+def quantize_rows(rows: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 rows [n, k] (k a multiple of 32) -> uint8 blocks [n, k/32 · bytes]: ggml's
+    reference quantiser, with ``gguf.quants``' own float32 operations in its order (so
+    bit-identical for every input, non-finite ones included)."""
+    n, k = rows.shape
+    out = np.empty((n, k // BLOCK * BLOCK_BYTES[fmt]), dtype=np.uint8)
+    per_chunk = max(1, _CHUNK_BLOCKS // max(1, k // BLOCK))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for lo in range(0, n, per_chunk):
+            hi = min(n, lo + per_chunk)
+            blocks = np.ascontiguousarray(rows[lo:hi], dtype=np.float32).reshape(-1, BLOCK)
+            packed = _q8_0(blocks) if fmt == "q8_0" else _q4_0(blocks)
+            out[lo:hi] = packed.reshape(hi - lo, -1)
+    return out
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = blocks * inv
+    a = np.abs(q)  # round half away from zero, as ggml's roundf
+    floored = np.floor(a)
+    q = np.sign(q) * (floored + np.floor(np.float32(2) * (a - floored)))
+    out = np.empty((blocks.shape[0], BLOCK_BYTES["q8_0"]), dtype=np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = q.astype(np.int8).view(np.uint8)
+    return out
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    biggest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1, keepdims=True), axis=1)
+    d = biggest / np.float32(-8)  # the value of largest magnitude maps to -8 exactly
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+    out = np.empty((blocks.shape[0], BLOCK_BYTES["q4_0"]), dtype=np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = q[:, : BLOCK // 2] | (q[:, BLOCK // 2 :] << np.uint8(4))
+    return out
+
+
+def block_scales(stored: Stored) -> np.ndarray:
+    """The f16 scale of every block, [n_channels, n_blocks] (a view of the bytes)."""
+    size = BLOCK_BYTES[stored.fmt]
+    n_rows, row_bytes = stored.data.shape
+    return stored.data.reshape(n_rows, row_bytes // size, size)[:, :, :2].view(np.float16)[..., 0]
+
+
+def _encode_blocks(w: np.ndarray, fmt: str, role: str) -> Stored:
+    """``w`` in a block format; a matrix the format cannot hold stays ``BLOCK_FALLBACK``
+    (the caller sees it in ``Stored.fmt``)."""
+    axis = reduction_axis(role)
+    if w.shape[axis] % BLOCK or w.size == 0:
+        return encode(w, BLOCK_FALLBACK, role)
+    rows = w.T if role == "linear" else w  # a view: quantize_rows copies one chunk at a time
+    stored = Stored(fmt, role, quantize_rows(rows, fmt), None, tuple(w.shape))
+    scales = block_scales(stored)
+    if not np.isfinite(scales).all() and np.isfinite(w).all():  # a block's max|w| beyond f16
+        return encode(w, BLOCK_FALLBACK, role)
+    return stored
+
+
+def dequantize_rows(blocks: np.ndarray, fmt: str) -> np.ndarray:
+    """uint8 blocks [n, row_bytes] -> float32 [n, k]: d·q as ``gguf.quants`` computes it
+    (one float32 product of two exact values, so exact unless d is not finite)."""
+    size = BLOCK_BYTES[fmt]
+    n, row_bytes = blocks.shape
+    grouped = blocks.reshape(n, row_bytes // size, size)
+    d = grouped[:, :, :2].view(np.float16).astype(np.float32)  # [n, n_blocks, 1]
+    if fmt == "q8_0":
+        q = grouped[:, :, 2:].view(np.int8).astype(np.float32)
+    else:
+        packed = grouped[:, :, 2:]
+        q = np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=2)
+        q = q.astype(np.int8).astype(np.float32) - np.float32(8)
+    with np.errstate(invalid="ignore"):
+        return (q * d).reshape(n, -1)
+
+
+def _decode_blocks(stored: Stored) -> np.ndarray:
+    n_rows = stored.data.shape[0]
+    out = np.empty(stored.shape, dtype=np.float32)
+    rows_out = out.T if stored.role == "linear" else out
+    per_chunk = max(1, _CHUNK_BLOCKS // max(1, stored.data.shape[1] // BLOCK_BYTES[stored.fmt]))
+    for lo in range(0, n_rows, per_chunk):
+        hi = min(n_rows, lo + per_chunk)
+        rows_out[lo:hi] = dequantize_rows(stored.data[lo:hi], stored.fmt)
+    return out
