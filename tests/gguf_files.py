@@ -112,4 +112,5 @@ def vocab_from_dir(directory: Path, eos: int | None = None) -> dict:
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     types = [5 if i not in by_id else 3 if by_id[i] == "<|endoftext|>" else 1 for i in range(size)]
     eot = vocab.get("<|endoftext|>")
-    return {"tokens": tokens, "types": types, "merges": merges, "bos": eot, "eos": eot if eos is None else eos}
+    return {"tokens": tokens, "types": types, "merges": merges, "bos": eot,
+            "eos": eot if eos is None else eos}

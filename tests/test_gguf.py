@@ -48,7 +48,7 @@ def dequantised_hf(hf, path):
     """A copy of ``hf`` holding the file's weights as gguf.quants.dequantize decodes them."""
     import copy
 
-    from gguf_files import gguf_tensor_name, TRANSPOSED
+    from gguf_files import TRANSPOSED, gguf_tensor_name
 
     reader = gguf.GGUFReader(str(path))
     decoded = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
@@ -191,7 +191,7 @@ def test_a_quantised_file_exports_its_blocks_unchanged(files, tmp_path):
         np.testing.assert_array_equal(after[name], data)
 
 
-def test_export_refuses_an_existing_file_and_never_replaces_its_input(tiny_model_dir, files, tmp_path, capsys):
+def test_export_refuses_an_existing_file_and_never_replaces_an_input(tiny_model_dir, files, tmp_path, capsys):
     from helpers import one_error_line
 
     out = tmp_path / "x.gguf"
@@ -222,7 +222,8 @@ def gpt2_vocab_gguf(tiny_model_dir, tmp_path_factory):
 def test_the_tokenizer_comes_from_the_file(gpt2_vocab_gguf, tiny_model_dir):
     lm = opswitch.load_model(gpt2_vocab_gguf, backend="naive")
     ours, theirs = lm.tokenizer, load_tokenizer(tiny_model_dir)
-    for text in ("Hello world", " a  b\n\nc", "<|endoftext|>x<|endoftext|>", "naïve café 🙂", "'s 've 123456"):
+    texts = ("Hello world", " a  b\n\nc", "<|endoftext|>x<|endoftext|>", "naïve café 🙂", "'s 've 123456")
+    for text in texts:
         assert ours.encode(text) == theirs.encode(text), text
         assert ours.decode(theirs.encode(text)) == text
     assert ours.special_tokens == theirs.special_tokens and lm.config.eos_token_id == 50256
@@ -245,7 +246,8 @@ def test_eval_and_inspect_read_a_gguf(gpt2_vocab_gguf, tiny_model_dir, tmp_path,
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "gguf" and report["metadata"]["general.architecture"] == "gpt2"
     names = {t["name"]: t for t in report["tensors"]}
-    assert names["blk.0.attn_qkv.weight"]["dtype"] == "f16" and names["blk.0.attn_qkv.weight"]["shape"] == [48, 16]
+    qkv = names["blk.0.attn_qkv.weight"]
+    assert qkv["dtype"] == "f16" and qkv["shape"] == [48, 16]
 
 
 def test_another_tokenizer_model_leaves_token_ids_working(hf, tmp_path, capsys):
