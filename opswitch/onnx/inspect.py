@@ -33,7 +33,7 @@ def inspect_path(path: str | Path) -> list[dict[str, Any]]:
     kinds = (".onnx", ".safetensors", ".gguf")
     files = sorted(p for p in path.iterdir() if p.suffix in kinds) if path.is_dir() else [path]
     if not files:
-        raise WeightsError(f"{path} holds no .onnx or .safetensors file")
+        raise WeightsError(f"{path} holds no .onnx, .safetensors or .gguf file")
     return [inspect_file(f) for f in files]
 
 
