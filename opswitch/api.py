@@ -287,7 +287,7 @@ def load_model(
     if _is_onnx(path_or_id):
         source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)
     elif _is_gguf(path_or_id):
-        source, config, params, tok, notes = _read_gguf(Path(path_or_id), tokenizer, revision)
+        source, config, params, tok, notes = _read_gguf(Path(str(path_or_id)), tokenizer, revision)
     else:
         directory = resolve_model(path_or_id, revision=revision)
         config, params = load_gpt2(directory)

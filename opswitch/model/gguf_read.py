@@ -230,7 +230,7 @@ class GGUFFile:
         self.close()
 
 
-_ELEMENT_DTYPES = {
+_ELEMENT_DTYPES: dict[str, np.dtype] = {
     "f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "f64": np.dtype("<f8"),
     "i8": np.dtype("i1"), "i16": np.dtype("<i2"), "i32": np.dtype("<i4"), "i64": np.dtype("<i8"),
 }  # fmt: skip

@@ -60,7 +60,7 @@ def save_gguf(path: str | Path, config: GPT2Config, params: Mapping[str, Any], *
         for (gguf_name, _, kind), (_, _, value), offset in zip(plan, tensors, offsets):
             data = _encoded(gguf_name, value, kind)
             f.write(b"\0" * (offset - f.tell()))
-            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            f.write(np.ascontiguousarray(data).data)
             counts[kind] = counts.get(kind, 0) + 1
     return counts
 

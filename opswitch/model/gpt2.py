@@ -82,8 +82,10 @@ def _upload(backend: Backend, params: Any, fmt: str | None, path: str = "") -> A
     if isinstance(params, list):
         return [_upload(backend, v, fmt, f"{path}.{i}") for i, v in enumerate(params)]
     if isinstance(params, formats.Stored):  # kept as the file stores it (a GGUF's f16, q8_0...)
-        same = fmt is None or fmt == params.fmt
-        stored = params if same else formats.encode(formats.decode(params), fmt, params.role)
+        if fmt is None or fmt == params.fmt:
+            stored = params
+        else:  # --weights says otherwise: re-encoded from the values it stands for
+            stored = formats.encode(formats.decode(params), fmt, params.role)
     else:
         stored = formats.encode(params, fmt or "f32", weight_role(path))
     if stored.fmt != "f32" and stored.fmt not in backend.weight_formats:
