@@ -31,10 +31,11 @@ from opswitch.core.errors import (
 from opswitch.core.registry import get_registry
 from opswitch.generation import GenerationConfig, GenerationResult, generate_batch, generate_ids, stream_ids
 from opswitch.generation.loop import context_message
+from opswitch.model.config import GPT2Config
 from opswitch.model.gpt2 import GPT2, as_ids
 from opswitch.model.hub import resolve_model
 from opswitch.model.weights import load_gpt2
-from opswitch.tokenizer import load_tokenizer
+from opswitch.tokenizer import Tokenizer, load_tokenizer
 
 
 class LanguageModel:
@@ -44,7 +45,8 @@ class LanguageModel:
     generations are running rather than pulling weights from under them.
     """
 
-    def __init__(self, model: GPT2, tokenizer=None, source: str = "", selection_reason: str = "") -> None:
+    def __init__(self, model: GPT2, tokenizer: Tokenizer | None = None, source: str = "",
+                 selection_reason: str = "") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
@@ -76,7 +78,7 @@ class LanguageModel:
         return None
 
     @property
-    def config(self):
+    def config(self) -> GPT2Config:
         return self.model.config
 
     @property
@@ -106,7 +108,7 @@ class LanguageModel:
         return self
 
     # -- text ----------------------------------------------------------------
-    def require_tokenizer(self):
+    def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise TokenizerError(
                 f"{self.source or 'this model'} has no tokenizer files: pass tokenizer=PATH to load_model"
@@ -285,7 +287,7 @@ def load_model(
     chosen, reason = _select(backend, dtype)  # fail fast, before reading weights
     notes: list[str] = []
     if _is_onnx(path_or_id):
-        source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)
+        source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)  # type: ignore[arg-type]
     elif _is_gguf(path_or_id):
         source, config, params, tok, notes = _read_gguf(Path(str(path_or_id)), tokenizer, revision)
     else:

@@ -11,11 +11,15 @@ import random
 import sys
 from pathlib import Path
 
+from opswitch.api import load_model
 from opswitch.cli.model_args import add_model_arguments, loading_label
+from opswitch.cli.parsing import UsageError
+from opswitch.cli.progress import Progress
+from opswitch.cli.repl import Repl
 from opswitch.cli.session import Console, generate_once, model_summary, show_settings
 from opswitch.core.errors import GenerationError
 from opswitch.generation import GenerationConfig
-from opswitch.generation.loop import EMPTY_PROMPT
+from opswitch.generation.loop import EMPTY_PROMPT, check_request, resolve_stop_token
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace) -> GenerationConfig:
     """Validate every flag before anything slow happens."""
-    from opswitch.cli.main import UsageError
-
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens {args.max_tokens}: max_new_tokens must be at least 1")
     return GenerationConfig(
@@ -60,8 +62,6 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
 
 
 def read_prompt(args: argparse.Namespace) -> str | None:
-    from opswitch.cli.main import UsageError
-
     if args.interactive:
         if args.prompt not in (None, "-"):
             return args.prompt
@@ -80,10 +80,6 @@ def load(args: argparse.Namespace):
     Returns the model and its summary lines, printed by the caller once every
     check has passed, so that any failure is exactly one line on stderr.
     """
-    from opswitch.api import load_model
-    from opswitch.cli.main import UsageError
-    from opswitch.cli.progress import Progress
-
     with Progress(loading_label(args)):
         lm = load_model(args.model, args.backend, tokenizer=args.tokenizer or None, revision=args.revision,
                         weights=args.weights)
@@ -98,8 +94,6 @@ def load(args: argparse.Namespace):
 def check_fits(lm, prompt: str | None, config: GenerationConfig) -> None:
     """Settings that depend on the model (stop token, prompt length), checked before
     anything is printed; the REPL's later prompts are checked as they come."""
-    from opswitch.generation.loop import check_request, resolve_stop_token
-
     if prompt:
         check_request(lm.model, lm.encode_prompt(prompt), config)
     else:
@@ -118,8 +112,6 @@ def run(args: argparse.Namespace) -> int:
         console.info(line)
     show_settings(console, config)
     if args.interactive:
-        from opswitch.cli.repl import Repl
-
         return Repl(lm, config, console, first_prompt=prompt).run()
-    result = generate_once(lm, prompt, config, console)
+    result = generate_once(lm, prompt, config, console)  # type: ignore[arg-type]  # required when not interactive
     return 130 if result.stop_reason == "interrupted" else 0

@@ -24,9 +24,8 @@ from opswitch.core.errors import OpswitchError
 
 FORMATS = ("f32", "f16", "bf16", "int8", "q8_0", "q4_0")
 
-# The roles a weight can play; only matrices are ever stored in a reduced format.
+# The roles of matrix weights, the only ones ever stored in a reduced format (vectors: "vector").
 MATRIX_ROLES = ("linear", "embedding", "lm_head")
-ROLES = (*MATRIX_ROLES, "vector")
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def decode(stored: Stored) -> np.ndarray:
     if stored.fmt in BLOCK_FORMATS:
         return _decode_blocks(stored)
     axis = channel_axis(stored.role)
-    shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]
+    shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]  # type: ignore[index]  # int8 always has a scale
     return stored.data.astype(np.float32) * shaped
 
 

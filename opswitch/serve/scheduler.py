@@ -289,7 +289,7 @@ class Scheduler:
         out: dict[Ticket, list[Delta]] = {}
         n_new = 0
         for seq, token in events:
-            choice = self._running.get(seq)
+            choice = self._running.get(seq)  # type: ignore[assignment]
             if choice is None:
                 continue
             if seq.error:
@@ -376,5 +376,5 @@ def _logprobs(logits: np.ndarray | None, token: int, top: int) -> tuple[float, d
     x = x - x.max()
     lp = x - np.log(np.exp(x).sum())
     best = np.argpartition(-lp, top)[:top] if 0 < top < lp.size else np.arange(lp.size if top else 0)
-    best = sorted(best, key=lambda i: -lp[i])
+    best = sorted(best, key=lambda i: -lp[i])  # type: ignore[assignment]
     return float(lp[token]), {int(i): float(lp[i]) for i in best}
