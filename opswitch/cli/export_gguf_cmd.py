@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.cli.main import UsageError
+    from opswitch.cli.parsing import UsageError
     from opswitch.cli.progress import Progress
     from opswitch.model.gguf_write import save_gguf
     from opswitch.tokenizer.ggml_vocab import to_ggml_vocab
