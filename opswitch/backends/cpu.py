@@ -35,6 +35,7 @@ from opswitch.core import Backend, Probe, formats, hookimpl
 
 SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this runs on one thread
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
+BLOCKS_GEMV_MAX_ROWS = 8  # up to this many rows, block weights run the fused kernel (read once)
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
 F16_FAST_MAX = 2.0**16  # f16 GEMV inputs below this take the pre-scaled kernel (x·2^112 < 2^128)
 
@@ -61,12 +62,20 @@ class Packed:
                               self.scale)
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """A q8_0/q4_0 weight: the ``Stored`` blocks, a row per output channel (already
+    the kernels' layout for every role, so nothing is transposed or copied)."""
+
+    stored: formats.Stored
+
+
 class CpuBackend(BlasBackend):
     name = "cpu"
     priority = 60  # above blas: faster in every workload of the side-by-side table (README)
     description = "blas + numba: fused dequantising GEMV for f16/bf16/int8, one thread pool in decode"
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
-    weight_formats = tuple(f for f in formats.FORMATS if f not in formats.BLOCK_FORMATS)
+    weight_formats = formats.FORMATS
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)
@@ -84,10 +93,10 @@ class CpuBackend(BlasBackend):
         try:
             import numba
 
-            from opswitch.backends import cpu_kernels
+            from opswitch.backends import cpu_blocks, cpu_kernels
         except ImportError as exc:
             return Probe.missing(f"{exc.name} is not installed: pip install 'opswitch[jit]'")
-        self._k = cpu_kernels
+        self._k, self._kb = cpu_kernels, cpu_blocks
         self._threads = numba.config.NUMBA_NUM_THREADS
         return Probe.ok(f"{base.device}; numba {numba.__version__}, {self._threads} threads")
 
@@ -95,6 +104,8 @@ class CpuBackend(BlasBackend):
     def upload_weight(self, stored: formats.Stored) -> Any:
         if stored.fmt == "f32":
             return super().upload_weight(stored)
+        if stored.fmt in formats.BLOCK_FORMATS:
+            return self._upload_blocks(stored)
         data = stored.data
         if stored.fmt == "f16":
             if not np.isfinite(data).all():  # the bit trick covers finite values only
@@ -105,12 +116,14 @@ class CpuBackend(BlasBackend):
         return Packed(stored.fmt, stored.role, np.ascontiguousarray(data), stored.scale)
 
     def to_host(self, x: Any) -> np.ndarray:
+        if isinstance(x, Blocks):
+            return formats.decode(x.stored)
         return formats.decode(x.stored()) if isinstance(x, Packed) else np.asarray(x)
 
     # -- products --------------------------------------------------------------
     def linear(self, x, w, b=None):  # [n_rows, n_in], [n_in, n_out] -> [n_rows, n_out]
-        if isinstance(w, Packed):
-            out = self._packed_product(x, w)
+        if isinstance(w, (Packed, Blocks)):
+            out = self._blocks_product(x, w) if isinstance(w, Blocks) else self._packed_product(x, w)
             if b is not None:
                 out += b
             return out
@@ -124,9 +137,11 @@ class CpuBackend(BlasBackend):
         return out
 
     def matmul(self, a, b, transpose_b=False):  # [m, k] @ [k, n] (or [n, k]ᵀ) -> [m, n]
+        if isinstance(b, Blocks) and transpose_b and b.stored.role != "linear":
+            return self._blocks_product(a, b)
         if isinstance(b, Packed) and transpose_b and b.role != "linear":
             return self._packed_product(a, b)
-        if isinstance(b, Packed):
+        if isinstance(b, (Packed, Blocks)):
             b = self.to_host(b)
         if a.shape[0] == 1 and transpose_b:  # the tied lm_head in decode: dot products
             out = np.empty((1, b.shape[0]), dtype=np.float32)
@@ -149,6 +164,37 @@ class CpuBackend(BlasBackend):
             # C [m, hi-lo] = Fortran dense·xᵀ; dense C [rows, n_in] is Fortran [n_in, rows]
             out[:, lo:hi] = self._gemm(1.0, dense.T, x.T, trans_a=1).T
         return out
+
+    # -- the block formats (q8_0, q4_0): the GGUF bytes as they are ------------------
+    def _upload_blocks(self, stored: formats.Stored) -> Any:
+        if not np.isfinite(formats.block_scales(stored)).all():  # the kernels' f16 widening is for finite d
+            return super().upload_weight(formats.Stored("f32", stored.role, formats.decode(stored)))
+        data = np.ascontiguousarray(stored.data)  # a mapped GGUF tensor already is: no copy
+        return Blocks(formats.Stored(stored.fmt, stored.role, data, None, stored.shape))
+
+    def _blocks_product(self, x, w: Blocks) -> np.ndarray:
+        """x [m, n_in] times the blocks' [n_out, n_in] transposed: [m, n_out]."""
+        data, fmt = w.stored.data, w.stored.fmt
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], data.shape[0]), dtype=np.float32)
+        if x.shape[0] <= BLOCKS_GEMV_MAX_ROWS:  # decode and small batches: the fused kernel
+            (self._kb.gemm_q8_0 if fmt == "q8_0" else self._kb.gemm_q4_0)(data, x, out)
+            return out
+        dequant = self._kb.dequant_q8_0 if fmt == "q8_0" else self._kb.dequant_q4_0
+        n_in = x.shape[1]
+        step = max(1, CHUNK // n_in)
+        for lo in range(0, data.shape[0], step):
+            hi = min(data.shape[0], lo + step)
+            dense = self._scratch(hi - lo, n_in)
+            dequant(data[lo:hi], dense)
+            out[:, lo:hi] = self._gemm(1.0, dense.T, x.T, trans_a=1).T
+        return out
+
+    def _scratch(self, rows: int, n: int) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < rows * n:
+            buf = self._local.buf = np.empty(rows * n, dtype=np.float32)
+        return buf[: rows * n].reshape(rows, n)
 
     def _packed_gemv(self, w: Packed, x: np.ndarray, out: np.ndarray) -> None:
         k = self._k
@@ -177,6 +223,8 @@ class CpuBackend(BlasBackend):
         return dense
 
     def embedding(self, table, ids):
+        if isinstance(table, Blocks):  # decode only the gathered rows
+            return formats.dequantize_rows(table.stored.data[np.asarray(ids)], table.stored.fmt)
         if isinstance(table, Packed):  # widen only the gathered rows
             ids = np.asarray(ids)
             scale = None if table.scale is None else table.scale[ids]

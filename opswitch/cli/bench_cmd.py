@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="gpt2, distilgpt2, gpt2-medium, gpt2-large, gpt2-xl (default gpt2)")
     p.add_argument("--backend", metavar="NAME[,NAME...]", help="backends to run (default: every available)")
     p.add_argument("--weights", default="f32", metavar="FMT[,FMT...]",
-                   help="weight formats to run where a backend keeps them natively: f32, f16, bf16, int8"
-                        " or all (default f32)")
+                   help="weight formats to run where a backend keeps them natively: f32, f16, bf16, int8,"
+                        " q8_0, q4_0 or all (default f32)")
     p.add_argument("--prompt-tokens", type=int, default=32, metavar="N", help="prompt before decode (32)")
     p.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens decoded per repeat (32)")
     p.add_argument("--late", type=int, default=900, metavar="N",

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from opswitch.core.formats import BLOCK_BYTES, BLOCK_VALUES
+
 
 # -- a quiet machine ------------------------------------------------------------
 def _cpu_times() -> tuple[float, float]:
@@ -297,10 +299,12 @@ def measure_bandwidth(quiet: Quiet, repeats: int, mbytes: int = 256) -> Bandwidt
 def weight_bytes_per_token(config, fmt: str) -> int:
     """Bytes of weights one decode step reads in storage format ``fmt``: every matrix
     (the tied embedding once, as the lm_head) plus the float32 vectors."""
-    per = {"f32": 4, "f16": 2, "bf16": 2, "int8": 1}[fmt]
     e, f, v, n_layer = config.n_embd, config.d_ff, config.vocab_size, config.n_layer
     matrices = n_layer * (e * 3 * e + e * e + e * f + f * e) + v * e
     vectors = n_layer * (3 * e + e + f + e + 4 * e) + 2 * e
+    if fmt in BLOCK_BYTES:  # q8_0/q4_0: the f16 scales are inside the blocks
+        return matrices // BLOCK_VALUES * BLOCK_BYTES[fmt] + vectors * 4
+    per = {"f32": 4, "f16": 2, "bf16": 2, "int8": 1}[fmt]
     scales = (n_layer * (3 * e + e + f + e) + v) * 4 if fmt == "int8" else 0
     return matrices * per + vectors * 4 + scales
 

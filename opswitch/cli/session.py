@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
+from opswitch.core import formats
 from opswitch.generation import GenerationConfig, GenerationResult
 
 
@@ -43,7 +44,8 @@ def model_summary(lm, label: str | None) -> list[str]:
     if fallbacks:
         summary.append(f"  ops computed by the host reference (fallback): {fallbacks}")
     if lm.model.weights not in (None, "f32"):  # None: as the file stores them (a GGUF's types, in a note)
-        summary.append(f"  weights stored as {lm.model.weights}")
+        stored = formats.storage_note(lm.model.weights, lm.model.stored_formats)
+        summary.append(f"  weights stored as {stored}")
     summary.append(f"✓ Tokenizer loaded (vocab size={lm.tokenizer.vocab_size})")
     summary += [f"  note: {note}" for note in lm.notes]
     return summary

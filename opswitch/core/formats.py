@@ -117,8 +117,8 @@ def decode(stored: Stored) -> np.ndarray:
 # loader passes a slice of the mapped file as it is (``from_blocks``).  The
 # quantisers are ggml's reference ones, bit for bit as ``gguf.quants`` writes them.
 
-BLOCK = 32  # values per block, both formats
-BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
+BLOCK_VALUES = 32  # values per block, both formats
+BLOCK_BYTES = {"q8_0": 2 + BLOCK_VALUES, "q4_0": 2 + BLOCK_VALUES // 2}
 BLOCK_FORMATS = tuple(BLOCK_BYTES)
 # Where a block format cannot hold a matrix (its reduction length is not a multiple
 # of 32, or a block's scale overflows f16), the matrix is stored in this format
@@ -126,6 +126,18 @@ BLOCK_FORMATS = tuple(BLOCK_BYTES)
 BLOCK_FALLBACK = "int8"
 _F16_MAX = float(np.finfo(np.float16).max)
 _CHUNK_BLOCKS = 1 << 13  # blocks encoded or decoded at a time (1 MiB of float32 values)
+
+
+def storage_note(fmt: str, kept: dict[str, int]) -> str:
+    """What the load line says about the weights: ``fmt``, and how many matrices a
+    block format left in ``BLOCK_FALLBACK`` (``kept``: matrices per stored format)."""
+    others = {f: n for f, n in kept.items() if f != fmt}
+    if fmt not in BLOCK_FORMATS or not others:
+        return fmt
+    total = sum(kept.values())
+    parts = ", ".join(f"{n} of {total} matrices as {f}" for f, n in sorted(others.items()))
+    return (f"{fmt}; {parts} ({fmt} holds a matrix whose reduction length is a multiple of"
+            f" {BLOCK_VALUES} and whose block scales fit in f16)")
 
 
 def reduction_axis(role: str) -> int:
@@ -144,14 +156,14 @@ def from_blocks(fmt: str, role: str, blocks: np.ndarray, shape: tuple[int, ...])
     if len(dims) != 2 or min(dims) < 1:
         raise OpswitchError(f"a {fmt} weight has a 2-D shape of positive sizes, got {dims}")
     n_red, n_rows = (dims[0], dims[1]) if role == "linear" else (dims[1], dims[0])
-    if n_red % BLOCK:
+    if n_red % BLOCK_VALUES:
         raise OpswitchError(f"a {fmt} weight of shape {dims} has a reduction length {n_red},"
-                            f" not a multiple of the block size {BLOCK}")
+                            f" not a multiple of the block size {BLOCK_VALUES}")
     if not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8 or blocks.ndim != 2:
         got = (f"{blocks.dtype} array of {blocks.ndim} dims" if isinstance(blocks, np.ndarray)
                else type(blocks).__name__)
         raise OpswitchError(f"{fmt} blocks must be a 2-D uint8 array, got a {got}")
-    want = (n_rows, n_red // BLOCK * BLOCK_BYTES[fmt])
+    want = (n_rows, n_red // BLOCK_VALUES * BLOCK_BYTES[fmt])
     if blocks.shape != want:
         raise OpswitchError(f"{fmt} blocks of a {dims} weight must be {want[0]} x {want[1]} bytes,"
                             f" got {blocks.shape[0]} x {blocks.shape[1]}")
@@ -163,39 +175,68 @@ def quantize_rows(rows: np.ndarray, fmt: str) -> np.ndarray:
     reference quantiser, with ``gguf.quants``' own float32 operations in its order (so
     bit-identical for every input, non-finite ones included)."""
     n, k = rows.shape
-    out = np.empty((n, k // BLOCK * BLOCK_BYTES[fmt]), dtype=np.uint8)
-    per_chunk = max(1, _CHUNK_BLOCKS // max(1, k // BLOCK))
+    out = np.empty((n, k // BLOCK_VALUES * BLOCK_BYTES[fmt]), dtype=np.uint8)
+    per_chunk = max(1, _CHUNK_BLOCKS // max(1, k // BLOCK_VALUES))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for lo in range(0, n, per_chunk):
             hi = min(n, lo + per_chunk)
-            blocks = np.ascontiguousarray(rows[lo:hi], dtype=np.float32).reshape(-1, BLOCK)
-            packed = _q8_0(blocks) if fmt == "q8_0" else _q4_0(blocks)
-            out[lo:hi] = packed.reshape(hi - lo, -1)
+            blocks = np.asarray(rows[lo:hi], dtype=np.float32).reshape(-1, BLOCK_VALUES)
+            d, q = _QUANTISERS[fmt](blocks, 1)
+            packed = out[lo:hi].reshape(-1, BLOCK_BYTES[fmt])
+            packed[:, :2] = d.astype(np.float16).view(np.uint8)
+            packed[:, 2:] = q.view(np.uint8) if fmt == "q8_0" else _nibbles(q, 1)
     return out
 
 
-def _q8_0(blocks: np.ndarray) -> np.ndarray:
-    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+def quantize_columns(w: np.ndarray, fmt: str) -> np.ndarray:
+    """A Conv1D weight [k, n] (k a multiple of 32) -> the blocks of its n columns, the
+    same bytes as ``quantize_rows(w.T)``: the arithmetic runs on [32, n] row slabs of
+    ``w`` as stored (contiguous, no float transpose), and only the small int8 result is
+    transposed into place."""
+    k, n = w.shape
+    size = BLOCK_BYTES[fmt]
+    out = np.empty((n, k // BLOCK_VALUES * size), dtype=np.uint8)
+    grouped = out.reshape(n, k // BLOCK_VALUES, size)
+    per_chunk = max(1, _CHUNK_BLOCKS // max(1, n))  # groups of 32 rows at a time
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for lo in range(0, k // BLOCK_VALUES, per_chunk):
+            hi = min(k // BLOCK_VALUES, lo + per_chunk)
+            slab = np.asarray(w[lo * BLOCK_VALUES : hi * BLOCK_VALUES], dtype=np.float32)
+            blocks = slab.reshape(hi - lo, BLOCK_VALUES, n)
+            d, q = _QUANTISERS[fmt](blocks, 1)
+            grouped[:, lo:hi, :2] = np.ascontiguousarray(d[:, 0, :].astype(np.float16).T).view(
+                np.uint8).reshape(n, hi - lo, 2)
+            values = q.view(np.uint8) if fmt == "q8_0" else _nibbles(q, 1)
+            grouped[:, lo:hi, 2:] = values.transpose(2, 0, 1)
+    return out
+
+
+def _q8_0(blocks: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(d, q) of each block along ``axis``: d float32 (kept dims), q int8."""
+    d = np.abs(blocks).max(axis=axis, keepdims=True) / np.float32(127)
     inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
     q = blocks * inv
     a = np.abs(q)  # round half away from zero, as ggml's roundf
     floored = np.floor(a)
     q = np.sign(q) * (floored + np.floor(np.float32(2) * (a - floored)))
-    out = np.empty((blocks.shape[0], BLOCK_BYTES["q8_0"]), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
-    out[:, 2:] = q.astype(np.int8).view(np.uint8)
-    return out
+    return d, q.astype(np.int8)
 
 
-def _q4_0(blocks: np.ndarray) -> np.ndarray:
-    biggest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1, keepdims=True), axis=1)
+def _q4_0(blocks: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(d, nibble) of each block along ``axis``: d float32 (kept dims), nibbles uint8 0..15."""
+    biggest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=axis, keepdims=True), axis=axis)
     d = biggest / np.float32(-8)  # the value of largest magnitude maps to -8 exactly
     inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
-    out = np.empty((blocks.shape[0], BLOCK_BYTES["q4_0"]), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
-    out[:, 2:] = q[:, : BLOCK // 2] | (q[:, BLOCK // 2 :] << np.uint8(4))
-    return out
+    return d, np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+
+
+def _nibbles(q: np.ndarray, axis: int) -> np.ndarray:
+    """Element j in the low nibble of byte j, element j + 16 in its high one."""
+    low, high = np.split(q, 2, axis=axis)
+    return low | (high << np.uint8(4))
+
+
+_QUANTISERS = {"q8_0": _q8_0, "q4_0": _q4_0}
 
 
 def block_scales(stored: Stored) -> np.ndarray:
@@ -209,10 +250,10 @@ def _encode_blocks(w: np.ndarray, fmt: str, role: str) -> Stored:
     """``w`` in a block format; a matrix the format cannot hold stays ``BLOCK_FALLBACK``
     (the caller sees it in ``Stored.fmt``)."""
     axis = reduction_axis(role)
-    if w.shape[axis] % BLOCK or w.size == 0:
+    if w.shape[axis] % BLOCK_VALUES or w.size == 0:
         return encode(w, BLOCK_FALLBACK, role)
-    rows = w.T if role == "linear" else w  # a view: quantize_rows copies one chunk at a time
-    stored = Stored(fmt, role, quantize_rows(rows, fmt), None, tuple(w.shape))
+    blocks = quantize_columns(w, fmt) if role == "linear" else quantize_rows(w, fmt)
+    stored = Stored(fmt, role, blocks, None, tuple(w.shape))
     scales = block_scales(stored)
     if not np.isfinite(scales).all() and np.isfinite(w).all():  # a block's max|w| beyond f16
         return encode(w, BLOCK_FALLBACK, role)

@@ -74,14 +74,16 @@ def weight_role(path: str) -> str:
     return "vector"  # biases, layernorm gains, position embeddings: always float32
 
 
-def _upload(backend: Backend, params: Any, fmt: str | None, path: str = "") -> Any:
+def _upload(backend: Backend, params: Any, fmt: str | None, path: str = "", kept: dict | None = None) -> Any:
     """Every weight to ``backend`` once, in ``fmt`` where the backend keeps it natively,
     else as the float32 values the format stands for (so all backends agree).
-    ``fmt=None`` keeps each weight as the host params hold it (arrays as f32)."""
+    ``fmt=None`` keeps each weight as the host params hold it (arrays as f32).
+    ``kept`` counts the matrices per format they were stored in (a block format
+    leaves the matrices it cannot hold in another)."""
     if isinstance(params, dict):
-        return {k: _upload(backend, v, fmt, f"{path}.{k}".lstrip(".")) for k, v in params.items()}
+        return {k: _upload(backend, v, fmt, f"{path}.{k}".lstrip("."), kept) for k, v in params.items()}
     if isinstance(params, list):
-        return [_upload(backend, v, fmt, f"{path}.{i}") for i, v in enumerate(params)]
+        return [_upload(backend, v, fmt, f"{path}.{i}", kept) for i, v in enumerate(params)]
     if isinstance(params, formats.Stored):  # kept as the file stores it (a GGUF's f16, q8_0...)
         if fmt is None or fmt == params.fmt:
             stored = params
@@ -89,6 +91,8 @@ def _upload(backend: Backend, params: Any, fmt: str | None, path: str = "") -> A
             stored = formats.encode(formats.decode(params), fmt, params.role)
     else:
         stored = formats.encode(params, fmt or "f32", weight_role(path))
+    if kept is not None and stored.role in formats.MATRIX_ROLES:
+        kept[stored.fmt] = kept.get(stored.fmt, 0) + 1
     if stored.fmt != "f32" and stored.fmt not in backend.weight_formats:
         stored = formats.Stored("f32", stored.role, formats.decode(stored))
     return backend.upload_weight(stored)
@@ -142,9 +146,11 @@ class GPT2:
     def bind(self, backend: Backend) -> GPT2:
         """Upload the weights to ``backend`` and resolve its op table."""
         ops: OpTable = get_registry().bind(backend)
+        kept: dict[str, int] = {}
         with backend.lock:
-            params = _upload(backend, self.host_params, self.weights)
+            params = _upload(backend, self.host_params, self.weights, kept=kept)
         self.params, self.backend, self.ops = params, backend, ops
+        self.stored_formats = kept  # matrices per storage format, e.g. {"q8_0": 48, "int8": 1}
         return self
 
     @property
