@@ -267,29 +267,36 @@ def load_model(
     tokenizer: str | Path | None = None,
     revision: str | None = None,
     dtype: str = "float32",
-    weights: str = "f32",
+    weights: str | None = None,
 ) -> LanguageModel:
     """Load a GPT-2 from a directory or a Hugging Face hub id (cache first).
 
     ``None`` loads the small demo model shipped with opswitch.  ``backend`` is
     a spec ``name[:device][:dtype]``, a comma list or ``auto`` (default:
     $OPSWITCH_BACKEND or auto).  ``weights`` is the storage format of the
-    matrices on the backend (``f32``, ``f16``, ``bf16``, ``int8``), apart
-    from ``dtype``, the precision the backend computes in.
+    matrices on the backend (``f32``, ``f16``, ``bf16``, ``int8``...), apart
+    from ``dtype``, the precision the backend computes in; ``None`` keeps the
+    file's own (float32 for safetensors and ONNX, each tensor's type for GGUF).
+    A ``.gguf`` file brings its own tokenizer.
     """
     started = time.perf_counter()
     from opswitch.core.formats import check_format
 
-    check_format(weights)
+    if weights is not None:
+        check_format(weights)
     chosen, reason = _select(backend, dtype)  # fail fast, before reading weights
+    notes: list[str] = []
     if _is_onnx(path_or_id):
         source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)  # type: ignore[arg-type]
+    elif _is_gguf(path_or_id):
+        source, config, params, tok, notes = _read_gguf(Path(str(path_or_id)), tokenizer, revision)
     else:
         directory = resolve_model(path_or_id, revision=revision)
         config, params = load_gpt2(directory)
         tok = load_tokenizer(tokenizer or directory) if tokenizer or has_tokenizer_files(directory) else None
         source = str(directory)
     lm = LanguageModel(GPT2(config, params, chosen, weights), tok, source, reason)
+    lm.notes[:0] = notes
     lm.load_seconds = time.perf_counter() - started
     return lm
 
@@ -311,3 +318,33 @@ def _read_onnx(path: Path, tokenizer, revision):
     config, params = load_onnx(path.expanduser())
     tok = load_tokenizer(tokenizer) if tokenizer else None
     return str(path), config, params, tok
+
+
+def _is_gguf(path_or_id) -> bool:
+    return isinstance(path_or_id, (str, Path)) and str(path_or_id).lower().endswith(".gguf")
+
+
+def _read_gguf(path: Path, tokenizer, revision):
+    """A GGUF's (source, config, params, tokenizer, notes) (see ``opswitch.model.gguf_load``).
+
+    Its own tokenizer is used unless ``tokenizer=`` names one; a tokenizer of
+    another kind than GPT-2's BPE leaves the model without one (token ids work),
+    said in a note."""
+    from opswitch.core.errors import ModelNotFoundError
+    from opswitch.model.gguf_load import load_gguf
+    from opswitch.tokenizer.ggml_vocab import from_ggml_vocab
+
+    if revision:
+        raise ModelNotFoundError(f"{path} is a local file, which has no revisions: drop --revision")
+    path = path.expanduser()
+    model = load_gguf(path)
+    notes = list(model.notes)
+    tok = None
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    elif "tokenizer.ggml.model" in model.vocab:
+        try:
+            tok = from_ggml_vocab(model.vocab, str(path))
+        except TokenizerError as e:
+            notes.append(f"no tokenizer: {e}")
+    return str(path), model.config, model.params, tok, notes

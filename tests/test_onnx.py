@@ -381,7 +381,7 @@ def test_missing_onnx_file_and_inspect_of_a_bad_file(tmp_path, bad_files, capsys
     assert "not an ONNX model" in capsys.readouterr().err
     (tmp_path / "x.bin").write_bytes(b"1234")
     assert main(["inspect", str(tmp_path / "x.bin")]) == 2
-    assert "inspect reads .onnx and .safetensors" in capsys.readouterr().err
+    assert "inspect reads .onnx, .safetensors and .gguf" in capsys.readouterr().err
 
 
 def test_without_the_onnx_package_the_error_names_the_extra(exported, tmp_path, monkeypatch, capsys):

@@ -47,7 +47,7 @@ class Task:
     cache_mib: float = DEFAULT_CACHE_MIB
     tokenizer: str | None = None  # the model's own when None
     revision: str | None = None  # a hub revision to pin
-    weights: str = "f32"  # the storage format of the weight matrices
+    weights: str | None = None  # the storage format of the weight matrices (None: as the file stores them)
 
     @property
     def cache_bytes(self) -> int:

@@ -27,8 +27,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, weights: bool = True, tok
                    " (e.g. opencl:1, naive:float64); a comma list tries in order"
                    " (default: $OPSWITCH_BACKEND or auto)")
     if weights:
-        p.add_argument("--weights", default="f32", choices=FORMATS,
-                       help="storage format of the weight matrices on the backend (default f32)")
+        p.add_argument("--weights", default=None, choices=FORMATS,
+                       help="storage format of the weight matrices on the backend (default: as the file"
+                       " stores them: f32, or a GGUF's own types)")
     add_threads_argument(p)
 
 

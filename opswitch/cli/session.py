@@ -43,7 +43,7 @@ def model_summary(lm, label: str | None) -> list[str]:
     fallbacks = lm.model.ops.describe_fallbacks()
     if fallbacks:
         summary.append(f"  ops computed by the host reference (fallback): {fallbacks}")
-    if lm.model.weights != "f32":
+    if lm.model.weights not in (None, "f32"):  # None: as the file stores them (a GGUF's types, in a note)
         stored = formats.storage_note(lm.model.weights, lm.model.stored_formats)
         summary.append(f"  weights stored as {stored}")
     summary.append(f"✓ Tokenizer loaded (vocab size={lm.tokenizer.vocab_size})")

@@ -74,16 +74,23 @@ def weight_role(path: str) -> str:
     return "vector"  # biases, layernorm gains, position embeddings: always float32
 
 
-def _upload(backend: Backend, params: Any, fmt: str, path: str = "", kept: dict | None = None) -> Any:
+def _upload(backend: Backend, params: Any, fmt: str | None, path: str = "", kept: dict | None = None) -> Any:
     """Every weight to ``backend`` once, in ``fmt`` where the backend keeps it natively,
     else as the float32 values the format stands for (so all backends agree).
+    ``fmt=None`` keeps each weight as the host params hold it (arrays as f32).
     ``kept`` counts the matrices per format they were stored in (a block format
     leaves the matrices it cannot hold in another)."""
     if isinstance(params, dict):
         return {k: _upload(backend, v, fmt, f"{path}.{k}".lstrip("."), kept) for k, v in params.items()}
     if isinstance(params, list):
         return [_upload(backend, v, fmt, f"{path}.{i}", kept) for i, v in enumerate(params)]
-    stored = formats.encode(params, fmt, weight_role(path))
+    if isinstance(params, formats.Stored):  # kept as the file stores it (a GGUF's f16, q8_0...)
+        if fmt is None or fmt == params.fmt:
+            stored = params
+        else:  # --weights says otherwise: re-encoded from the values it stands for
+            stored = formats.encode(formats.decode(params), fmt, params.role)
+    else:
+        stored = formats.encode(params, fmt or "f32", weight_role(path))
     if kept is not None and stored.role in formats.MATRIX_ROLES:
         kept[stored.fmt] = kept.get(stored.fmt, 0) + 1
     if stored.fmt != "f32" and stored.fmt not in backend.weight_formats:
@@ -128,10 +135,12 @@ class GPT2:
     class is given a backend instance.
     """
 
-    def __init__(self, config: GPT2Config, params: dict, backend: Backend, weights: str = "f32") -> None:
+    def __init__(self, config: GPT2Config, params: dict, backend: Backend,
+                 weights: str | None = "f32") -> None:
         self.config = config
         self.host_params = params
-        self.weights = formats.check_format(weights)
+        # None: as the host params hold each weight (a GGUF's own types); else re-encoded
+        self.weights = None if weights is None else formats.check_format(weights)
         self.bind(backend)
 
     def bind(self, backend: Backend) -> GPT2:

@@ -26,14 +26,14 @@ _BITS = {"bool": 8, "float8_e5m2": 8, "float8_e4m3fn": 8, "int4": 4, "uint4": 4}
 
 
 def inspect_path(path: str | Path) -> list[dict[str, Any]]:
-    """One report per file: a file, or each .onnx / .safetensors file in a directory."""
+    """One report per file: a file, or each .onnx / .safetensors / .gguf file in a directory."""
     path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(f"{path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".onnx", ".safetensors")) if path.is_dir() \
-        else [path]
+    kinds = (".onnx", ".safetensors", ".gguf")
+    files = sorted(p for p in path.iterdir() if p.suffix in kinds) if path.is_dir() else [path]
     if not files:
-        raise WeightsError(f"{path} holds no .onnx or .safetensors file")
+        raise WeightsError(f"{path} holds no .onnx, .safetensors or .gguf file")
     return [inspect_file(f) for f in files]
 
 
@@ -42,7 +42,9 @@ def inspect_file(path: Path) -> dict[str, Any]:
         return _safetensors(path)
     if path.suffix == ".onnx":
         return _onnx(path)
-    raise WeightsError(f"{path}: inspect reads .onnx and .safetensors files (or a model directory)")
+    if path.suffix.lower() == ".gguf":
+        return _gguf(path)
+    raise WeightsError(f"{path}: inspect reads .onnx, .safetensors and .gguf files (or a model directory)")
 
 
 def _tensor(name: str, dtype: str, shape) -> dict[str, Any]:
@@ -70,6 +72,19 @@ def _safetensors(path: Path) -> dict[str, Any]:
             dtype, shape = f.info(name)
             tensors.append(_tensor(name, _SAFETENSORS_DTYPES.get(dtype, dtype.lower()), shape))
         return _totals({"path": str(path), "format": "safetensors", "metadata": f.metadata,
+                        "tensors": tensors})
+
+
+def _gguf(path: Path) -> dict[str, Any]:
+    """The validated header: scalar keys as they are, arrays by their length; tensors in the
+    numpy order (rows first), their GGML type and stored bytes."""
+    from opswitch.model.gguf_read import GGUFFile
+
+    with GGUFFile(path) as f:
+        metadata = {k: v if isinstance(v, (str, int, float)) else f"[{len(v)} items]"
+                    for k, v in f.metadata.items()}
+        tensors = [{**_tensor(t.name, t.ggml_type, t.shape), "bytes": t.nbytes} for t in f.tensors.values()]
+        return _totals({"path": str(path), "format": "gguf", "version": f.version, "metadata": metadata,
                         "tensors": tensors})
 
 
@@ -129,6 +144,9 @@ def format_report(report: dict[str, Any]) -> list[str]:
                 lines.append(f"  {kind[:-1]:<7} {v['name']}  {v['dtype']}  [{shape}]")
         if report["external_data"]:
             lines.append(f"  external data: {', '.join(report['external_data'])}")
+    elif report["format"] == "gguf":
+        lines.append(f"{report['path']}: GGUF v{report['version']}")
+        lines += [f"  {key} = {value}" for key, value in report["metadata"].items()]
     else:
         lines.append(f"{report['path']}: safetensors" + (f", metadata {report['metadata']}"
                                                           if report["metadata"] else ""))
