@@ -15,6 +15,7 @@ gguf = require("gguf")
 torch = require("torch")
 
 import opswitch  # noqa: E402
+from opswitch.bench.models import random_hf_model  # noqa: E402
 from opswitch.cli.main import main  # noqa: E402
 from opswitch.core import formats  # noqa: E402
 from opswitch.model.gguf_load import load_gguf  # noqa: E402
@@ -33,9 +34,7 @@ def rel_err(got, expected) -> float:
 
 @pytest.fixture(scope="module")
 def hf():
-    from hf_models import perturbed_hf_model
-
-    return perturbed_hf_model(seed=3, **SHAPE)
+    return random_hf_model(seed=3, **SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +99,7 @@ def test_the_files_own_types_are_kept_and_decode_bit_identically_to_gguf(files, 
 
 
 def test_an_untied_output_is_the_lm_head(tmp_path):
-    from hf_models import perturbed_hf_model
-
-    hf = perturbed_hf_model(seed=4, tie_word_embeddings=False, **SHAPE)
+    hf = random_hf_model(seed=4, tie_word_embeddings=False, **SHAPE)
     path = hf_model_to_gguf(hf, tmp_path / "untied.gguf", "f32")
     assert "output.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
     lm = opswitch.load_model(path, backend="naive")
