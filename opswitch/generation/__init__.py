@@ -4,7 +4,7 @@ These names are the floor's public face: the server and batch jobs import
 only them (and ``opswitch.api``), nothing of the model layer below.
 """
 
-from opswitch.generation.config import GenerationConfig
+from opswitch.generation.config import MAX_STOP_CHARS, MAX_STOPS, GenerationConfig
 from opswitch.generation.engine import DEFAULT_PREFILL_CHUNK, Engine, Generation, StepOutput
 from opswitch.generation.loop import GenerationResult, check_request
 from opswitch.generation.output import OutputProcessor, TextStops, token_logprobs
@@ -21,6 +21,8 @@ from opswitch.generation.sampling import sample_next
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
     "BatchGenerator",
     "Engine",
     "Generation",
