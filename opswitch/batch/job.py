@@ -25,7 +25,7 @@ from opswitch.batch.lock import JobLock
 from opswitch.batch.paths import JobPaths, check_disjoint, check_kinds, protected_paths
 from opswitch.batch.readers import Row, data_format, read_rows
 from opswitch.batch.shards import MANIFEST, ShardStore, check_same_job, read_manifest
-from opswitch.batch.work import MAX_CACHE_MIB, Task, model_ref
+from opswitch.batch.work import MAX_CACHE_MIB, Item, Task, model_ref
 from opswitch.batch.writers import check_output_schema, write_jsonl, write_output
 
 FORMAT_VERSION = 2  # 2: shards end with a checksum line
@@ -72,7 +72,8 @@ class Job:
         try:
             protected = protected_paths(spec.input, task.model, self.paths, task.tokenizer)
             check_disjoint(self.paths, protected)  # under the lock
-            self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns)
+            self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns,
+                                             stop_field=spec.task.kind == "generate")
             self.task = _with_seed(task, self.shard_dir if spec.resume else None)
             if data_format(spec.output, "the output file") == "parquet":
                 check_output_schema(self.rows, self.task)
@@ -111,9 +112,9 @@ class Job:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self) -> list[tuple[int, str]]:
+    def start(self) -> list[Item]:
         """Open the shards (a fresh set, or the interrupted job's, each read back), file the
-        bad rows found while reading, and return the ``(index, text)`` rows still to run."""
+        bad rows found while reading, and return the ``(index, text[, stop])`` rows still to run."""
         if self.spec.overwrite and self.shard_dir.exists():
             shutil.rmtree(self.shard_dir)
         self.store = ShardStore.open(self.shard_dir, self.manifest, resume=self.spec.resume)
@@ -122,7 +123,7 @@ class Job:
         self.resumed = len(self.rows) - sum(1 for row in self.rows if not self.store.is_done(row.index))
         return items
 
-    def check(self) -> list[tuple[int, str]]:
+    def check(self) -> list[Item]:
         """Read every shard back: the rows of any that is damaged are returned, to run again
         (an empty list: every shard is sound, and ``finish`` may assemble them)."""
         assert self.store is not None, "start() first"
@@ -137,13 +138,14 @@ class Job:
         notes, self.store.notes = self.store.notes, []
         return notes
 
-    def _pending(self) -> list[tuple[int, str]]:
+    def _pending(self) -> list[Item]:
         assert self.store is not None
         pending = [row for row in self.rows if not self.store.is_done(row.index)]
         for row in pending:
             if row.error is not None:
                 self.store.add({"index": row.index, "error": row.error})
-        items = [(row.index, row.text) for row in pending if row.error is None]
+        items = [(row.index, row.text, *((row.stop,) if row.stop else ())) for row in pending
+                 if row.error is None]
         self.pending += len(items)
         return items
 
@@ -256,6 +258,9 @@ def _check_flags(spec: JobSpec) -> None:
         raise BatchError("the text field's name is empty")
     if spec.resume and spec.overwrite:
         raise BatchError("--resume and --overwrite contradict each other: pick one")
+    if not isinstance(spec.task.prefill_chunk, int) or spec.task.prefill_chunk < 0:
+        raise BatchError(f"--prefill-chunk must be a number of tokens >= 0 (0 = off),"
+                         f" got {spec.task.prefill_chunk}")
     budget = spec.task.cache_mib
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget <= MAX_CACHE_MIB):
         raise BatchError(f"--cache-mib must be a number of MiB in (0, {MAX_CACHE_MIB}], got {budget}")

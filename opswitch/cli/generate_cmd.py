@@ -17,6 +17,8 @@ from opswitch.core.errors import GenerationError
 from opswitch.generation import GenerationConfig
 from opswitch.generation.loop import EMPTY_PROMPT
 
+MAX_N = 128  # as the server's n
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -37,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: a fresh one, printed)")
     p.add_argument("--stop-token", type=int, metavar="ID",
                    help="stop at this token id; -1 = never (default: <|endoftext|>)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the text where TEXT first appears (not printed); repeat for up to four")
+    p.add_argument("-n", type=int, default=1, metavar="N",
+                   help="N completions of the prompt, seeds SEED, SEED+1, ... as the server's n (default 1)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
     p.set_defaults(run=run)
@@ -48,6 +54,10 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
 
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens {args.max_tokens}: max_new_tokens must be at least 1")
+    if not 1 <= args.n <= MAX_N:
+        raise UsageError(f"-n {args.n}: the number of completions must be between 1 and {MAX_N}")
+    if args.n > 1 and args.interactive:
+        raise UsageError("-n is for one prompt, not --interactive")
     return GenerationConfig(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -56,6 +66,7 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(2**31),
         stop_token="eos" if args.stop_token is None else args.stop_token,
         use_kv_cache=not args.no_kv_cache,
+        stop=tuple(args.stop or ()),
     )
 
 
@@ -121,5 +132,11 @@ def run(args: argparse.Namespace) -> int:
         from opswitch.cli.repl import Repl
 
         return Repl(lm, config, console, first_prompt=prompt).run()
-    result = generate_once(lm, prompt, config, console)
-    return 130 if result.stop_reason == "interrupted" else 0
+    for i in range(args.n):
+        one = config if i == 0 else config.replace(seed=config.seed + i)  # (settings_from set a seed)
+        if args.n > 1:
+            console.info(f"Completion {i + 1} of {args.n} (seed {one.seed}):")
+        result = generate_once(lm, prompt, one, console)
+        if result.stop_reason == "interrupted":
+            return 130
+    return 0

@@ -107,6 +107,7 @@ def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -
     total = time.perf_counter() - started
     why = {
         "stop_token": "stopped at the stop token",
+        "stop": "stopped at a stop string",
         "context_full": f"stopped: the model's context of {lm.config.n_positions} tokens is full",
         "interrupted": "interrupted",
         "length": "reached max tokens",
