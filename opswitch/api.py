@@ -206,13 +206,17 @@ class LanguageModel:
         prompts: Sequence[str | Sequence[int]],
         settings: Sequence[dict] | dict | None = None,
         cache_bytes: int | None = None,
+        *,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache: bool = True,
         **common: Any,
     ) -> list[GenerationResult]:
         """Generate for several prompts in one batched loop: the same ids as one by one.
 
         ``settings`` is one dict per prompt (or one for all), merged over ``common``.
         With ``cache_bytes``, the KV caches of the running prompts stay within that
-        budget (the rest wait their turn), so a large batch cannot take unbounded memory."""
+        budget (the rest wait their turn), so a large batch cannot take unbounded memory.
+        ``prefill_chunk`` and ``prefix_cache`` are the engine's (see ``engine``)."""
         if isinstance(settings, dict) or settings is None:
             settings = [settings or {}] * len(prompts)
         if len(settings) != len(prompts):
@@ -220,7 +224,8 @@ class LanguageModel:
         configs = [self.settings(**{**common, **s}) for s in settings]
         ids = [self._ids(p) for p in prompts]
         with self._using():
-            return run_batch(self.engine(cache_bytes), ids, configs)
+            engine = self.engine(cache_bytes, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
+            return run_batch(engine, ids, configs)
 
     def stream(
         self, prompt: str | Sequence[int], result: GenerationResult | None = None, **settings: Any
