@@ -71,6 +71,7 @@ class Generation:
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False)
     prefix_hit: int = 0  # prompt tokens whose rows were reused
+    reuse_pending: bool = False  # a prefix lookup is due before the first prefill step
     started: float = 0.0
     logits: np.ndarray | None = field(default=None, repr=False)  # the last sampled step's (masked)
 
@@ -105,7 +106,6 @@ class EngineStats:
 
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0  # prompt tokens of admitted requests
-    computed_prompt_tokens: int = 0  # of them, prefilled by the model (the rest reused)
     steps: int = 0
 
 
@@ -201,6 +201,7 @@ class Engine:
                 self._cancelled.append(gen)
             else:
                 self._finish(gen, reason)
+                self.running.remove(gen)
 
     @property
     def has_work(self) -> bool:
@@ -260,54 +261,67 @@ class Engine:
         return outputs
 
     def _start(self, gen: Generation) -> None:
-        """Give ``gen`` its cache (with any reused prefix rows) and start its clock."""
+        """Give ``gen`` its cache and start its clock.  A spare cache holding the longest
+        prefix of its prompt, if it is large enough, becomes its cache as it is; other
+        reuse waits for the first prefill step (``_reuse``)."""
         n_prompt = len(gen.prompt_ids)
         self.stats.prompt_tokens += n_prompt
         gen.started = time.perf_counter()
         gen.state = "running"
         if not gen.config.use_kv_cache:
-            self.stats.computed_prompt_tokens += n_prompt
             return
         need = self.cache_positions(n_prompt, gen.config.max_new_tokens)
         source, hit = self._prefix_source(gen.prompt_ids) if self.prefix_cache else (None, 0)
-        cache = None
-        if source is not None and self.pool is not None and self.pool.is_spare(source) \
-                and source.capacity >= self.pool.capacity_for(need):
-            cache = self.pool.take(source)  # the spare itself: nothing to copy
-            if cache is not None:
-                cache.length, cache.tokens = hit, ()
-        if cache is None:
-            keep = source if self.pool is not None and source is not None and self.pool.is_spare(source) \
-                else None
-            cache = self.pool.acquire(need, keep=keep) if self.pool is not None \
-                else self.model.new_cache(need)
-            if source is not None and (keep is None or self.pool.is_spare(keep)):
-                copy_prefix(self.model.backend, cache, source, hit)
-            else:
-                hit = 0
-        gen.cache, gen.prefix_hit = cache, hit
+        pool = self.pool
+        spare = source if source is not None and pool is not None and pool.is_spare(source) else None
+        if spare is not None and pool is not None and spare.capacity >= pool.capacity_for(need):
+            taken = pool.take(spare)  # the spare itself: nothing to copy
+            if taken is not None:
+                taken.length, taken.tokens = hit, ()
+                gen.cache = taken
+                self._reused(gen, hit)
+                return
+        gen.cache = pool.acquire(need, keep=spare) if pool is not None else self.model.new_cache(need)
+        gen.reuse_pending = self.prefix_cache
+
+    def _reused(self, gen: Generation, hit: int) -> None:
+        gen.prefix_hit, gen.reuse_pending = hit, False
         gen.pending = gen.prompt_ids[hit:]
         self.stats.prefix_hit_tokens += hit
-        self.stats.computed_prompt_tokens += n_prompt - hit
+
+    def _reuse(self, gen: Generation, ahead: list[Generation]) -> bool:
+        """Before ``gen``'s first prefill step: copy the longest cached prefix of its prompt
+        into its cache.  False (wait a step) while a sequence admitted before it is still
+        prefilling a longer common prefix: then it reuses those rows instead of computing
+        them too (sixteen requests with one system prompt compute it once)."""
+        source, hit = self._prefix_source(gen.prompt_ids)
+        limit = _block_limit(gen.prompt_ids)
+        for other in ahead:
+            if other.prefilling and other.cache is not None and other.cache.length < limit \
+                    and _common_blocks(other.prompt_ids, gen.prompt_ids, limit) > hit:
+                return False
+        if source is not None and hit > 0 and gen.cache is not None:
+            copy_prefix(self.model.backend, gen.cache, source, hit)
+            self._reused(gen, hit)
+        else:
+            gen.reuse_pending = False
+        return True
 
     def _prefix_source(self, prompt: list[int]) -> tuple[KVCache | None, int]:
-        """The cache holding the longest prefix of ``prompt`` (whole blocks, never the last token)."""
-        limit = (len(prompt) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+        """The cache holding the longest prefix of ``prompt`` (whole blocks, never the last token):
+        a running sequence's computed rows, or a spare's."""
+        limit = _block_limit(prompt)
         if limit < PREFIX_BLOCK:
             return None, 0
         candidates: list[tuple[KVCache, Sequence[int]]] = [
             (g.cache, g.tokens[: g.cache.length]) for g in self.running if g.cache is not None]
         if self.pool is not None:
             candidates += [(c, c.tokens) for c in reversed(self.pool.spares()) if c.tokens]
-        want = np.asarray(prompt[:limit])
         best, best_len = None, 0
         for cache, held in candidates:
-            n = min(limit, len(held), cache.length)
-            if n <= best_len:
+            if min(limit, len(held), cache.length) <= best_len:
                 continue
-            differ = np.flatnonzero(np.asarray(held[:n]) != want[:n])
-            common = int(differ[0]) if differ.size else n
-            common = common // PREFIX_BLOCK * PREFIX_BLOCK
+            common = _common_blocks(held[: cache.length], prompt, limit)
             if common > best_len:
                 best, best_len = cache, common
         return best, best_len
@@ -326,9 +340,11 @@ class Engine:
         batch = [(g, g.pending) for g in active if g.cache is not None and not g.prefilling]
         batch += [(g, g.tokens) for g in active if g.cache is None]  # no KV cache: the whole text again
         budget = None if self.max_batch_tokens is None else self.max_batch_tokens - len(batch)
-        for gen in active:
+        for k, gen in enumerate(active):
             if gen.cache is None or not gen.prefilling:
                 continue
+            if gen.reuse_pending and not self._reuse(gen, active[:k]):
+                continue  # its prefix is being computed by one ahead of it
             n = len(gen.pending) if self.prefill_chunk is None else min(len(gen.pending), self.prefill_chunk)
             if budget is not None:
                 n = min(n, budget)
@@ -440,3 +456,18 @@ class Engine:
             if self.prefix_cache and gen.cache.length:
                 gen.cache.tokens = tuple(gen.tokens[: gen.cache.length])
             gen.cache.release()
+
+
+def _block_limit(prompt: Sequence[int]) -> int:
+    """The most prompt positions reuse may cover: whole blocks, and never the last token."""
+    return (len(prompt) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+
+
+def _common_blocks(held: Sequence[int], prompt: Sequence[int], limit: int) -> int:
+    """Positions, in whole blocks up to ``limit``, where ``held`` and ``prompt`` agree from the start."""
+    n = min(limit, len(held), len(prompt))
+    if n < PREFIX_BLOCK:
+        return 0
+    differ = np.flatnonzero(np.asarray(held[:n]) != np.asarray(prompt[:n]))
+    common = int(differ[0]) if differ.size else n
+    return common // PREFIX_BLOCK * PREFIX_BLOCK
