@@ -21,7 +21,7 @@ CONFIG = GPT2Config(vocab_size=61, n_positions=3 * ROUND, n_embd=24, n_layer=2, 
                     bos_token_id=0, eos_token_id=60)
 GREEDY = GenerationConfig(max_new_tokens=8, temperature=0, stop_token=-1)
 SHARED = [int(t) for t in np.random.default_rng(5).integers(1, 60, size=3 * PREFIX_BLOCK)]
-PROMPTS = [SHARED + [7, 8, 9], SHARED + [11], SHARED[:40] + [3, 4, 5, 6], SHARED]
+PROMPTS = [[*SHARED, 7, 8, 9], [*SHARED, 11], [*SHARED[:40], 3, 4, 5, 6], SHARED]
 BACKENDS = [name for name in ("naive", "blas", "cpu", "opencl") if name in get_registry().available()]
 
 
@@ -77,7 +77,7 @@ def test_reused_rows_give_the_same_logits_within_float32_rounding(model):
     """A one-token step after the prompt: its logits, from reused rows, against computed ones."""
     config = GREEDY.replace(max_new_tokens=1)
     engine = Engine(model, model.cache_pool(1 << 24), prefix_cache=True)
-    first, second = _run(engine, [PROMPTS[0], PROMPTS[1]], config, together=False)
+    _first, second = _run(engine, [PROMPTS[0], PROMPTS[1]], config, together=False)
     assert second.prefix_hit > 0
     fresh = _alone(model, PROMPTS[1], config)
     scale = float(np.abs(fresh.logits).max())
@@ -108,7 +108,7 @@ def test_cancelling_frees_the_cache_at_once_and_its_rows_stay_reusable():
     assert pool.bytes_in_use > 0
     engine.cancel(gen)
     assert pool.bytes_in_use == 0 and gen.result.stop_reason == "cancelled" and not engine.has_work
-    again = engine.add(SHARED + [1], GREEDY)
+    again = engine.add([*SHARED, 1], GREEDY)
     engine.step()
     assert again.prefix_hit == len(SHARED)  # the cancelled one's prompt rows, from the spare
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opswitch.batch.errors import BatchError, require_pyarrow
 from opswitch.batch.lock import JobLock
@@ -27,6 +27,9 @@ from opswitch.batch.readers import Row, data_format, read_rows
 from opswitch.batch.shards import MANIFEST, ShardStore, check_same_job, read_manifest
 from opswitch.batch.work import MAX_CACHE_MIB, Item, Task, model_ref
 from opswitch.batch.writers import check_output_schema, write_jsonl, write_output
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 FORMAT_VERSION = 2  # 2: shards end with a checksum line
 MAX_ROUNDS = 3  # runs of the rows of damaged shards before the job gives up
@@ -191,7 +194,7 @@ class Report:
         """Around loading the model in this process (local mode)."""
         return contextlib.nullcontext()
 
-    def loaded(self, lm) -> None:
+    def loaded(self, lm: LanguageModel) -> None:
         """The model is loaded (local mode)."""
 
     def running(self, job: Job, n_rows: int) -> None:
@@ -204,7 +207,8 @@ class Report:
         """Something the user should know (a damaged shard that is run again)."""
 
 
-def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> Summary:
+def run_job(spec: JobSpec, ray=None, lm: LanguageModel | None = None,
+            report: Report | None = None) -> Summary:
     """Run a whole job: locally (on ``lm`` if given, else the task's model, loaded
     once), or on Ray when ``ray`` (a ``RayOptions``) is given."""
     from opswitch.batch.local import load_lm, run_local

@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opswitch.cli.model_args import add_model_arguments
 from opswitch.generation import DEFAULT_PREFILL_CHUNK
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -142,7 +146,7 @@ class CliReport:
 
         return Progress("Loading model")
 
-    def loaded(self, lm) -> None:
+    def loaded(self, lm: LanguageModel) -> None:
         self.info(f"✓ Model loaded: {lm.source} on backend {lm.backend.name}")
 
     def running(self, job, n_rows: int) -> None:

@@ -10,12 +10,16 @@ import argparse
 import random
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opswitch.cli.model_args import add_model_arguments, loading_label
 from opswitch.cli.session import Console, generate_once, model_summary, show_settings
 from opswitch.core.errors import GenerationError
 from opswitch.generation import GenerationConfig
 from opswitch.generation.loop import EMPTY_PROMPT
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 MAX_N = 128  # as the server's n
 
@@ -85,7 +89,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     return args.prompt
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace) -> tuple[LanguageModel, list[str]]:
     """Load through ``opswitch.load_model`` (the one load path), with progress on a TTY.
 
     Returns the model and its summary lines, printed by the caller once every
@@ -106,7 +110,7 @@ def load(args: argparse.Namespace):
     return lm, model_summary(lm, label)
 
 
-def check_fits(lm, prompt: str | None, config: GenerationConfig) -> None:
+def check_fits(lm: LanguageModel, prompt: str | None, config: GenerationConfig) -> None:
     """Settings that depend on the model (stop token, prompt length), checked before
     anything is printed; the REPL's later prompts are checked as they come."""
     from opswitch.generation.loop import check_request, resolve_stop_token

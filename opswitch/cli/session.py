@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from opswitch.generation import GenerationConfig, GenerationResult
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 
 class Console:
@@ -29,7 +33,7 @@ class Console:
         sys.stdout.flush()
 
 
-def model_summary(lm, label: str | None) -> list[str]:
+def model_summary(lm: LanguageModel, label: str | None) -> list[str]:
     """The lines printed once a model is loaded: what, where, on which backend."""
     config, directory = lm.config, lm.source
     summary = [
@@ -88,7 +92,8 @@ def describe_ids(ids: list[int]) -> str:
         f"{', '.join(map(str, tail))}]"
 
 
-def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -> GenerationResult:
+def generate_once(lm: LanguageModel, prompt: str, config: GenerationConfig,
+                  console: Console) -> GenerationResult:
     """Stream one completion; Ctrl-C stops it cleanly, keeping what was printed."""
     ids = lm.encode_prompt(prompt)
     console.info(f"Prompt: {prompt}")

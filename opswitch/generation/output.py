@@ -88,6 +88,6 @@ def token_logprobs(logits: np.ndarray | None, token: int, top: int) -> tuple[flo
     x = np.asarray(logits, dtype=np.float64)
     x = x - x.max()
     lp = x - np.log(np.exp(x).sum())
-    best = np.argpartition(-lp, top)[:top] if 0 < top < lp.size else np.arange(lp.size if top else 0)
-    best = sorted(best, key=lambda i: -lp[i])
+    candidates = np.argpartition(-lp, top)[:top] if 0 < top < lp.size else np.arange(lp.size if top else 0)
+    best = sorted(candidates, key=lambda i: -lp[i])
     return float(lp[token]), {int(i): float(lp[i]) for i in best}
