@@ -339,7 +339,9 @@ class Engine:
         active = [g for g in self.running if not g.done]
         batch = [(g, g.pending) for g in active if g.cache is not None and not g.prefilling]
         batch += [(g, g.tokens) for g in active if g.cache is None]  # no KV cache: the whole text again
-        budget = None if self.max_batch_tokens is None else self.max_batch_tokens - len(batch)
+        budget = None  # prompt tokens this step; at least a chunk, so prompts always progress
+        if self.max_batch_tokens is not None:
+            budget = max(self.max_batch_tokens - len(batch), self.prefill_chunk or 1)
         for k, gen in enumerate(active):
             if gen.cache is None or not gen.prefilling:
                 continue
