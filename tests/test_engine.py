@@ -118,7 +118,7 @@ REQUEST = st.tuples(st.integers(1, 2 * ROUND), st.integers(0, 2 * ROUND), st.int
                     st.booleans(), st.integers(0, 3))  # prompt length, new tokens, arrival, cancel?, family
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests=st.lists(REQUEST, min_size=1, max_size=8), budget_caches=st.integers(1, 4),
        chunk=st.sampled_from([0, 7, 64]), max_batch=st.integers(1, 4))
 def test_the_pool_budget_is_never_exceeded_and_nobody_starves(requests, budget_caches, chunk, max_batch):
