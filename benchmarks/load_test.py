@@ -3,6 +3,8 @@
     python benchmarks/load_test.py                       # starts its own server (demo model)
     python benchmarks/load_test.py --model gpt2 --clients 32 --requests 256
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --pid 1234   # a running server
+    python benchmarks/load_test.py --scenario engine --shape gpt2         # prefix reuse, chunked prefill,
+                                                                          # throughput, RSS (engine_load.py)
 
 Sends the same mixed-length greedy requests twice: one after another (batch
 of one), then from ``--clients`` concurrent clients; checks that no request
@@ -143,7 +145,18 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", action="store_true", help="skip the in-process reference outputs")
-    args = parser.parse_args()
+    parser.add_argument("--scenario", choices=("mixed", "engine"), default="mixed",
+                        help="mixed: the checked load test (default); engine: prefix reuse, chunked prefill,"
+                             " throughput and RSS (see engine_load.py --help for its own flags)")
+    args, rest = parser.parse_known_args()
+    if args.scenario == "engine":
+        import engine_load  # its own flags: every argument but the scenario goes to it
+
+        argv = [a for a in sys.argv[1:] if a != "--scenario=engine"]
+        at = argv.index("--scenario") if "--scenario" in argv else None
+        return engine_load.main(argv if at is None else argv[:at] + argv[at + 2:])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     proc, url, pid = None, args.url, args.pid
     if url is None:

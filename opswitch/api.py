@@ -314,7 +314,7 @@ def load_model(
     check_format(weights)
     chosen, reason = _select(backend, dtype)  # fail fast, before reading weights
     if _is_onnx(path_or_id):
-        source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)
+        source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)  # type: ignore[arg-type]
     else:
         directory = resolve_model(path_or_id, revision=revision)
         config, params = load_gpt2(directory)

@@ -24,6 +24,7 @@ import pytest
 
 from opswitch.backends import cuda
 from opswitch.core import OP_NAMES, BackendError, Registry, formats, ops
+from opswitch.core.step import Step, attention_step
 
 rng = np.random.default_rng(0)
 
@@ -254,7 +255,7 @@ def test_the_attention_launch_plan_computes_the_reference_for_a_ragged_batch():
         k[:, :start], v[:, :start] = randn(n_head, start, d), randn(n_head, start, d)
     want_caches = [(k.copy(), v.copy()) for k, v in caches]
     qkv = randn(sum(counts), 3 * n_embd)
-    want = ops.attention_batch(qkv, n_head, want_caches, starts, counts)
+    want = ops.attention_batch(qkv, n_head, attention_step(want_caches, starts, counts))
 
     addresses = [(id(k), id(v)) for k, v in caches]
     plan = cuda.attention_plan(addresses, [capacity] * len(counts), starts, counts)
@@ -291,7 +292,7 @@ def test_graph_stable_geometry_and_small_helpers():
         cuda.check_ids([5], 5)
     qkv = np.zeros((1, 6))
     assert cuda.slot_args("embedding", (None, [1])) == {1}
-    assert cuda.slot_args("attention_batch", (qkv, 1, [], [7], [1])) == {3}
+    assert cuda.slot_args("attention_batch", (qkv, 1, [], [7], [1])) == {2, 3}
     assert cuda.slot_args("attention_batch", (qkv, 1, [], [7], [cuda.PREFILL_GEMM_MIN])) == set()
     assert cuda.slot_args("attention", (qkv, 1, None, None, 3)) == {4}
     assert cuda.slot_args("linear", (qkv, None, None)) == set()
@@ -360,12 +361,22 @@ class FakeBackend:
         if graphs:
             self.graphs = cuda.StepGraphs(self.rt, self.arena, cuda.slot_args, max_graphs=max_graphs)
 
+        self.buffers = {}  # "device addresses" (ids) of the caches the kernels were given
+
     def _call(self, name, impl, args):
         return impl(*args) if self.graphs is None else self.graphs.call(name, impl, args)
 
-    def to_host(self, x):
+    def begin_step(self, step):
+        if self.graphs is not None:
+            self.graphs.begin(cuda.step_key(step))
+
+    def end_step(self):
         if self.graphs is not None:
             self.graphs.finish()
+
+    def to_host(self, x):
+        if self.graphs is not None:
+            self.graphs.interrupt()
         self.arena.reset()
         return x.copy()
 
@@ -381,8 +392,9 @@ class FakeBackend:
     def add(self, a, b):
         return self._call("add", self._add, (a, b))
 
-    def attention_batch(self, qkv, n_head, caches, starts, counts):
-        return self._call("attention_batch", self._attend, (qkv, n_head, caches, starts, counts))
+    def attention_batch(self, qkv, n_head, step):
+        args = (qkv, n_head, step.caches, step.starts, step.counts)
+        return self._call("attention_batch", self._attend, args)
 
     def _embedding(self, table, ids, out=None, launch=True):
         slot, n = self.arena.put(ids), len(ids)
@@ -399,15 +411,19 @@ class FakeBackend:
         return out
 
     def _attend(self, x, n_head, caches, starts, counts, out=None, launch=True):
-        """A toy attention: write x's rows into the cache at the start (read from
-        the arena when it runs), return the running mean over the cache."""
-        slot = self.arena.put(starts)
+        """A toy attention: write x's rows into the cache at the start, return the
+        running mean over the cache; the cache and its start are read from the
+        arena when it runs, as the real kernels read addresses and lengths."""
+        self.buffers.update((id(k), k) for k, _ in caches)
+        n = len(counts)
+        slot = self.arena.put([*starts, *(id(k) for k, _ in caches)])
         out = np.empty(x.shape) if out is None else out
         if launch:
             def kernel():
                 row = 0
-                for i, ((k, _), count) in enumerate(zip(caches, counts)):
+                for i, count in enumerate(counts):
                     start = int(self.device_slots[slot + i])
+                    k = self.buffers[int(self.device_slots[slot + n + i])]
                     k[start : start + count] = x[row : row + count]
                     for j in range(count):
                         out[row + j] = k[: start + j + 1].mean(axis=0)
@@ -419,15 +435,25 @@ class FakeBackend:
 TABLE, WPE = randn(10, 3), randn(40, 3)
 
 
+def toy_step(caches, starts, counts):
+    """The step of the toy attention's caches ([capacity, n]: one layer, key and value one buffer)."""
+    step = Step(tuple(starts), tuple(counts), tuple(c.shape[0] for c in caches))
+    return step, step.layers([[(c, c)] for c in caches])[0]
+
+
 def decode(be, caches, tokens, positions, counts=None):
-    """A model-shaped step: embeddings, add, attention, the logits back."""
+    """A model-shaped step: begin, embeddings, add, attention, end, the logits back."""
     counts = counts or [1] * len(caches)
-    x = be.add(be.embedding(TABLE, tokens), be.embedding(WPE, positions))
     starts, row = [], 0
     for c in counts:
         starts.append(positions[row])
         row += c
-    return be.to_host(be.attention_batch(x, 1, [(c, c) for c in caches], starts, counts))
+    step, layer = toy_step(caches, starts, counts)
+    be.begin_step(step)
+    x = be.add(be.embedding(TABLE, tokens), be.embedding(WPE, positions))
+    out = be.attention_batch(x, 1, layer)
+    be.end_step()
+    return be.to_host(out)
 
 
 def run_both(steps, **kwargs):
@@ -449,30 +475,53 @@ def test_a_repeating_step_is_captured_then_replayed_with_new_positions():
     assert be.rt.launched == 8 and len(be.graphs.tapes) == 1
 
 
-def test_another_batch_falls_back_mid_step_and_stays_correct():
+def test_each_batch_shape_gets_its_own_graph_and_stays_correct():
+    """The step says its shape before its first op: a batch of two between decodes of
+    one is not a guess gone wrong (no fallback), and each shape replays its own graph."""
     decode_a = [("a", [t % 10], [t]) for t in range(6)]
     both = [("ab", [1, 2], [6, 0]), ("ab", [3, 4], [7, 1])]
     back = [("a", [t % 10], [t]) for t in range(8, 12)]
-    be = run_both(decode_a + both + back + both[:1])
-    assert be.graphs.counts["fallbacks"] >= 1
-    assert be.graphs.counts["replayed"] >= 4
+    be = run_both(decode_a + both + back + both[:1] + [("ab", [5, 6], [12, 2])])
+    assert be.graphs.counts == {"eager": 4, "captured": 2, "replayed": 8}, be.graphs.counts
+    assert len(be.graphs.tapes) == 2
+
+
+def test_a_graph_is_replayed_for_another_sequence_of_the_same_shape():
+    """Cache addresses and lengths come from the slot arena: a new sequence whose cache
+    has the shape of the captured one replays the graph, writing its own cache."""
+    steps = [("a", [t % 10], [t]) for t in range(4)] + [("b", [t % 10], [t]) for t in range(3)]
+    be = run_both(steps)
+    assert be.graphs.counts == {"eager": 2, "captured": 1, "replayed": 4}, be.graphs.counts
+
+
+def test_ops_outside_a_step_run_eagerly_and_are_not_recorded():
+    be, cache = FakeBackend(), np.zeros((40, 3))
+    for t in range(5):
+        _, layer = toy_step([cache], [t], [1])
+        x = be.add(be.embedding(TABLE, [t]), be.embedding(WPE, [t]))
+        be.to_host(be.attention_batch(x, 1, layer))
+    assert be.graphs.counts == {} and be.rt.launched == 0 and not be.graphs.tokens
 
 
 def test_an_upload_mid_step_ends_the_graph_for_that_step():
     outs, caches = {}, {}
     for graphs in (False, True):
         be, cache = FakeBackend(graphs=graphs), np.zeros((40, 3))
-        for t in range(6):
+        for t in range(7):
+            step, layer = toy_step([cache], [t], [1])
+            be.begin_step(step)
             x = be.add(be.embedding(TABLE, [t]), be.embedding(WPE, [t]))
             if t == 5:  # replaying by now: the upload ends the graph for this step
                 x = be.add(x, be.to_device(np.ones((1, 3))))
-            out = be.attention_batch(x, 1, [(cache, cache)], [t], [1])
+            out = be.attention_batch(x, 1, layer)
+            be.end_step()
             outs.setdefault(graphs, []).append(be.to_host(out))
         caches[graphs] = cache
     np.testing.assert_array_equal(outs[True], outs[False])
     np.testing.assert_array_equal(caches[True], caches[False])
-    assert be.graphs.counts["replayed"] == 2 and be.graphs.counts["fallbacks"] == 1
-    assert be.graphs.streak == 1  # the interrupted step's key is its own
+    # the interrupted step kept the graph of its shape: the next step replays it
+    assert be.graphs.counts["replayed"] == 3 and be.graphs.counts["fallbacks"] == 1
+    assert len(be.graphs.tapes) == 1
 
 
 def test_a_capture_that_fails_switches_graphs_off_and_the_step_still_runs():
@@ -487,7 +536,8 @@ def test_a_genuine_op_error_is_raised_and_graphs_stay_on():
     be, cache = FakeBackend(), np.zeros((40, 3))
     for t in range(2):
         decode(be, [cache], [t], [t])
-    x = be.embedding(TABLE, [2])  # the third step is being captured
+    be.begin_step(toy_step([cache], [2], [1])[0])  # the third step is being captured
+    x = be.embedding(TABLE, [2])
     assert be.graphs.mode == cuda.CAPTURE
 
     def bad(*args, out=None, launch=True):
@@ -496,19 +546,22 @@ def test_a_genuine_op_error_is_raised_and_graphs_stay_on():
     with pytest.raises(ValueError, match="cannot broadcast"):  # raised again by the op run eagerly
         be.graphs.call("add", bad, (x, x))
     assert be.graphs.enabled and be.graphs.mode == cuda.EAGER
+    be.end_step()
     np.testing.assert_array_equal(be.to_host(x), TABLE[[2]])  # the captured part was run for real
 
 
 def test_least_recently_used_graphs_are_dropped():
     a = [("a", [t], [t]) for t in range(4)]
-    b = [("b", [t], [t]) for t in range(4)]
-    be = run_both(a + b, max_graphs=1)
+    ab = [("ab", [t, t], [4 + t, t]) for t in range(4)]  # another shape: two sequences
+    be = run_both(a + ab, max_graphs=1)
     assert be.graphs.counts["captured"] == 2 and len(be.graphs.tapes) == 1
-    assert be.graphs.last_key in be.graphs.tapes  # b's, the most recent
-    # back to a: the step after b's falls back, the next one replays a's kept graph
-    be = run_both(a + b + [("a", [9], [4]), ("a", [8], [5])], max_graphs=2)
-    assert len(be.graphs.tapes) == 2 and be.graphs.counts["captured"] == 2
-    assert be.graphs.counts["replayed"] == 3 and be.graphs.counts["fallbacks"] == 2
+    assert list(be.graphs.tapes) == [((1, 1), (40, 40), None)]  # the two sequences', the most recent
+    # back to one sequence: seen often enough, its next step is captured again at once
+    be = run_both(a + ab + [("a", [9], [8]), ("a", [8], [9])], max_graphs=1)
+    assert be.graphs.counts["captured"] == 3 and be.graphs.counts["replayed"] == 1 + 1 + 1
+    be = run_both(a + ab + [("a", [9], [8]), ("a", [8], [9])], max_graphs=2)  # both kept: replayed
+    assert be.graphs.counts["captured"] == 2 and be.graphs.counts["replayed"] == 1 + 1 + 2
+    assert not be.graphs.counts["fallbacks"]
 
 
 def test_the_arena_copies_at_once_or_when_flushed():
@@ -641,18 +694,31 @@ def test_decode_with_cuda_graphs_captures_every_step_and_matches_the_reference(m
 
 
 def test_a_repeated_cublas_step_runs_eagerly_and_graphs_stay_on(monkeypatch):
-    """A step with cuBLAS in it (a prompt-sized product) repeats: its capture is
-    abandoned before cuBLAS is called, the step runs eagerly, and it is not tried again."""
+    """A step with cuBLAS in it (a prompt-sized product in a decode-shaped step) repeats:
+    its capture is abandoned before cuBLAS is called, the step runs eagerly, and it is
+    not tried again."""
     monkeypatch.setenv(cuda.ENV_GRAPHS, "1")
     si = standin(monkeypatch)
     backend = Registry(autoload=False).select("cuda").backend
     x, w, b = (backend.to_device(a) for a in (randn(20, 7), randn(7, 5), randn(5)))
     want = backend.to_host(backend.linear(x, w, b))
+    step = Step((0,), (1,), (64,))
     for _ in range(5):
-        np.testing.assert_array_equal(backend.to_host(backend.linear(x, w, b)), want)
+        backend.begin_step(step)
+        out = backend.linear(x, w, b)
+        backend.end_step()
+        np.testing.assert_array_equal(backend.to_host(out), want)
     graphs = backend.graphs
     assert graphs.enabled and not graphs.tapes and graphs.counts["fallbacks"] == 1, graphs.counts
+    assert graphs.counts["eager"] == 5 and cuda.step_key(step) in graphs.eager_keys
     assert si.counts["sgemm"] == 6 and si.counts["graph_launch"] == 0
+
+
+def test_a_prompt_step_is_never_captured():
+    """cuBLAS cannot be captured: a step of a prompt's size has no key, whatever it repeats."""
+    assert cuda.step_key(Step((0,), (cuda.PREFILL_GEMM_MIN,), (64,))) is None
+    assert cuda.step_key(Step((0,) * 9, (1,) * 9, (64,) * 9)) is None  # 9 rows: SGEMM products
+    assert cuda.step_key(Step.last_rows((5, 0), (1, 3), (64, 128))) == ((1, 3), (64, 128), 2)
 
 
 @pytest.fixture
@@ -686,9 +752,9 @@ def test_a_ragged_batch_of_decodes_chunks_and_prompts_through_the_backend(standi
     qkv = randn(sum(counts), 3 * n_head * d).astype(np.float32)
     host = [(k.astype(np.float32), v.astype(np.float32)) for k, v in host]
     caches = [(be.to_device(k), be.to_device(v)) for k, v in host]
-    want = ops.attention_batch(qkv.astype(np.float64), n_head, [(k.astype(np.float64), v.astype(np.float64))
-                                                               for k, v in host], starts, counts)  # fmt: skip
-    got = be.to_host(be.attention_batch(be.to_device(qkv), n_head, caches, starts, counts))
+    wide = [(k.astype(np.float64), v.astype(np.float64)) for k, v in host]
+    want = ops.attention_batch(qkv.astype(np.float64), n_head, attention_step(wide, starts, counts))
+    got = be.to_host(be.attention_batch(be.to_device(qkv), n_head, attention_step(caches, starts, counts)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32 sums of <= 600 terms of |x| < 5
 
 
@@ -794,10 +860,10 @@ def check_fused_pairs(be):
     caches = [(be.to_device(k), be.to_device(v)) for k, v in past]
     args = be.to_device(h), be.to_device(wq), be.to_device(bq)
     qkv = be.linear(*args)
-    att = be.attention_batch(qkv, n_head, caches, starts, counts)
+    att = be.attention_batch(qkv, n_head, attention_step(caches, starts, counts))
     want_qkv = h.astype(np.float64) @ wq + bq
     ref_caches = [(k.astype(np.float64), v.astype(np.float64)) for k, v in past]
-    want_att = ops.attention_batch(want_qkv, n_head, ref_caches, starts, counts)
+    want_att = ops.attention_batch(want_qkv, n_head, attention_step(ref_caches, starts, counts))
     np.testing.assert_allclose(be.to_host(att), want_att, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(be.to_host(qkv), want_qkv, rtol=1e-5, atol=1e-5)
     for (k, v), (rk, rv) in zip(caches, ref_caches):

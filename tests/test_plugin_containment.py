@@ -17,7 +17,7 @@ import pytest
 
 from opswitch.core import Backend, Probe, hookimpl
 from opswitch.core.errors import BackendError
-from opswitch.core.registry import Registry
+from opswitch.core.registry import Registry, use_registry
 
 PLUGINS = {
     "exits_on_import": "import sys\nsys.exit(3)\n",
@@ -141,13 +141,7 @@ def test_an_op_that_raises_is_reported_as_the_backends(tiny_config, tiny_params)
             raise ZeroDivisionError("oops")
 
     r = _registry(Buggy)
-    import opswitch.core.registry as registry_module
-
-    monkey = registry_module._default
-    registry_module._default = r
-    try:
+    with use_registry(r):
         model = GPT2(tiny_config, tiny_params, r.backend("buggy"))
         with pytest.raises(BackendError, match=r"'buggy' failed in op 'gelu': ZeroDivisionError: oops"):
             model.forward([1, 2, 3])
-    finally:
-        registry_module._default = monkey

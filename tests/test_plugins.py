@@ -96,9 +96,10 @@ SCRATCH_BACKEND = textwrap.dedent(
             from scipy.special import erf
             return (0.5 * x * (1 + erf(x / math.sqrt(2)))).astype(self.dtype)
 
-        def softmax(self, x, causal=False):  # wrong on purpose: no max subtraction, no mask
-            e = np.exp(x)
-            return e / e.sum(axis=-1, keepdims=True)
+        def cross_entropy(self, logits, targets):  # wrong on purpose: no max subtraction, a mean
+            rows = np.arange(len(targets))
+            lse = np.log(np.exp(logits).sum(axis=-1))
+            return np.array([(lse - logits[rows, targets]).mean()], dtype=logits.dtype)
 
 
     class Plugin:
@@ -123,7 +124,8 @@ def test_the_suite_fails_a_deliberately_wrong_backend(pytester, monkeypatch):
     assert outcomes.get("failed", 0) >= 8, result.stdout.str()[-2000:]
     failed = "\n".join(line for line in result.stdout.lines if line.startswith("FAILED"))
     assert "gelu-3x17" in failed
-    assert "softmax-3x33-scale10000" in failed  # overflow: NaN must never pass
-    assert "softmax-2x7x7-causal" in failed  # the missing mask
+    assert "cross_entropy-5x7" in failed  # a mean is not the summed loss
+    assert "cross_entropy-3x33-scale10000" in failed  # overflow: inf/NaN must never pass
+    assert "cross_entropy-1x1" not in failed  # one row, no overflow: the mean is the sum
     assert outcomes.get("passed", 0) > 0  # the fallback ops still pass
     assert "linear" not in failed and "attention-seq1" not in failed

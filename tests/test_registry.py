@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
 from opswitch.core import Backend, Probe, hookimpl
 from opswitch.core.errors import BackendError
-from opswitch.core.ops import OP_NAMES
-from opswitch.core.registry import OpTable, Registry
+from opswitch.core.ops import CATALOGUE, OP_NAMES, BackendOps
+from opswitch.core.optable import OpTable
+from opswitch.core.registry import Registry, get_registry, use_registry
 
 
 class Halfway(Backend):
@@ -181,3 +184,23 @@ def test_a_probe_can_raise_its_priority_for_what_it_found():
     r.register(P(), "gpu", "gpu 0.1")
     assert r.select("auto").backend.name == "found-gpu"
     assert r.statuses()[0].name == "found-gpu" and r.statuses()[0].priority == 200
+
+
+def test_the_ops_protocol_is_the_catalogue():
+    """BackendOps (what plugin authors type against) names every op, with the reference's parameters."""
+    methods = {name for name, _ in inspect.getmembers(BackendOps, inspect.isfunction) if name[0] != "_"}
+    assert methods == set(OP_NAMES)
+    for name, spec in CATALOGUE.items():
+        declared = list(inspect.signature(getattr(BackendOps, name)).parameters)[1:]  # less self
+        assert declared == list(inspect.signature(spec.reference).parameters), name
+
+
+def test_use_registry_installs_one_for_a_block_and_restores_the_last(registry):
+    before = get_registry()
+    with use_registry(registry):
+        assert get_registry() is registry
+        with use_registry(None):  # None: a fresh one on first use
+            fresh = get_registry()
+            assert fresh is not registry and fresh is not before
+        assert get_registry() is registry
+    assert get_registry() is before

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import ClassVar
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class BlasBackend(Backend):
     name = "blas"
     priority = 50
     description = "scipy.linalg.blas GEMM/GEMV with fused bias; attention over the cache in place"
-    dtypes = ("float32", "float64")
+    dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)
@@ -101,14 +102,6 @@ class BlasBackend(Backend):
         inner *= 0.5
         return inner
 
-    def softmax(self, x, causal=False):  # [..., n_q, n_k], last axis
-        if causal:
-            n_q, n_k = x.shape[-2:]
-            x = np.where(np.triu(np.ones((n_q, n_k), bool), k=n_k - n_q + 1), -np.inf, x)
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        e /= e.sum(axis=-1, keepdims=True)
-        return e
-
     def attention(self, qkv, n_head, k_cache, v_cache, start, out=None):
         """[n_new, 3*n_embd] -> [n_new, n_embd]; caches [n_head, capacity, d], written at start..
 
@@ -154,12 +147,10 @@ class BlasBackend(Backend):
         np.exp(scores, out=scores)
         scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
 
-    def attention_batch(self, qkv, n_head, caches, starts, counts):
+    def attention_batch(self, qkv, n_head, step):  # [step.n_rows, 3 * n_embd] -> [step.n_rows, n_embd]
         out = np.empty((qkv.shape[0], qkv.shape[1] // 3), dtype=self.dtype)
-        row = 0
-        for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-            self.attention(qkv[row : row + count], n_head, k_cache, v_cache, start, out[row : row + count])
-            row += count
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts):
+            self.attention(qkv[a:b], n_head, k_cache, v_cache, start, out[a:b])
         return out
 
     def embedding(self, table, ids):

@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class CpuBackend(BlasBackend):
     name = "cpu"
     priority = 60  # above blas: faster in every workload of the side-by-side table (README)
     description = "blas + numba: fused dequantising GEMV for f16/bf16/int8, one thread pool in decode"
-    dtypes = ("float32",)
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     weight_formats = formats.FORMATS
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
@@ -169,7 +169,7 @@ class CpuBackend(BlasBackend):
         dense = buf[: (hi - lo) * n_in].reshape(hi - lo, n_in)
         k, rows = self._k, w.data[lo:hi]
         if w.fmt == "int8":
-            k.dequant_int8(rows, w.scale[lo:hi], dense)
+            k.dequant_int8(rows, w.scale[lo:hi], dense)  # type: ignore[index]
         elif w.fmt == "bf16":
             k.dequant_bf16(rows, dense)
         else:

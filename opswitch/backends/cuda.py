@@ -39,6 +39,9 @@ Why the shape of things here:
   a value that changes from one decode step to the next, which is what lets
   ``StepGraphs`` capture a decode step as a CUDA graph once and replay it
   (``OPSWITCH_CUDA_GRAPHS=1``; off by default until measured on hardware).
+  The model says where a step begins and ends (``begin_step``/``end_step``,
+  with its ``core.step.Step``); a graph is kept per step shape
+  (``step_key``), whichever sequences' caches it attends.
 - Ops are fused without the model asking: a GEMV's launch waits for the next
   op (``Deferred``); if that is the GELU of its output, the GEMV writes both
   (``act``), and if it is the attention of that qkv, the GEMV also writes the
@@ -47,7 +50,7 @@ Why the shape of things here:
   and that waits for a GEMV of the normalised rows, which then computes them
   itself first (its layernorm prologue): a decode layer is 6 launches.
   Anything else launches the waiting kernel first, as does every boundary
-  (``to_host``, an upload, the end of a capture), so each op's output still
+  (``to_host``, an upload, the end of a step), so each op's output still
   holds what the op promises.
 - Kernel sources and their ``-D`` options live in ``MODULES``: the backend
   compiles exactly what ``tests/test_cuda_compile.py`` compiles with NVRTC
@@ -71,6 +74,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from opswitch.core import Backend, BackendError, Device, Probe, formats, hookimpl
+from opswitch.core.step import Step
 
 PRIORITY = 90  # above every CPU backend: auto takes a working GPU
 INSTALL_HINT = "CuPy is not installed: pip install 'opswitch[cuda]' (CUDA 12 drivers) or 'opswitch[cuda13]'"
@@ -299,7 +303,7 @@ class SlotArena:
 
 # -- CUDA graphs of repeated steps ----------------------------------------------
 EAGER, CAPTURE, REPLAY = "eager", "capture", "replay"
-MAX_EAGER_KEYS = 64  # steps remembered as not capturable
+MAX_EAGER_KEYS = 64  # step keys remembered (as seen, or as not capturable)
 
 
 class NotCapturable(RuntimeError):
@@ -321,26 +325,30 @@ class Tape:
 class StepGraphs:
     """Capture a step that repeats (a decode step) as a CUDA graph and replay it.
 
-    A *step* is the ops between two boundaries (``finish``: the backend's
-    ``to_host`` or ``synchronize``).  Each op call becomes a token: its name,
-    its scalars, its host integers by value, or only by count where the op
-    reads them from the slot arena (``slot_args``: ids, positions, cache
-    lengths), its device inputs as "output of op i of this step" or by
-    identity (weights, caches).  A step's key is its tokens.
+    A *step* is what the model brackets with the backend's ``begin_step`` and
+    ``end_step``: ``begin(key)`` and ``finish()`` here.  ``key`` is what a
+    graph of the step depends on (``step_key``: each sequence's new rows and
+    its cache's capacity), or None for a step that cannot be captured
+    (a prompt: cuBLAS).  Ops called outside a step run eagerly, unrecorded.
+    Each op call in a step becomes a token: its name, its scalars, its host
+    integers by value, or only by shape where the op reads them from the
+    slot arena (``slot_args``: ids, positions, cache lengths and addresses),
+    its device inputs as "output of op i of this step" or by identity
+    (weights).
 
-    Policy: a step runs eagerly; once the same key has come ``warmup`` times
-    in a row, the next step is captured (it runs when the capture is launched
-    at its end) and kept if its key matched; while the last key has a tape,
-    the next step replays it: each op only checks its token and puts its
-    integers in the arena, returning the tape's output, and ``finish``
-    launches the graph.  A token that differs (another batch, a new
-    sequence), an early boundary, or an upload in the middle falls back: the
-    ops so far are run eagerly into the same outputs and the step goes on
-    eagerly.  If capturing fails where eager work succeeds, graphs are
-    switched off for good, with the reason in ``disabled_reason``; an op that
-    raises ``NotCapturable`` instead makes its step eager, and that step's key
-    is not captured again (a prompt's SGEMMs).  At most ``max_graphs`` tapes
-    are kept, least recently used dropped first.
+    Policy: a step runs eagerly; once its key has been seen ``warmup`` times,
+    its next step is captured (it runs when the capture is launched at its
+    end) and kept as the key's tape; a step whose key has a tape replays it:
+    each op only checks its token and puts its integers in the arena,
+    returning the tape's output, and ``finish`` launches the graph.  A token
+    that differs (the model changed), an early end, or an upload in the
+    middle falls back: the ops so far are run eagerly into the same outputs
+    and the step goes on eagerly (a tape whose tokens differed is dropped).
+    If capturing fails where eager work succeeds, graphs are switched off
+    for good, with the reason in ``disabled_reason``; an op that raises
+    ``NotCapturable`` instead makes its step eager, and that key is not
+    captured again.  At most ``max_graphs`` tapes are kept, least recently
+    used dropped first.
 
     ``runtime`` provides ``begin_capture()``, ``end_capture() -> graph``,
     ``launch(graph)`` and ``capture_pool(on)``; impls are called as
@@ -355,11 +363,10 @@ class StepGraphs:
         self.enabled, self.disabled_reason = True, ""
         self.tapes: OrderedDict[tuple, Tape] = OrderedDict()
         self.eager_keys: OrderedDict[tuple, None] = OrderedDict()  # steps that refused a capture
-        self.last_key: tuple | None = None
-        self.last_refs: list = []
-        self.streak = 0
+        self.seen: OrderedDict[tuple, int] = OrderedDict()  # steps run per key, for the warm-up
         self.counts: Counter = Counter()
         self.mode: str | None = None  # None: between steps
+        self.key: tuple | None = None
         self._clear_step()
 
     def _clear_step(self) -> None:
@@ -376,7 +383,7 @@ class StepGraphs:
     def call(self, name: str, impl: Callable, args: tuple) -> Any:
         """Run (or capture, or replay) one op of the current step."""
         if self.mode is None:
-            self._begin()
+            return impl(*args)  # outside a step: nothing to capture
         token = self._token(name, args)
         if self.mode == REPLAY:
             i, tape = len(self.calls), self.tape
@@ -384,6 +391,7 @@ class StepGraphs:
                 out = impl(*args, out=tape.outs[i], launch=False)
                 if self.arena.offset == tape.arena_ends[i]:
                     return self._record(token, impl, args, out)
+            self.tapes.pop(self.key, None)  # this key's steps no longer make these ops
             self._leave_graph()
         if self.mode == CAPTURE:
             try:
@@ -417,26 +425,29 @@ class StepGraphs:
         if isinstance(a, np.generic):
             return a.item()
         if isinstance(a, (list, tuple)):
-            return ("slots", len(a)) if slot else tuple(self._arg(v, False) for v in a)
+            return ("slots", _shapes(a)) if slot else tuple(self._arg(v, False) for v in a)
         if isinstance(a, np.ndarray) and a.dtype.kind in "iub":  # host integers (ids, rows)
             return ("slots", a.shape) if slot else ("host", a.shape, a.dtype.str, a.tobytes())
         i = self.produced.get(id(a))
         if i is not None:
             return ("op", i)
-        self.refs.append(a)  # kept alive with the key, so its id stays its own
+        self.refs.append(a)  # kept alive with the tape, so its id stays its own
         return ("ext", id(a))
 
     # -- step boundaries ------------------------------------------------------
-    def _begin(self) -> None:
+    def begin(self, key: tuple | None) -> None:
+        """A step begins: eager, captured or replayed, as its ``key`` has been seen."""
+        if self.mode is not None:
+            self.finish()  # the last step was not ended
         self._clear_step()
-        self.mode = EAGER
-        if not self.enabled or self.last_key is None:
+        self.mode, self.key = EAGER, key
+        if not self.enabled or key is None or key in self.eager_keys:
             return
-        tape = self.tapes.get(self.last_key)
+        tape = self.tapes.get(key)
         if tape is not None:
-            self.tapes.move_to_end(self.last_key)
+            self.tapes.move_to_end(key)
             self.tape, self.mode, self.arena.deferred = tape, REPLAY, True
-        elif self.streak >= self.warmup and self.last_key not in self.eager_keys:
+        elif self.seen.get(key, 0) >= self.warmup:
             try:
                 self.runtime.begin_capture()
             except Exception as exc:
@@ -478,26 +489,28 @@ class StepGraphs:
         self.arena.flush()
         self.runtime.launch(graph)
         self.counts["captured"] += 1
-        if not self.poisoned and tuple(self.tokens) == self.last_key:
-            self.tapes[self.last_key] = Tape(graph, list(self.tokens), [c[2] for c in self.calls],
-                                             list(self.arena_ends), self.refs)  # fmt: skip
+        if not self.poisoned:
+            self.tapes[self.key] = Tape(graph, list(self.tokens), [c[2] for c in self.calls],
+                                        list(self.arena_ends), self.refs)  # fmt: skip
             while len(self.tapes) > self.max_graphs:
                 self.tapes.popitem(last=False)
 
     def _end_step(self) -> None:
-        key = (*self.tokens, ("interrupted", object())) if self.poisoned else tuple(self.tokens)
-        if self.refused:
-            self.eager_keys[key] = None
-            while len(self.eager_keys) > MAX_EAGER_KEYS:
-                self.eager_keys.popitem(last=False)
-        self.streak = self.streak + 1 if key == self.last_key else 1
-        self.last_key, self.last_refs = key, self.refs
-        self.mode, self.arena.deferred = None, False
+        key = self.key
+        if key is not None:
+            if self.refused:
+                self.eager_keys[key] = None
+                while len(self.eager_keys) > MAX_EAGER_KEYS:
+                    self.eager_keys.popitem(last=False)
+            self.seen[key] = self.seen.pop(key, 0) + 1
+            while len(self.seen) > MAX_EAGER_KEYS:
+                self.seen.popitem(last=False)
+        self.mode, self.key, self.arena.deferred = None, None, False
         self.calls, self.tape = [], None  # drop references to this step's arrays
 
     def interrupt(self) -> None:
         """Something other than an op touches the device mid-step (an upload, an
-        allocation): finish this step eagerly and never capture its key."""
+        allocation, a read): finish this step eagerly and keep no graph of it."""
         if self.mode in (CAPTURE, REPLAY):
             self._leave_graph()
         if self.mode is not None:
@@ -523,6 +536,26 @@ class StepGraphs:
     def _disable(self, reason: str) -> None:
         self.enabled, self.disabled_reason = False, reason
         self.tapes.clear()
+
+
+def _shapes(x: Any) -> Any:
+    """The shapes in ``x`` (a list of caches: their buffers'): what a graph depends on
+    where the values themselves (cache addresses) come from the slot arena."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_shapes(v) for v in x)
+    shape = getattr(x, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def step_key(step: Step) -> tuple | None:
+    """What a CUDA graph of ``step`` depends on: each sequence's new rows and cache
+    capacity (its key splits), the logit rows' count; not which caches they are, nor
+    their lengths (the kernels read both from the slot arena).  None where the step
+    calls cuBLAS (a prompt's products and attention), which cannot be captured."""
+    if step.n_rows > GEMV_MAX_M or max(step.counts) >= PREFILL_GEMM_MIN:
+        return None
+    rows = None if step.logit_rows is None else len(step.logit_rows)
+    return (step.counts, step.capacities, rows)
 
 
 # -- the backend ------------------------------------------------------------------
@@ -649,12 +682,13 @@ class _Scope:
 
 def slot_args(name: str, args: tuple) -> frozenset:
     """Which arguments of an op its kernels read from the slot arena (so their
-    values may change between replays of a graph): ids, rows, and the cache
-    lengths of the split attention kernels (prompts' SGEMM sizes depend on them)."""
+    values may change between replays of a graph): ids, rows, and the caches'
+    addresses and lengths of the split attention kernels (prompts' SGEMM sizes
+    and operands depend on them)."""
     if name in ("embedding", "take_rows"):
         return frozenset((1,))
     if name == "attention_batch" and all(int(c) < PREFILL_GEMM_MIN for c in args[4]):
-        return frozenset((3,))
+        return frozenset((2, 3))
     if name == "attention" and args[0].shape[0] < PREFILL_GEMM_MIN:
         return frozenset((4,))
     return frozenset()
@@ -830,15 +864,13 @@ class CudaBackend(Backend):
             return self._cp.asarray(x)
 
     def to_host(self, x: Any) -> np.ndarray:
-        """Device array -> numpy (ends the step: a captured graph is launched first)."""
+        """Device array -> numpy (in the middle of a step, the step goes on eagerly)."""
         if isinstance(x, np.ndarray):
             return x
         if isinstance(x, Packed):
             return formats.decode(x.stored)
         with self._scope:
-            self._flush()
-            if self.graphs is not None:
-                self.graphs.finish()
+            self._mid_step()
             host = x.get(stream=self._stream)
             self._arena.reset()  # the stream has drained
         return host
@@ -866,11 +898,30 @@ class CudaBackend(Backend):
 
     def synchronize(self) -> None:
         with self._scope:
-            self._flush()
-            if self.graphs is not None:
-                self.graphs.finish()
+            self._mid_step()
             self._stream.synchronize()
             self._arena.reset()
+
+    # -- steps: where the model says a forward pass begins and ends (CUDA graphs) ---
+    def begin_step(self, step: Step) -> None:
+        """The ops until ``end_step`` are ``step``'s forward pass: with graphs on, it is
+        run eagerly, captured or replayed as ``step_key(step)`` has been seen."""
+        if self.graphs is None:
+            return
+        with self._scope:
+            self._flush()
+            if self._arena.offset:  # a step lays its integers out from 0, as its graph reads them
+                self._stream.synchronize()
+                self._arena.reset()
+            self.graphs.begin(step_key(step))
+
+    def end_step(self) -> None:
+        """The step's ops are all called: launch its graph (captured or replayed)."""
+        if self.graphs is None:
+            return
+        with self._scope:
+            self._flush()
+            self.graphs.finish()
 
     # -- ops: each public op runs its impl directly, or through the graph recorder ---
     def _call(self, name: str, impl: Callable, args: tuple) -> Any:
@@ -894,14 +945,12 @@ class CudaBackend(Backend):
     def gelu(self, x):  # [...] -> [...]
         return self._call("gelu", self._gelu, (x,))
 
-    def softmax(self, x, causal=False):  # [..., n_q, n_k] -> [..., n_q, n_k]
-        return self._call("softmax", self._softmax, (x, causal))
-
     def attention(self, qkv, n_head, k_cache, v_cache, start):  # [n_new, 3e] -> [n_new, e]
         return self._call("attention", self._attention, (qkv, n_head, k_cache, v_cache, start))
 
-    def attention_batch(self, qkv, n_head, caches, starts, counts):  # [rows, 3e] -> [rows, e]
-        return self._call("attention_batch", self._attention_batch, (qkv, n_head, caches, starts, counts))
+    def attention_batch(self, qkv, n_head, step):  # [step.n_rows, 3e] -> [step.n_rows, e]
+        args = (qkv, n_head, step.caches, step.starts, step.counts)
+        return self._call("attention_batch", self._attention_batch, args)
 
     def embedding(self, table, ids):  # [n_vocab, n], int [n_rows] -> [n_rows, n]
         return self._call("embedding", self._embedding, (table, ids))
@@ -1085,16 +1134,6 @@ class CudaBackend(Backend):
             self._flush()
             self._k["layernorm"]((x.size // n,), (NORM_THREADS,),
                                  (self._contiguous(x), g, b, out, np.int32(n), np.float32(eps)))  # fmt: skip
-        return out
-
-    def _softmax(self, x, causal=False, out=None, launch=True):
-        if out is None:
-            out = self._empty(x.shape)
-        if launch and out.size:
-            self._flush()
-            n_k = x.shape[-1]
-            n_q = x.shape[-2] if x.ndim > 1 else 1
-            self._softmax_rows(self._contiguous(x), out, x.size // n_k, n_k, n_q, bool(causal), 1.0)
         return out
 
     def _softmax_rows(self, x, out, rows: int, n_k: int, n_q: int, causal: bool, scale: float) -> None:

@@ -30,7 +30,6 @@ class NaiveBackend(Backend):
     add = staticmethod(reference.add)
     layernorm = staticmethod(reference.layernorm)
     gelu = staticmethod(reference.gelu)
-    softmax = staticmethod(reference.softmax)
     attention = staticmethod(reference.attention)
     attention_batch = staticmethod(reference.attention_batch)
     embedding = staticmethod(reference.embedding)

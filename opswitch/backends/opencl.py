@@ -120,7 +120,6 @@ KERNEL_ARGS: dict[str, list] = {  # scalar argument types, so calls can pass Pyt
     "embedding": [_BUF] * 3 + [_I],
     "kv_write": [_BUF] * 3 + [_I] * 5,
     "layernorm": [_BUF] * 4 + [_I, _F],
-    "softmax": [_BUF] * 2 + [_I] * 3,
     "attention": [_BUF] * 5 + [_I] * 6 + [_F],
     "transpose": [_BUF] * 2 + [_I] * 2,
 }
@@ -375,7 +374,7 @@ class OpenCLBackend(Backend):
         self.context, self.options = check.context, check.options
         self.queue = cl.CommandQueue(self.context)
         self._pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
-        self._t = SimpleNamespace(**check.tune)
+        self._t = SimpleNamespace(**check.tune)  # type: ignore[arg-type]
         self._k = SimpleNamespace()
         for name, arg_types in KERNEL_ARGS.items():
             kernel = cl.Kernel(check.program, name)
@@ -493,28 +492,16 @@ class OpenCLBackend(Backend):
         self._k.layernorm(self.queue, (rows * local,), (local,), x.data, g.data, b.data, out.data, n, eps)
         return out
 
-    def softmax(self, x, causal=False):  # [..., n_q, n_k] -> [..., n_q, n_k]
-        n_k = x.shape[-1]
-        n_q = x.shape[-2] if x.ndim > 1 else 1
-        out = self._empty(x.shape)
-        if not out.size:
-            return out
-        rows, local = x.size // n_k, self._t.NORM_L
-        self._k.softmax(self.queue, (rows * local,), (local,), x.data, out.data, n_k, n_q, int(bool(causal)))
-        return out
-
     def attention(self, qkv, n_head, k_cache, v_cache, start):
         """[n_new, 3*n_embd] -> [n_new, n_embd]; caches [n_head, capacity, d], written at start.."""
         out = self._empty((qkv.shape[0], qkv.shape[1] // 3))
         self._attend(qkv, n_head, k_cache, v_cache, start, 0, qkv.shape[0], out)
         return out
 
-    def attention_batch(self, qkv, n_head, caches, starts, counts):
+    def attention_batch(self, qkv, n_head, step):  # [step.n_rows, 3 * n_embd] -> [step.n_rows, n_embd]
         out = self._empty((qkv.shape[0], qkv.shape[1] // 3))
-        row0 = 0
-        for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-            self._attend(qkv, n_head, k_cache, v_cache, start, row0, count, out)
-            row0 += count
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts):
+            self._attend(qkv, n_head, k_cache, v_cache, start, a, b - a, out)
         return out
 
     def _attend(self, qkv, n_head, k_cache, v_cache, start, row0, n_new, out) -> None:

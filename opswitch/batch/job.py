@@ -222,14 +222,15 @@ def run_job(spec: JobSpec, ray=None, lm: LanguageModel | None = None,
         import_ray()
     with Job(spec) as job:
         report.checked(job)
-        if ray is None and lm is None:
-            with report.loading(job.task):
-                lm = load_lm(job.task)
-            report.loaded(lm)
-        elif ray is None:
-            check_model(lm, job.task)
-        if ray is None and lm.source:  # the files it came from (a hub snapshot, the demo model)
-            check_disjoint(job.paths, protected_paths(spec.input, lm.source, job.paths))
+        if ray is None:
+            if lm is None:
+                with report.loading(job.task):
+                    lm = load_lm(job.task)
+                report.loaded(lm)
+            else:
+                check_model(lm, job.task)
+            if lm.source:  # the files it came from (a hub snapshot, the demo model)
+                check_disjoint(job.paths, protected_paths(spec.input, lm.source, job.paths))
         items = job.start()
         report.running(job, len(items))
 
@@ -243,9 +244,10 @@ def run_job(spec: JobSpec, ray=None, lm: LanguageModel | None = None,
             if ray is not None:
                 run_ray(job.task, items, sink, ray, spec.batch_size)
             else:
+                assert lm is not None  # loaded above
                 run_local(lm, job.task, items, sink, spec.batch_size)
             items = job.check()
-            if not items and job.store.finished:
+            if not items and job.store.finished:  # type: ignore[union-attr]
                 for line in job.notes:
                     report.note(line)
                 return job.finish()

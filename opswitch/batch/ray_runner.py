@@ -76,6 +76,7 @@ class RowsActor:
         try:
             if self.fatal is not None:
                 raise BatchError(self.fatal)
+            assert self.lm is not None  # loaded, or fatal says why not
             records = run_rows(self.lm, self.task, items)
         except OpswitchError as exc:
             self.fatal = str(exc)

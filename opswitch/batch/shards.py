@@ -176,7 +176,7 @@ class ShardStore:
 def _read_lines(f: IO[bytes], most: int) -> bytes | None:
     """At most ``most`` lines of at most LINE_LIMIT bytes each, or None: a huge file
     where a shard belongs costs nothing to refuse."""
-    lines = []
+    lines: list[bytes] = []
     while len(lines) <= most:
         line = f.readline(LINE_LIMIT + 1)
         if not line:

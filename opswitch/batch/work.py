@@ -51,7 +51,7 @@ class Task:
     field: str
     model: str | None = None
     backend: str | None = None
-    generation: Mapping[str, Any] = field(default_factory=dict)
+    generation: Mapping[str, Any] = field(default_factory=dict)  # type: ignore[operator]  # the attribute `field` shadows it for mypy only
     cache_mib: float = DEFAULT_CACHE_MIB
     tokenizer: str | None = None  # the model's own when None
     revision: str | None = None  # a hub revision to pin
@@ -81,7 +81,7 @@ def generation_settings(
 
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, stop_token=stop_token)
-    GenerationConfig(**settings)  # raises GenerationError, one line, on a bad value
+    GenerationConfig(**settings)  # type: ignore[arg-type]  # raises GenerationError, one line, on a bad value
     return settings
 
 

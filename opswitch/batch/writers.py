@@ -38,7 +38,7 @@ def check_output_schema(rows: Sequence[Row], task: Task) -> None:
     """Refuse now if the output rows could not share one Parquet schema: the input's
     fields of every usable row, beside the job's own columns with their types."""
     ours = _sample_columns(task)
-    _table([{**row.fields, "index": row.index, **ours} for row in rows if row.error is None])
+    _table([{**row.fields, "index": row.index, **ours} for row in rows if row.error is None])  # type: ignore[dict-item]
 
 
 def _table(rows: list[dict[str, Any]]):

@@ -8,7 +8,8 @@ import sys
 
 from opswitch.core.errors import BackendError
 from opswitch.core.ops import OP_NAMES
-from opswitch.core.registry import BackendStatus, get_registry
+from opswitch.core.probing import BackendStatus
+from opswitch.core.registry import get_registry
 
 
 def register(sub: argparse._SubParsersAction) -> None:

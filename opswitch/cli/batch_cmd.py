@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tqdm import tqdm
+
+from opswitch.batch import JobSpec, RayOptions, Task, generation_settings, run_job
+from opswitch.batch.job import Report
 from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.parsing import OneLineParser, UsageError
+from opswitch.cli.progress import Progress
 from opswitch.generation import DEFAULT_PREFILL_CHUNK
 
 if TYPE_CHECKING:
@@ -21,8 +27,6 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from opswitch.cli.main import OneLineParser
-
     p = sub.add_parser(
         "batch",
         help="generate or score over a dataset (JSON Lines or Parquet), locally or on Ray",
@@ -92,8 +96,6 @@ def _no_job(p: argparse.ArgumentParser) -> int:
 
 def spec_from(args: argparse.Namespace):
     """Flags to a JobSpec and RayOptions (or None), every value checked."""
-    from opswitch.batch import JobSpec, RayOptions, Task, generation_settings
-    from opswitch.cli.main import UsageError
 
     if args.job == "generate":
         generation = generation_settings(
@@ -118,7 +120,7 @@ def spec_from(args: argparse.Namespace):
     return spec, ray
 
 
-class CliReport:
+class CliReport(Report):
     """Prints a job's progress to stderr; a bar only where stderr is a terminal."""
 
     def __init__(self, quiet: bool, ray) -> None:
@@ -142,8 +144,6 @@ class CliReport:
         self.info(f"Input: {job.spec.input}: {len(job.rows)} rows{note}")
 
     def loading(self, task):
-        from opswitch.cli.progress import Progress
-
         return Progress("Loading model")
 
     def loaded(self, lm: LanguageModel) -> None:
@@ -164,8 +164,6 @@ class CliReport:
                       " such as one on actor constructor arguments (ray-project/ray#53727); this job's own"
                       " summary line says whether every row was written")
         if not self.quiet and sys.stderr.isatty() and n_rows:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=n_rows, unit="row", file=sys.stderr, dynamic_ncols=True)
 
     def done_rows(self, n: int) -> None:
@@ -185,7 +183,6 @@ class CliReport:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.batch import run_job
 
     spec, ray = spec_from(args)
     report = CliReport(args.quiet, ray)

@@ -583,7 +583,7 @@ def engine_main(argv: list[str] | None = None) -> None:
             "late": decode(model, tokens[:late], new, repeats, quiet) if late else None,
             "prefill": first(model, tokens[:prefill], repeats, quiet)}
     out = {k: {"median": r.median, "samples": r.samples} for k, r in rows.items() if r}
-    out["interference"] = [quiet.report.disturbed, quiet.report.repeats]
+    out["interference"] = [quiet.report.disturbed, quiet.report.repeats]  # type: ignore[assignment]
     print(json.dumps(out))
 
 

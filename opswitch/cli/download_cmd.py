@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from opswitch.model.hub import cache_dir, checked_hub_id, download, offline_mode
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,8 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opswitch.model.hub import cache_dir, checked_hub_id, download, offline_mode
-
     repo = checked_hub_id(args.name) + (f"@{args.revision}" if args.revision else "")
     if not offline_mode():
         print(f"Downloading {repo} into {cache_dir()}...", file=sys.stderr, flush=True)

@@ -11,8 +11,12 @@ import json
 import sys
 import time
 
+from opswitch.api import load_model
 from opswitch.cli.model_args import add_model_arguments, loading_label
+from opswitch.cli.parsing import UsageError
+from opswitch.cli.progress import Bar, Progress
 from opswitch.core.files import not_a_file
+from opswitch.generation.evaluate import evaluate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def read_text(path: str) -> str:
-    from opswitch.cli.main import UsageError
-
     if path == "-":
         return sys.stdin.read()
     problem = not_a_file(path)
@@ -55,16 +57,11 @@ def read_text(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import opswitch
-    from opswitch.cli.main import UsageError
-    from opswitch.cli.progress import Bar, Progress
-    from opswitch.generation.evaluate import evaluate
-
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError("--max-tokens must be at least 2 (one token of context, one scored)")
     text = read_text(args.text)
     with Progress(loading_label(args)):
-        lm = opswitch.load_model(args.model, backend=args.backend, tokenizer=args.tokenizer,
+        lm = load_model(args.model, backend=args.backend, tokenizer=args.tokenizer,
                                  weights=args.weights, revision=args.revision)
     if lm.tokenizer is None:
         raise UsageError(f"{args.model} carries no tokenizer (ONNX files never do): pass --tokenizer PATH")

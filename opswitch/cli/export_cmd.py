@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from opswitch.api import load_model
+from opswitch.cli.parsing import UsageError
+from opswitch.cli.progress import Progress
+from opswitch.onnx import is_onnx_path, require_onnx
+from opswitch.onnx.export import export_onnx
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,20 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from opswitch.cli.main import UsageError
-    from opswitch.cli.progress import Progress
-    from opswitch.onnx import is_onnx_path, require_onnx
-    from opswitch.onnx.export import export_onnx
-
     out = Path(args.out).expanduser()
     if not is_onnx_path(out):
         raise UsageError(f"--out {args.out}: name the file with the .onnx suffix")
     require_onnx()
     with Progress("Exporting") as progress:
-        from opswitch.api import load_model
-
         lm = load_model(args.model, "naive", revision=args.revision)  # the one load path, no compute
         config, params = lm.config, lm.model.host_params
         export_onnx(config, params, out, with_past=args.with_past,

@@ -12,11 +12,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from opswitch.api import load_model
 from opswitch.cli.model_args import add_model_arguments, loading_label
+from opswitch.cli.parsing import UsageError
+from opswitch.cli.progress import Progress
+from opswitch.cli.repl import Repl
 from opswitch.cli.session import Console, generate_once, model_summary, show_settings
 from opswitch.core.errors import GenerationError
 from opswitch.generation import GenerationConfig
-from opswitch.generation.loop import EMPTY_PROMPT
+from opswitch.generation.loop import EMPTY_PROMPT, check_request, resolve_stop_token
 
 if TYPE_CHECKING:
     from opswitch.api import LanguageModel
@@ -54,8 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace) -> GenerationConfig:
     """Validate every flag before anything slow happens."""
-    from opswitch.cli.main import UsageError
-
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens {args.max_tokens}: max_new_tokens must be at least 1")
     if not 1 <= args.n <= MAX_N:
@@ -75,8 +77,6 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
 
 
 def read_prompt(args: argparse.Namespace) -> str | None:
-    from opswitch.cli.main import UsageError
-
     if args.interactive:
         if args.prompt not in (None, "-"):
             return args.prompt
@@ -95,10 +95,6 @@ def load(args: argparse.Namespace) -> tuple[LanguageModel, list[str]]:
     Returns the model and its summary lines, printed by the caller once every
     check has passed, so that any failure is exactly one line on stderr.
     """
-    from opswitch.api import load_model
-    from opswitch.cli.main import UsageError
-    from opswitch.cli.progress import Progress
-
     with Progress(loading_label(args)):
         lm = load_model(args.model, args.backend, tokenizer=args.tokenizer or None, revision=args.revision,
                         weights=args.weights)
@@ -113,8 +109,6 @@ def load(args: argparse.Namespace) -> tuple[LanguageModel, list[str]]:
 def check_fits(lm: LanguageModel, prompt: str | None, config: GenerationConfig) -> None:
     """Settings that depend on the model (stop token, prompt length), checked before
     anything is printed; the REPL's later prompts are checked as they come."""
-    from opswitch.generation.loop import check_request, resolve_stop_token
-
     if prompt:
         check_request(lm.model, lm.encode_prompt(prompt), config)
     else:
@@ -133,11 +127,10 @@ def run(args: argparse.Namespace) -> int:
         console.info(line)
     show_settings(console, config)
     if args.interactive:
-        from opswitch.cli.repl import Repl
-
         return Repl(lm, config, console, first_prompt=prompt).run()
+    assert prompt is not None and config.seed is not None  # required when not interactive; set above
     for i in range(args.n):
-        one = config if i == 0 else config.replace(seed=config.seed + i)  # (settings_from set a seed)
+        one = config if i == 0 else config.replace(seed=config.seed + i)
         if args.n > 1:
             console.info(f"Completion {i + 1} of {args.n} (seed {one.seed}):")
         result = generate_once(lm, prompt, one, console)

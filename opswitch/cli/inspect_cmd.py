@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from opswitch.onnx.inspect import format_report, inspect_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,10 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from opswitch.onnx.inspect import format_report, inspect_path
-
     reports = inspect_path(Path(args.path).expanduser())
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 and not Path(args.path).is_dir() else reports))

@@ -7,7 +7,6 @@ only with ``OPSWITCH_DEBUG=1``), 130 interrupted.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sys
@@ -15,26 +14,15 @@ import traceback
 import warnings
 
 from opswitch import __version__
+from opswitch.cli import commands
 from opswitch.cli.model_args import apply_threads
+from opswitch.cli.parsing import OneLineParser
 from opswitch.core.errors import OpswitchError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class UsageError(OpswitchError):
-    """A bad flag or value on the command line."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and a UsageError (exit 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
 def build_parser() -> OneLineParser:
-    from opswitch.cli import commands
-
     parser = OneLineParser(
         prog="opswitch",
         description="Run GPT-2-family language models on any compute backend.",

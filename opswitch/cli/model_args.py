@@ -6,12 +6,11 @@ import argparse
 import os
 
 from opswitch.core.formats import FORMATS
+from opswitch.core.registry import get_registry
 
 
 def backend_names() -> str:
     """The registered backends, for --help (what is installed, not what we wish were)."""
-    from opswitch.core.registry import get_registry
-
     return ", ".join(get_registry().names()) or "none"
 
 

@@ -40,7 +40,7 @@ SETTERS = {
 def _enable_line_editing() -> Path | None:
     """Arrow keys and history where readline exists; history kept across sessions."""
     try:
-        import readline
+        import readline  # optional: not on every platform
     except ImportError:  # e.g. Windows without pyreadline: plain input() still works
         return None
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
@@ -56,7 +56,7 @@ def _enable_line_editing() -> Path | None:
 def _save_history(history: Path | None) -> None:
     if history is None:
         return
-    import readline
+    import readline  # optional: imported above when it exists
 
     try:
         history.parent.mkdir(parents=True, exist_ok=True)

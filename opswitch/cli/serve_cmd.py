@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import os
 import socket
 import sys
 from pathlib import Path
 
+from opswitch.cli.generate_cmd import load
 from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.session import Console
 from opswitch.core.errors import OpswitchError
 from opswitch.generation import DEFAULT_PREFILL_CHUNK
+from opswitch.serve import missing_deps
 from opswitch.serve.scheduler import STREAM_BUFFER
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # uvicorn's
@@ -111,10 +115,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from opswitch.serve import missing_deps
-
     missing = missing_deps()
     if missing:
         raise OpswitchError(f"opswitch serve needs the 'serve' extra ({', '.join(missing)} not installed):"
@@ -137,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("OPSWITCH_API_KEY") or None
     sock = bind(args.host, args.port)
 
-    from opswitch.cli.generate_cmd import load
-    from opswitch.cli.session import Console
+    # optional extra: serve (these import uvicorn/starlette, checked just above)
     from opswitch.serve.app import ServeApp
     from opswitch.serve.http import ConnectionLimits, serve
 

@@ -48,7 +48,7 @@ def model_summary(lm: LanguageModel, label: str | None) -> list[str]:
         summary.append(f"  ops computed by the host reference (fallback): {fallbacks}")
     if lm.model.weights != "f32":
         summary.append(f"  weights stored as {lm.model.weights}")
-    summary.append(f"✓ Tokenizer loaded (vocab size={lm.tokenizer.vocab_size})")
+    summary.append(f"✓ Tokenizer loaded (vocab size={lm.require_tokenizer().vocab_size})")
     summary += [f"  note: {note}" for note in lm.notes]
     return summary
 

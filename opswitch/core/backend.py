@@ -20,6 +20,7 @@ import numpy as np
 from opswitch.core import formats
 from opswitch.core.errors import BackendError
 from opswitch.core.ops import OP_NAMES
+from opswitch.core.step import Step
 
 DTYPES = ("float16", "float32", "float64")  # the compute dtypes a spec may name
 
@@ -53,12 +54,38 @@ class Device:
     runtime: str = ""  # the driver/compiler stack ("PoCL 3.0-rc2 (LLVM 14.0.6)"), when a backend has several
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A parsed ``name[:device][:dtype]``: how a user names one backend instance."""
+
+    name: str
+    device: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, dtype: str | None = None) -> Spec:
+        name, *rest = [part.strip() for part in text.strip().lower().split(":")]
+        device = None
+        for part in rest:
+            if part in DTYPES:
+                dtype = part
+            elif device is None and part:
+                device = part
+            else:
+                raise BackendError(
+                    f"cannot read backend spec {text!r}: write NAME[:DEVICE][:DTYPE], e.g. opencl:1,"
+                    f" naive:float64 (dtypes: {', '.join(DTYPES)})"
+                )
+        return cls(name, device, dtype)
+
+
 class Backend:
     """Base class for backends.  Subclasses set the ClassVars and add ops.
 
     ``to_device``/``to_host`` move arrays across the boundary; the model
     uploads weights once (``upload_weight``), allocates its KV caches with
-    ``alloc``, and reads only logits back with ``to_host``.  Host arrays are
+    ``alloc``, and reads only logits back with ``to_host``; ``begin_step`` and
+    ``end_step`` bracket each forward step (``core.step.Step``).  Host arrays are
     numpy; device arrays are whatever the backend likes, and nothing above
     the core looks inside them.
     """
@@ -160,6 +187,16 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait for queued work (for timing); host backends have none."""
+
+    # -- steps -------------------------------------------------------------
+    def begin_step(self, step: Step) -> None:
+        """A forward step begins: the ops until ``end_step`` are its forward pass,
+        whose attention gets ``step``'s layers.  A backend that records or captures
+        steps (CUDA graphs) starts here; the default does nothing."""
+
+    def end_step(self) -> None:
+        """The step's ops have all been called (its logits are read next).  Called
+        after every ``begin_step``, also when an op raised; the default does nothing."""
 
     @classmethod
     def native_ops(cls) -> tuple[str, ...]:

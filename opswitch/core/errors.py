@@ -16,10 +16,6 @@ class BackendError(OpswitchError):
     """A backend is unknown, unavailable, or failed while computing."""
 
 
-class PluginError(OpswitchError):
-    """A backend plugin failed to import or broke the plugin contract."""
-
-
 class WeightsError(OpswitchError):
     """A weights file or model directory is corrupt, incomplete or unsupported."""
 

@@ -21,9 +21,8 @@ from opswitch.core.errors import OpswitchError
 
 FORMATS = ("f32", "f16", "bf16", "int8")
 
-# The roles a weight can play; only matrices are ever stored in a reduced format.
+# The roles of matrix weights, the only ones ever stored in a reduced format (vectors: "vector").
 MATRIX_ROLES = ("linear", "embedding", "lm_head")
-ROLES = (*MATRIX_ROLES, "vector")
 
 
 @dataclass(frozen=True)
@@ -93,5 +92,5 @@ def decode(stored: Stored) -> np.ndarray:
     if stored.fmt == "bf16":
         return (stored.data.astype(np.uint32) << 16).view(np.float32)
     axis = channel_axis(stored.role)
-    shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]
+    shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]  # type: ignore[index]  # int8 always has a scale
     return stored.data.astype(np.float32) * shaped

@@ -20,5 +20,5 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def opswitch_backends() -> list[type]:
+def opswitch_backends() -> list[type]:  # type: ignore[empty-body]  # a spec: plugins implement it
     """Return the Backend subclasses this plugin provides."""

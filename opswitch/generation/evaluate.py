@@ -87,7 +87,7 @@ def window_nll(model, ids: np.ndarray, window: Window) -> float:
 
 def evaluate(
     model,
-    ids: Sequence[int],
+    ids: Sequence[int] | np.ndarray,
     *,
     stride: int | None = None,
     on_window: Callable[[int, int], None] | None = None,

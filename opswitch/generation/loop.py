@@ -49,7 +49,7 @@ def resolve_stop_token(model: GPT2, config: GenerationConfig) -> int | None:
         return eos if eos is not None and 0 <= eos < n_vocab else None
     if config.stop_token == -1:
         return None
-    if config.stop_token >= n_vocab:
+    if config.stop_token >= n_vocab:  # type: ignore[operator]  # a name was resolved above
         raise GenerationError(
             f"stop token {config.stop_token} is outside the model's vocabulary (0..{n_vocab - 1})"
         )

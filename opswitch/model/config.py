@@ -117,10 +117,10 @@ class GPT2Config:
                 )
         values: dict[str, Any] = {}
         for name in _REQUIRED:
-            key = next((k for k in (name, *_ALIASES.get(name, ())) if k in d), None)
-            if key is None:
+            found = next((k for k in (name, *_ALIASES.get(name, ())) if k in d), None)
+            if found is None:
                 raise ConfigError(f"{source}: missing key {name!r}; add it (see any GPT-2 config.json)")
-            values[name] = d[key]
+            values[name] = d[found]
         for name in ("n_inner", "layer_norm_epsilon", "activation_function",
                      "bos_token_id", "eos_token_id", "tie_word_embeddings"):
             if name in d:

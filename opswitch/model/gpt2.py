@@ -6,9 +6,10 @@ takes weights as dicts named like the checkpoint (``c_attn``, ``ln_1``...).
 backend's own, so the same code runs on numpy, BLAS, OpenCL or a plugin.
 
 One forward advances a *ragged batch*: any number of sequences, each with
-its own new tokens (a prompt, or one token) and its own KV cache.  The
-row-wise ops see all rows at once; attention runs per sequence over its
-cache.  One sequence is simply the batch of one.
+its own new tokens (a prompt, or one token) and its own KV cache.  A
+``core.step.Step`` describes it (each sequence's start, count and rows,
+validated once); the row-wise ops see all rows at once and attention gets
+each layer's ``LayerStep``.  One sequence is simply the batch of one.
 """
 
 from __future__ import annotations
@@ -21,45 +22,45 @@ import numpy as np
 from opswitch.core import formats
 from opswitch.core.backend import Backend
 from opswitch.core.errors import BackendError, ModelInputError, OpswitchError
-from opswitch.core.registry import OpTable, failing_op, get_registry
+from opswitch.core.optable import OpTable, failing_op
+from opswitch.core.registry import get_registry
+from opswitch.core.step import Step
 from opswitch.model.config import GPT2Config
 from opswitch.model.kvcache import CachePool, KVCache, new_cache
 
 
-def linear(ops, x, p):  # [n_rows, n_in] -> [n_rows, n_out]
-    return ops.linear(x, p["weight"], p["bias"])
+def linear(ops, x, weight, bias):  # [n_rows, n_in] -> [n_rows, n_out]
+    return ops.linear(x, weight, bias)
 
 
-def layernorm(ops, x, p, eps):  # [n_rows, n_embd] -> [n_rows, n_embd]
-    return ops.layernorm(x, p["weight"], p["bias"], eps)
+def layernorm(ops, x, weight, bias, eps):  # [n_rows, n_embd] -> [n_rows, n_embd]
+    return ops.layernorm(x, weight, bias, eps)
 
 
-def mlp(ops, x, c_fc, c_proj):  # [n_rows, n_embd] -> [n_rows, n_embd]
-    return linear(ops, ops.gelu(linear(ops, x, c_fc)), c_proj)
+def ffn(ops, x, c_fc, c_proj):  # [n_rows, n_embd] -> [n_rows, n_embd]
+    return linear(ops, ops.gelu(linear(ops, x, **c_fc)), **c_proj)
 
 
-def mha(ops, x, c_attn, c_proj, *, n_head, kv, starts, counts):  # [n_rows, n_embd] -> [n_rows, n_embd]
-    return linear(ops, ops.attention_batch(linear(ops, x, c_attn), n_head, kv, starts, counts), c_proj)
+def mha(ops, x, c_attn, c_proj, n_head, step):  # [n_rows, n_embd] -> [n_rows, n_embd]
+    return linear(ops, ops.attention_batch(linear(ops, x, **c_attn), n_head, step), **c_proj)
 
 
-def transformer_block(ops, x, ln_1, attn, ln_2, mlp_, *, n_head, eps, kv, starts, counts):
-    # [n_rows, n_embd] -> [n_rows, n_embd]; kv: this layer's (k, v) cache of each sequence
-    x = ops.add(x, mha(ops, layernorm(ops, x, ln_1, eps), **attn, n_head=n_head, kv=kv, starts=starts,
-                       counts=counts))
-    return ops.add(x, mlp(ops, layernorm(ops, x, ln_2, eps), **mlp_))
+def transformer_block(ops, x, mlp, attn, ln_1, ln_2, n_head, eps, step):
+    # [n_rows, n_embd] -> [n_rows, n_embd]; step: this layer's caches of the step's sequences
+    x = ops.add(x, mha(ops, layernorm(ops, x, **ln_1, eps=eps), **attn, n_head=n_head, step=step))
+    return ops.add(x, ffn(ops, layernorm(ops, x, **ln_2, eps=eps), **mlp))
 
 
-def gpt2(ops, params, ids, positions, caches, starts, counts, *, n_head, eps, rows=None):
-    # int [n_rows] (all sequences' new tokens, in order) -> logits [n_rows or len(rows), n_vocab]
-    x = ops.add(ops.embedding(params["wte"], ids), ops.embedding(params["wpe"], positions))
-    for layer, block in enumerate(params["h"]):
-        kv = [cache.layers[layer] for cache in caches]
-        x = transformer_block(ops, x, block["ln_1"], block["attn"], block["ln_2"], block["mlp"],
-                              n_head=n_head, eps=eps, kv=kv, starts=starts, counts=counts)
-    x = layernorm(ops, x, params["ln_f"], eps)
-    if rows is not None:
-        x = ops.take_rows(x, rows)
-    return ops.matmul(x, params.get("lm_head", params["wte"]), transpose_b=True)
+def gpt2(ops, ids, wte, wpe, h, ln_f, n_head, eps, step, kv, lm_head=None):
+    # int [n_rows] (the step's new tokens, in order) -> logits [len(step.logit_rows) or n_rows, n_vocab]
+    layers = step.layers(kv)  # kv[sequence][layer]: each cache's (k, v) buffers
+    x = ops.add(ops.embedding(wte, ids), ops.embedding(wpe, step.positions()))
+    for block, layer in zip(h, layers):
+        x = transformer_block(ops, x, **block, n_head=n_head, eps=eps, step=layer)
+    x = layernorm(ops, x, **ln_f, eps=eps)
+    if step.logit_rows is not None:
+        x = ops.take_rows(x, step.logit_rows)
+    return ops.matmul(x, wte if lm_head is None else lm_head, transpose_b=True)
 
 
 def weight_role(path: str) -> str:
@@ -164,7 +165,7 @@ class GPT2:
         """
         if not batch:
             raise ModelInputError("a forward step needs at least one sequence")
-        ids, positions, caches, starts, counts = [], [], [], [], []
+        ids, caches = [], []
         for new_ids, cache in batch:
             new = as_ids(new_ids, self.config.vocab_size)
             if new.size == 0:
@@ -175,16 +176,13 @@ class GPT2:
                     f" (the model's context is {self.config.n_positions})"
                 )
             ids.append(new)
-            positions.append(np.arange(cache.length, cache.length + new.size))
             caches.append(cache)
-            starts.append(cache.length)
-            counts.append(int(new.size))
-        if len({id(c) for c in caches}) < len(caches):
-            raise ModelInputError("one cache appears twice in a step: each sequence needs its own")
-        rows = None if all_rows else list(np.cumsum(counts) - 1)
-        logits = self._on_backend(lambda: self.backend.to_host(
-            self._logits(ids, positions, caches, starts, counts, rows)))
-        for cache, count in zip(caches, counts):
+        starts, counts = tuple(c.length for c in caches), tuple(int(i.size) for i in ids)
+        capacities = tuple(c.capacity for c in caches)
+        step = Step(starts, counts, capacities) if all_rows else Step.last_rows(starts, counts, capacities)
+        tokens = np.concatenate(ids)
+        logits = self._on_backend(lambda: self.backend.to_host(self._logits(tokens, step, caches)))
+        for cache, count in zip(caches, step.counts):
             cache.length += count
         return np.asarray(logits, dtype=np.float32)
 
@@ -205,13 +203,16 @@ class GPT2:
                 f"backend {self.backend.spec!r} failed {where}: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _logits(self, ids, positions, caches, starts, counts, rows) -> Any:
-        """The forward pass; logits stay on the backend."""
+    def _logits(self, ids: np.ndarray, step: Step, caches: Sequence[KVCache]) -> Any:
+        """The forward pass, between the backend's ``begin_step`` and ``end_step``;
+        the logits stay on the backend."""
         c = self.config
-        return gpt2(
-            self.ops, self.params, np.concatenate(ids), np.concatenate(positions), caches, starts, counts,
-            n_head=c.n_head, eps=c.layer_norm_epsilon, rows=rows,
-        )  # fmt: skip
+        self.backend.begin_step(step)
+        try:
+            return gpt2(self.ops, ids, **self.params, n_head=c.n_head, eps=c.layer_norm_epsilon, step=step,
+                        kv=[cache.layers for cache in caches])  # fmt: skip
+        finally:
+            self.backend.end_step()
 
     def nll(self, ids: Any, first: int = 1) -> float:
         """Summed next-token loss (nats) of ``ids[first:]``, each given the ids before it.
@@ -226,7 +227,7 @@ class GPT2:
         cache = self.new_cache(n)
 
         def work() -> Any:
-            logits = self._logits([ids], [np.arange(n)], [cache], [0], [n], None)
+            logits = self._logits(ids, Step((0,), (n,), (cache.capacity,)), [cache])
             rows = self.ops.slice_rows(logits, first - 1, n - 1)
             return self.backend.to_host(self.ops.cross_entropy(rows, ids[first:]))
 

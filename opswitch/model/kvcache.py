@@ -1,8 +1,9 @@
 """The KV cache, owned by the model layer and shared by every backend.
 
 A sequence's cache is, per layer, a key and a value buffer of shape
-``[n_head, capacity, head_dim]`` allocated by the backend (``alloc``); the
-attention op writes new rows at the sequence's length and reads up to it.
+``[n_head, capacity, head_dim]`` (``core.step.CacheLayout``) allocated by
+the backend (``alloc``); the attention op writes new rows at the sequence's
+length and reads up to it.
 Nothing is copied or reallocated as a sequence grows: the capacity is fixed
 when the cache is made (the prompt plus the tokens to generate, at most the
 model's context).
@@ -24,6 +25,7 @@ from typing import Any
 
 from opswitch.core.backend import Backend
 from opswitch.core.errors import OpswitchError
+from opswitch.core.step import CacheLayout
 
 ROUND = 64  # capacities are rounded up to this many positions, so freed caches fit new requests
 
@@ -77,11 +79,10 @@ def cache_bytes(n_layer: int, n_embd: int, capacity: int, itemsize: int) -> int:
 
 
 def new_cache(backend: Backend, n_layer: int, n_head: int, head_dim: int, capacity: int) -> KVCache:
-    """A cache of ``capacity`` positions, allocated on ``backend``."""
-    shape = (n_head, capacity, head_dim)
-    layers = [(backend.alloc(shape), backend.alloc(shape)) for _ in range(n_layer)]
-    nbytes = cache_bytes(n_layer, n_head * head_dim, capacity, backend.dtype.itemsize)
-    return KVCache(layers, capacity, nbytes=nbytes)
+    """A cache of ``capacity`` positions, allocated on ``backend`` in the core's layout."""
+    layout = CacheLayout(n_layer, n_head, head_dim, capacity, str(backend.dtype))
+    layers = [(backend.alloc(layout.shape), backend.alloc(layout.shape)) for _ in range(n_layer)]
+    return KVCache(layers, capacity, nbytes=layout.nbytes)
 
 
 def copy_prefix(backend: Backend, dst: KVCache, src: KVCache, n: int) -> None:

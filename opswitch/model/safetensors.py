@@ -174,7 +174,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     d = dict(pairs)
     if len(d) != len(pairs):
         seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
     return d
 
 
@@ -232,12 +235,13 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, _En
     # Like HF's reader: the tensors must tile the data section exactly.
     entries = dict(sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)))
     pos = 0
-    for name, e in entries.items():
-        if e.begin < pos:
-            raise _corrupt(path, f"tensor {name!r} overlaps the tensor before it (bytes {e.begin}..{pos})")
-        if e.begin > pos:
-            raise _corrupt(path, f"bytes {pos}..{e.begin} of the data section belong to no tensor")
-        pos = e.end
+    for name, entry in entries.items():
+        if entry.begin < pos:
+            where = f"bytes {entry.begin}..{pos}"
+            raise _corrupt(path, f"tensor {name!r} overlaps the tensor before it ({where})")
+        if entry.begin > pos:
+            raise _corrupt(path, f"bytes {pos}..{entry.begin} of the data section belong to no tensor")
+        pos = entry.end
     if pos != data_size:
         raise _corrupt(path, f"the last {data_size - pos} bytes of the data section belong to no tensor")
     return entries, metadata

@@ -133,7 +133,7 @@ def save_gpt2(
     directory = Path(path)
     flat = {name: _float32(name, a) for name, a in flatten_params(params).items()}
     head = flat.pop("lm_head.weight", None)
-    if head is not None and not np.array_equal(head, flat.get("wte.weight")):
+    if head is not None and not np.array_equal(head, flat.get("wte.weight", np.empty(0))):
         config = replace(config, tie_word_embeddings=False)
     if not config.tie_word_embeddings:
         head = head if head is not None else flat.get("wte.weight")

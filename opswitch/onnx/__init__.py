@@ -8,7 +8,9 @@ reference).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from opswitch.core.errors import WeightsError
 
@@ -17,7 +19,7 @@ class OnnxError(WeightsError):
     """An ONNX file we cannot read, map onto GPT-2 or write."""
 
 
-def require_onnx():
+def require_onnx() -> Any:
     """The ``onnx`` module, or a one-line error naming the extra that provides it."""
     try:
         import onnx
@@ -26,7 +28,7 @@ def require_onnx():
     return onnx
 
 
-def is_onnx_path(path) -> bool:
+def is_onnx_path(path: str | os.PathLike[str]) -> bool:
     """Does ``path`` name an ONNX file (by its suffix; it may not exist yet, or be something else
     than a file, which the reader refuses)?  A model directory that happens to end in ``.onnx``
     (it holds a config.json) is not one."""

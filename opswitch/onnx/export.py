@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from opswitch import __version__
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import flatten_params
 from opswitch.onnx import OnnxError, require_onnx
@@ -41,7 +42,8 @@ class _Builder:
     so that the initializers are exactly the model's weights."""
 
     def __init__(self, onnx) -> None:
-        self.onnx, self.nodes, self._n = onnx, [], 0
+        self.onnx, self._n = onnx, 0
+        self.nodes: list[Any] = []
 
     def __call__(self, op: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
         self._n += 1
@@ -112,7 +114,7 @@ def _graph_body(g: _Builder, config: GPT2Config, with_past: bool, head: str) -> 
     return g("MatMul", x, g("Transpose", head, perm=[1, 0]), out="logits")  # [B, S, n_vocab]
 
 
-def build_model(config: GPT2Config, params: dict, *, with_past: bool = False):
+def build_model(config: GPT2Config, params: dict, *, with_past: bool = False) -> Any:
     """The ``onnx.ModelProto`` of a GPT-2 (weights inside; see ``export_onnx`` for writing)."""
     onnx = require_onnx()
     from onnx import TensorProto, helper, numpy_helper
@@ -141,8 +143,6 @@ def build_model(config: GPT2Config, params: dict, *, with_past: bool = False):
                 inputs.append(info(f"past_key_values.{i}.{kind}", f32, past))
                 outputs.append(info(f"present.{i}.{kind}", f32, present))
     graph = helper.make_graph(g.nodes, "gpt2", inputs, outputs, initializers)
-    from opswitch import __version__
-
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="opswitch", producer_version=__version__, ir_version=IR_VERSION)
     model.doc_string = (f"GPT-2 ({config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "

@@ -26,13 +26,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
 from opswitch.model.config import GPT2Config
 from opswitch.model.weights import Params, nest_params
 from opswitch.onnx import OnnxError
-from opswitch.onnx.structure import check_structure, logits_name
+from opswitch.onnx.structure import check_structure, logits_name, token_input_name
 from opswitch.onnx.tensors import _dtype_name, check_tensors, read_model, tensor_array
 from opswitch.onnx.verify import check_by_running
 
@@ -73,7 +74,7 @@ def load_onnx(path: str | Path, *, verify: bool = True) -> tuple[GPT2Config, Par
 # ------------------------------------------------------------------------------ mapping
 @dataclass
 class _Linear:
-    node: object
+    node: Any  # an onnx NodeProto
     weight: str  # initializer name
     transposed: bool  # the initializer is [out, in] (Gemm transB, or a Transpose before MatMul)
     bias: str | None
@@ -82,7 +83,7 @@ class _Linear:
 class GraphMapper:
     """Walks one graph and assigns its weights to GPT-2's roles (see the module docstring)."""
 
-    def __init__(self, graph, source: Path) -> None:
+    def __init__(self, graph: Any, source: Path) -> None:
         self.graph, self.source = graph, source
         self.inits = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
@@ -100,11 +101,11 @@ class GraphMapper:
         return {t.name: self._arrays[t.name] if t.name in self._arrays and t.data_type == 1
                 else tensor_array(t, self.source) for t in self.graph.initializer}
 
-    def fail(self, message: str):
+    def fail(self, message: str) -> NoReturn:
         raise OnnxError(f"{self.source}: {message}; opswitch maps GPT-2 graphs only")
 
     @staticmethod
-    def describe(node) -> str:
+    def describe(node: Any) -> str:
         return f"{node.op_type} node {node.name or node.output[0]!r}"
 
     # -- small helpers
@@ -212,8 +213,8 @@ class GraphMapper:
                  ("mlp.c_fc", n_embd, d_ff), ("mlp.c_proj", d_ff, n_embd)]
         for i in range(n_layer):
             for j, (role, n_in, n_out) in enumerate(roles):
-                w, b = self.linear_params(linears[4 * i + j], f"h.{i}.{role}", n_in, n_out)
-                flat[f"h.{i}.{role}.weight"], flat[f"h.{i}.{role}.bias"] = w, b
+                w, bias = self.linear_params(linears[4 * i + j], f"h.{i}.{role}", n_in, n_out)
+                flat[f"h.{i}.{role}.weight"], flat[f"h.{i}.{role}.bias"] = w, bias
         head, head_bias = self.linear_params(linears[-1], "lm_head", n_embd, n_vocab)
         if np.any(head_bias):
             self.fail(f"the output projection ({self.describe(linears[-1].node)}) has a bias; "
@@ -233,21 +234,15 @@ class GraphMapper:
         return config, nest_params(flat, n_layer)
 
     def token_input(self) -> str:
-        name = self.token_input_name(self.graph)
+        name = token_input_name(self.graph)
         if name is None:
             self.fail("the graph has no integer input (token ids)")
         return name
 
-    @staticmethod
-    def token_input_name(graph) -> str | None:
-        inits = {t.name for t in graph.initializer}
-        ints = [i.name for i in graph.input if i.name not in inits
-                and i.type.tensor_type.elem_type in (6, 7)]  # INT32, INT64
-        return "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
-
     def embeddings(self, ids: str) -> tuple[str, str]:
         """(wte, wpe): the float matrices gathered by the token ids, and by anything else."""
-        wte, wpe = set(), set()
+        wte: set[str] = set()
+        wpe: set[str] = set()
         for node in self.graph.node:
             if node.op_type != "Gather" or _attr(node, "axis", 0) != 0:
                 continue
@@ -281,7 +276,7 @@ class GraphMapper:
             found.append((scale[0], bias[0] if bias else None, float(_attr(node, "epsilon", 1e-5))))
         return found
 
-    def norm_params(self, role: str, g: str, b: str | None, n_embd: int):
+    def norm_params(self, role: str, g: str, b: str | None, n_embd: int) -> tuple[np.ndarray, np.ndarray]:
         gain = self.array(g, f"{role}.weight")
         bias = self.array(b, f"{role}.bias") if b else np.zeros(n_embd, np.float32)
         for name, a in ((g, gain), (b, bias)):
@@ -323,7 +318,8 @@ class GraphMapper:
         """Nothing may compute on the logits after the output projection but reshapes and casts:
         a change there (logits negated past some position) could hide beyond any length the
         check run can afford on a large model, so it is refused by the graph's shape."""
-        name, target = head.node.output[0], logits_name(self.graph)
+        name: str = head.node.output[0]
+        target = logits_name(self.graph)
         while name != target:
             users = self.consumers.get(name, [])
             user = users[0] if len(users) == 1 and users[0].output and users[0].output[0] else None
@@ -333,15 +329,16 @@ class GraphMapper:
                 what = " and ".join(self.describe(u) for u in users[:2]) or "no node"
                 self.fail(f"the output projection's result goes to {what} before the logits; "
                           "a GPT-2 computes nothing after its head")
-            name = user.output[0]
+            name = user.output[0]  # type: ignore[union-attr]  # fail() raised when there is no user
 
-    def bias_source(self, node, name: str) -> str:
+    def bias_source(self, node: Any, name: str) -> str:
         src = self.weight_source(name)
         if src is None:
             self.fail(f"{self.describe(node)} adds a computed value, not a bias weight")
         return src[0]
 
-    def linear_params(self, lin: _Linear, role: str, n_in: int, n_out: int | None):
+    def linear_params(self, lin: _Linear, role: str, n_in: int, n_out: int | None,
+                      ) -> tuple[np.ndarray, np.ndarray]:
         w = self.array(lin.weight, f"{role}.weight")
         w = w.T if lin.transposed else w
         if w.ndim != 2 or w.shape[0] != n_in or (n_out is not None and w.shape[1] != n_out):
@@ -355,7 +352,7 @@ class GraphMapper:
             self.fail(f"initializer {lin.bias!r} used as {role}.bias has {b.size} values, expected {n}")
         return np.ascontiguousarray(w), b
 
-    def heads(self, n_embd: int, c_attn) -> int:
+    def heads(self, n_embd: int, c_attn: Any) -> int:
         """n_head from the first reshape to [..., n_head, head_dim] after c_attn."""
         nodes = list(self.graph.node)
         start = next(i for i, n in enumerate(nodes) if n is c_attn)

@@ -12,24 +12,33 @@ would only cost time and memory in the check run, so it is refused.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from opswitch.onnx import OnnxError
 
 MAX_NODES = 100_000  # GPT-2 xl (48 layers) exports to ~5,000 nodes; more is not a GPT-2
 
 
-def describe(node) -> str:
+def describe(node: Any) -> str:
     return f"{node.op_type} node {node.name or (node.output[0] if node.output else '')!r}"
 
 
-def logits_name(graph) -> str:
+def logits_name(graph: Any) -> str:
     names = [o.name for o in graph.output]
     if not names:
         raise OnnxError("the graph has no outputs; opswitch maps GPT-2 graphs only")
     return "logits" if "logits" in names else names[0]
 
 
-def check_structure(graph, source: Path) -> None:
+def token_input_name(graph: Any) -> str | None:
+    """The graph's token-id input: ``input_ids``, else its first integer input (None: none)."""
+    inits = {t.name for t in graph.initializer}
+    ints = [i.name for i in graph.input if i.name not in inits
+            and i.type.tensor_type.elem_type in (6, 7)]  # INT32, INT64
+    return "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
+
+
+def check_structure(graph: Any, source: Path) -> None:
     """Refuse a graph that is out of order or cyclic, computes a value twice, or holds a node
     whose outputs do not reach the logits; linear in the graph's size."""
     if len(graph.node) > MAX_NODES:
@@ -55,11 +64,11 @@ def check_structure(graph, source: Path) -> None:
     useful = [False] * len(graph.node)
     stack = [logits_name(graph)]
     while stack:
-        index = producer.get(stack.pop())
-        if index is None or useful[index]:
+        at = producer.get(stack.pop())
+        if at is None or useful[at]:
             continue
-        useful[index] = True
-        stack.extend(graph.node[index].input)
+        useful[at] = True
+        stack.extend(graph.node[at].input)
     for index, node in enumerate(graph.node):
         if not useful[index]:
             raise OnnxError(f"{source}: {describe(node)} does not contribute to the logits; a GPT-2 graph "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ _FIELD = {1: "float_data", 2: "int32_data", 3: "int32_data", 4: "int32_data", 5:
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
-def read_model(path: Path):
+def read_model(path: Path) -> Any:
     """Parse ``path`` as an ONNX model after checking it is a regular file of at most 2 GB;
     external data is not loaded (see ``check_tensors``)."""
     onnx = require_onnx()
@@ -56,7 +57,7 @@ def read_model(path: Path):
     return model
 
 
-def all_tensors(model) -> Iterator[tuple[object, bool, str]]:
+def all_tensors(model: Any) -> Iterator[tuple[Any, bool, str]]:
     """(tensor, is_initializer, what it is) for every TensorProto in the model, subgraphs and
     functions included."""
     from onnx import AttributeProto
@@ -94,7 +95,7 @@ def all_tensors(model) -> Iterator[tuple[object, bool, str]]:
         yield from node_tensors(function.node)
 
 
-def check_tensors(model, path: Path) -> None:
+def check_tensors(model: Any, path: Path) -> None:
     """Check every tensor's dims against its data (inline) or its location (external), and read
     the external data of the small non-initializer ones into the tensor (bounded)."""
     from onnx import TensorProto
@@ -109,7 +110,7 @@ def check_tensors(model, path: Path) -> None:
             check_inline(tensor, path, needed, what)
 
 
-def tensor_bytes(tensor, source: Path, what: str) -> int:
+def tensor_bytes(tensor: Any, source: Path, what: str) -> int:
     """The bytes ``tensor``'s dims need, refusing negative dims and dtypes no GPT-2 has."""
     if tensor.data_type not in _ITEMSIZE:
         raise OnnxError(f"{source}: {what} has data type {_dtype_name(tensor.data_type)}, "
@@ -122,7 +123,7 @@ def tensor_bytes(tensor, source: Path, what: str) -> int:
     return n * _ITEMSIZE[tensor.data_type]
 
 
-def check_inline(tensor, source: Path, needed: int, what: str) -> None:
+def check_inline(tensor: Any, source: Path, needed: int, what: str) -> None:
     """Inline data must fill the dims exactly: ``raw_data`` byte for byte, or the typed field."""
     if tensor.HasField("raw_data"):
         have, want = len(tensor.raw_data), needed
@@ -134,7 +135,7 @@ def check_inline(tensor, source: Path, needed: int, what: str) -> None:
                         f"({want:,} needed); the file is damaged")
 
 
-def external_span(tensor, source: Path, needed: int, what: str) -> tuple[Path, int]:
+def external_span(tensor: Any, source: Path, needed: int, what: str) -> tuple[Path, int]:
     """(file, offset) of an external tensor, after checking that the file is a regular file inside
     the model's folder (no absolute path, no ``..`` or symlink out of it) and that
     offset + length lie inside it and match the tensor's dims."""
@@ -165,7 +166,7 @@ def external_span(tensor, source: Path, needed: int, what: str) -> tuple[Path, i
     return target, offset
 
 
-def inline_external(tensor, source: Path, target: Path, offset: int, needed: int, what: str) -> None:
+def inline_external(tensor: Any, source: Path, target: Path, offset: int, needed: int, what: str) -> None:
     from onnx import TensorProto
 
     if needed > CONSTANT_LIMIT:
@@ -181,7 +182,7 @@ def inline_external(tensor, source: Path, target: Path, offset: int, needed: int
     del tensor.external_data[:]
 
 
-def tensor_array(tensor, source: Path) -> np.ndarray:
+def tensor_array(tensor: Any, source: Path) -> np.ndarray:
     """A tensor checked by ``check_tensors`` as a numpy array; external data is memory-mapped."""
     from onnx import TensorProto, numpy_helper
 
@@ -202,7 +203,7 @@ def tensor_array(tensor, source: Path) -> np.ndarray:
     return (np.asarray(array, dtype=np.uint32) << 16).view(np.float32) if tensor.data_type == 16 else array
 
 
-def onnx_dtype(code: int):
+def onnx_dtype(code: int) -> Any:
     from onnx import helper
 
     try:

@@ -23,13 +23,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from opswitch.core.registry import get_registry
 from opswitch.model.config import GPT2Config
+from opswitch.model.gpt2 import GPT2
 from opswitch.model.weights import Params
 from opswitch.onnx import OnnxError
-from opswitch.onnx.structure import describe, logits_name
+from opswitch.onnx.structure import describe, logits_name, token_input_name
+from opswitch.onnx.tensors import onnx_dtype
 
 # float32 runs of the same GPT-2 agree to ~1e-6 of the logit scale; a structural difference
 # moves logits by O(1) of it, so 1e-3 separates the two.
@@ -42,14 +46,11 @@ _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Equal", "Greater", "GreaterOrE
               "LessOrEqual", "And", "Or", "Where", "Max", "Min"}
 
 
-def check_by_running(model, source: Path, config: GPT2Config, params: Params, inits: dict) -> None:
+def check_by_running(model: Any, source: Path, config: GPT2Config, params: Params, inits: dict) -> None:
     """Refuse the model unless its graph gives our logits on every run (see the module docstring).
 
     ``inits`` holds the graph's initializers as arrays (weights memory-mapped, not copied).
     """
-    from opswitch.core.registry import get_registry
-    from opswitch.model.gpt2 import GPT2
-
     graph = model.graph
     runner = BoundedRun(model, source, inits)
     n_weights = sum(int(np.size(a)) for a in inits.values())
@@ -60,7 +61,7 @@ def check_by_running(model, source: Path, config: GPT2Config, params: Params, in
     expected = [ours.forward(ids[0]).astype(np.float64), ours.forward(ids[1, :2]).astype(np.float64)]
     feeds = Feeds(graph, source, config)
     pair = (ids[:, :2], [expected[0][:2], expected[1]]) if feeds.batched else (ids[:1, :2], [expected[0][:2]])
-    runs = [(ids[:1, :1], [expected[0][:1]]), pair]
+    runs: list[tuple[Any, ...]] = [(ids[:1, :1], [expected[0][:1]]), pair]  # (ids, rows[, past])
     if feeds.has_past and long > 2:
         split = long - min(3, long // 2)
         out = runner.run(feeds.make(ids[:1, :split]))
@@ -77,7 +78,7 @@ def check_by_running(model, source: Path, config: GPT2Config, params: Params, in
         compare(source, out[logits_name(graph)], rows, config)
 
 
-def seeded_past(ours, feeds: Feeds, rng, start: int) -> tuple:
+def seeded_past(ours: GPT2, feeds: Feeds, rng: np.random.Generator, start: int) -> tuple:
     """(ids, [expected logits], past): two tokens at positions ``start``, ``start + 1`` after a
     random KV cache of ``start`` positions, given to the graph as its past and to our GPT-2 as
     its cache: positions up to the context's end cost two tokens, not a whole prefill."""
@@ -95,7 +96,7 @@ def seeded_past(ours, feeds: Feeds, rng, start: int) -> tuple:
     return ids, [expected], past
 
 
-def compare(source: Path, theirs, rows: list[np.ndarray], config: GPT2Config) -> None:
+def compare(source: Path, theirs: Any, rows: list[np.ndarray], config: GPT2Config) -> None:
     theirs = np.asarray(theirs, dtype=np.float64)
     n = rows[0].shape[0]
     fits = theirs.size == len(rows) * n * config.vocab_size and theirs.shape[-1] == config.vocab_size
@@ -114,13 +115,11 @@ def compare(source: Path, theirs, rows: list[np.ndarray], config: GPT2Config) ->
 class Feeds:
     """The graph's inputs, filled with values of our choosing for given token ids."""
 
-    def __init__(self, graph, source: Path, config: GPT2Config) -> None:
-        from opswitch.onnx.importer import GraphMapper
-
+    def __init__(self, graph: Any, source: Path, config: GPT2Config) -> None:
         self.source, self.config = source, config
         inits = {t.name for t in graph.initializer}
         self.inputs = [i for i in graph.input if i.name not in inits]
-        self.ids_name = GraphMapper.token_input_name(graph)
+        self.ids_name = token_input_name(graph)
         dims = next(i for i in self.inputs if i.name == self.ids_name).type.tensor_type.shape.dim
         self.batched = len(dims) == 2 and not dims[0].HasField("dim_value")  # else batch 1 (an export's)
         self.past = [i.name for i in self.inputs if i.name != self.ids_name and self._is_past(i)]
@@ -148,8 +147,6 @@ class Feeds:
         return {p: out[self._present(p)] for p in self.past}
 
     def make(self, ids: np.ndarray, past: dict | None = None) -> dict:
-        from opswitch.onnx.tensors import onnx_dtype
-
         c = self.config
         batch, n = ids.shape
         empty = np.zeros((batch, c.n_head, 0, c.n_embd // c.n_head), np.float32)
@@ -174,7 +171,7 @@ class Feeds:
 class BoundedRun:
     """onnx's reference evaluator, node by node, each node's cost bounded before it runs."""
 
-    def __init__(self, model, source: Path, inits: dict) -> None:
+    def __init__(self, model: Any, source: Path, inits: dict) -> None:
         from onnx import helper
         from onnx.reference import ReferenceEvaluator
 
@@ -196,7 +193,7 @@ class BoundedRun:
             for name in node.input:
                 self.last_use[name] = index
 
-    def error(self, node, e: Exception | str) -> OnnxError:
+    def error(self, node: Any, e: Exception | str) -> OnnxError:
         why = e if isinstance(e, str) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         at = f" at {describe(node)}" if node is not None else ""
         return OnnxError(f"{self.source}: cannot run the graph to check the weights opswitch took from it"
@@ -236,14 +233,14 @@ def _is_linear(node, inputs) -> bool:
         and np.ndim(inputs[1]) == 2
 
 
-def product(a, b) -> tuple[np.ndarray]:
+def product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray]:
     """MatMul of [..., k] by a matrix [k, n], as one 2-D GEMM: numpy's matmul of a stacked
     [2, 2, k] input takes a loop that was measured 7x slower on GPT-2's weights."""
     a = np.asarray(a)
     return ((np.ascontiguousarray(a).reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[1]),)
 
 
-def bound(op: str, inputs: list, node) -> tuple[int, int]:
+def bound(op: str, inputs: list, node: Any) -> tuple[int, int]:
     """(output elements, work) of one node, from its inputs' shapes (and values where they set
     the output's shape), without computing it; an upper bound."""
     shapes = [tuple(int(d) for d in np.shape(x)) if x is not None else () for x in inputs]

@@ -197,7 +197,7 @@ class ServeApp:
         if failed is not None:
             self.scheduler.cancel(ticket)  # its other choices, if any, are of no use now
             code = "not_serving" if failed.status == 503 else "generation_failed"
-            raise APIError(failed.status, failed.error, code=code, kind="server_error")
+            raise APIError(failed.status, failed.error, code=code, kind="server_error")  # type: ignore[arg-type]
         tok = self.scheduler.tokenizer
         choices = [{"text": d.text, "index": d.index, "logprobs": logprobs_json(d, tok, 0)
                     if req.logprobs is not None else None, "finish_reason": d.finish_reason}

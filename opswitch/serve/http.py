@@ -153,7 +153,7 @@ def serve(app, sock: socket.socket, limits: ConnectionLimits, grace: float,
     At ``info`` each request is one access-log line (client, method, path, status: never a
     prompt); uvicorn's own start-up chatter stays hidden unless ``debug``."""
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, http=guarded_protocol(limits),
-                            timeout_keep_alive=limits.keep_alive, timeout_graceful_shutdown=grace)
+                            timeout_keep_alive=limits.keep_alive, timeout_graceful_shutdown=grace)  # type: ignore[arg-type]  # uvicorn takes float seconds
     if log_level != "debug":
         level = max(logging.WARNING, logging.getLevelName(log_level.upper()))
         logging.getLogger("uvicorn.error").setLevel(level)

@@ -18,8 +18,7 @@ from opswitch.generation import MAX_STOP_CHARS, MAX_STOPS, GenerationConfig
 from opswitch.serve.scheduler import Delta, Scheduler, SequenceSpec
 
 if TYPE_CHECKING:
-    from opswitch.api import LanguageModel
-    from opswitch.tokenizer import Tokenizer
+    from opswitch.api import LanguageModel, Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 128
@@ -28,7 +27,7 @@ MAX_LOGPROBS = 5
 SUPPORTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
              "stream_options", "logprobs", "stop", "seed", "user"}
 # OpenAI's own arguments we take only at their neutral value (anything else is a 400, never ignored)
-NEUTRAL = {"echo": (None, False), "suffix": (None,), "best_of": (None, 1),
+NEUTRAL: dict[str, tuple[Any, ...]] = {"echo": (None, False), "suffix": (None,), "best_of": (None, 1),
            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
 
 
@@ -172,8 +171,8 @@ def parse_completion(body: Any, lm: LanguageModel, model_name: str,
                   "stream_options", "invalid_value")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    top_k = _integer(body, "top_k", 0, -1, 2**31 - 1)
-    n = _integer(body, "n", 1, 1, MAX_N)
+    top_k: int = _integer(body, "top_k", 0, -1, 2**31 - 1)  # type: ignore[assignment]  # an int default gives an int
+    n: int = _integer(body, "n", 1, 1, MAX_N)  # type: ignore[assignment]
     seed = _integer(body, "seed", None, 0, 2**63 - 1 - MAX_N)
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     max_tokens = _integer(body, "max_tokens", None, 1, 2**31 - 1)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from opswitch.core.step import attention_step
 
 
 @dataclass(frozen=True)
@@ -126,31 +129,8 @@ def _gelu_cases() -> list[Case]:
     return cases
 
 
-def _softmax_bound(args, ref, u):
-    """exp(x - max) has relative error ~|x - max|·u from rounding its argument plus
-    a few ulp from exp; the normalising sum adds ~sqrt(n)·u.  Probabilities are
-    in [0, 1], so an absolute bound of that size (at least 64·u) is enough."""
-    x = args[0]
-    spread = np.minimum(np.abs(x - x.max(axis=-1, keepdims=True)), 100)
-    n = x.shape[-1]
-    return u * (64 + 4 * np.sqrt(n) + 2 * spread) * np.maximum(ref, 1e-3)
-
-
-def _softmax_cases() -> list[Case]:
-    cases = []
-    specs = [((1, 1), False, 1.0), ((3, 5), False, 1.0), ((2, 7, 7), True, 1.0),
-             ((4, 3, 10), True, 1.0), ((1, 50257), False, 5.0), ((3, 33), False, 1e4),
-             ((2, 17, 17), True, 1e4), ((1, 300, 300), True, 1.0)]
-    for shape, causal, scale in specs:
-        def build(rng, shape=shape, causal=causal, scale=scale):
-            return [_randn(rng, *shape, scale=scale)], {"causal": causal}
-        tag = "x".join(map(str, shape)) + ("-causal" if causal else "")
-        tag += f"-scale{scale:g}" if scale != 1 else ""
-        cases.append(Case("softmax", tag, build, _softmax_bound))
-    return cases
-
-
-def attention_bound(qkv, n_head, k_cache, v_cache, start, u):
+def attention_bound(qkv: np.ndarray, n_head: int, k_cache: np.ndarray, v_cache: np.ndarray, start: int,
+                    u: float) -> np.ndarray:
     """Error bound for the attention output of one sequence, per element.
 
     Score s_j = q·k_j/√d errs by δ ≤ (d+2)·u·Σ_c|q_c k_jc|/√d (Higham 3.5).
@@ -187,12 +167,11 @@ def _attention_case_bound(args, ref, u):
 
 
 def _batch_bound(args, ref, u):
-    qkv, n_head, caches, starts, counts = args
-    parts, row = [], 0
-    for (k_cache, v_cache), start, count in zip(caches, starts, counts):
-        parts.append(attention_bound(qkv[row : row + count], n_head, k_cache, v_cache, start, u))
-        row += count
-    return np.concatenate(parts)
+    qkv, n_head, step = args
+    return np.concatenate([
+        attention_bound(qkv[a:b], n_head, k_cache, v_cache, start, u)
+        for (a, b), (k_cache, v_cache), start in zip(step.bounds, step.caches, step.starts)
+    ])  # fmt: skip
 
 
 def _cache(rng, n_head, capacity, d, filled):
@@ -225,26 +204,30 @@ def _attention_cases() -> list[Case]:
 
 
 def _attention_batch_cases() -> list[Case]:
-    def build(rng, n_head, d, seqs):
+    def build(rng: np.random.Generator, n_head: int, d: int, seqs: list[tuple[int, ...]],
+              ) -> tuple[list, dict[str, Any]]:
         e, rows, caches, starts, counts = n_head * d, [], [], [], []
-        for n_new, start in seqs:
-            capacity = start + n_new + 3
+        for n_new, start, *slack in seqs:
+            capacity = start + n_new + (slack[0] if slack else 3)
             rows.append(_randn(rng, n_new, 3 * e))
             caches.append((_cache(rng, n_head, capacity, d, start), _cache(rng, n_head, capacity, d, start)))
             starts.append(start)
             counts.append(n_new)
-        return [np.concatenate(rows), n_head, caches, starts, counts], {}
+        return [np.concatenate(rows), n_head, attention_step(caches, starts, counts)], {}
 
-    specs = {
+    specs: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {
         "one-decode": (3, 8, [(1, 10)]),
         "decode-x4": (2, 16, [(1, 5), (1, 0), (1, 63), (1, 200)]),
         "prompts-and-decodes": (4, 8, [(6, 0), (1, 9), (5, 12), (1, 1), (17, 0)]),
         "chunked-prefill": (2, 32, [(9, 40), (1, 40)]),
+        # (new rows, past, free positions after): caches filled to their last position
+        "full-caches": (3, 8, [(1, 63, 0), (20, 0, 0), (1, 0, 0), (4, 11, 0), (1, 299, 1)]),
     }
-    return [
-        Case("attention_batch", tag, lambda rng, spec=spec: build(rng, *spec), _batch_bound)
-        for tag, spec in specs.items()
-    ]
+
+    def case(tag: str, n_head: int, d: int, seqs: list[tuple[int, ...]]) -> Case:
+        return Case("attention_batch", tag, lambda rng: build(rng, n_head, d, seqs), _batch_bound)
+
+    return [case(tag, *spec) for tag, spec in specs.items()]
 
 
 def _exact(args, ref, u):
@@ -263,7 +246,7 @@ def _embedding_cases() -> list[Case]:
 
 
 def _take_cases() -> list[Case]:
-    def build(rng, shape, rows):
+    def build(rng: np.random.Generator, shape: tuple[int, int], rows: list[int]) -> tuple[list, dict]:
         return [_randn(rng, *shape), np.array(rows, dtype=np.int64)], {}
 
     return [
@@ -296,7 +279,7 @@ def _slice_cases() -> list[Case]:
 def _cross_entropy_bound(args, ref, u):
     """Per row, loss = m + log Σ exp(x - m) - x[t].  exp(x_j - m) carries relative error
     ~(|x_j - m| + 4)·u, which weighted by the probabilities p_j is (E_p|x - m| + 4)·u of
-    the sum; the sum over V terms adds ~sqrt(V)·u (as in _softmax_bound); log turns the
+    the sum; the sum over V terms adds ~sqrt(V)·u (the rounding of a sum of V terms); log turns the
     sum's relative error into an absolute one; m + log S and - x[t] each round once
     (2·(|m| + |lse| + |x[t]|)·u).  Rows are then summed: n·u·|total|.  64·u of slack
     covers log's and exp's own few ulp."""
@@ -329,7 +312,7 @@ def _cross_entropy_cases() -> list[Case]:
 
 CASES: list[Case] = [
     *_linear_cases(), *_matmul_cases(), *_add_cases(), *_layernorm_cases(), *_gelu_cases(),
-    *_softmax_cases(), *_attention_cases(), *_attention_batch_cases(), *_embedding_cases(),
+    *_attention_cases(), *_attention_batch_cases(), *_embedding_cases(),
     *_take_cases(), *_slice_cases(), *_concat_cases(),
     *_cross_entropy_cases(),
 ]

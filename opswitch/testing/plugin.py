@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from opswitch.core.registry import get_registry
+from opswitch.core.backend import Backend
+from opswitch.core.registry import Registry, get_registry
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,7 +45,7 @@ def backend_specs(config: pytest.Config) -> list[str]:
     return specs
 
 
-def runtime_specs(registry, name: str) -> list[str]:
+def runtime_specs(registry: Registry, name: str) -> list[str]:
     """``[name]``, or one ``name:DEVICE`` per runtime where a backend's devices run
     on several that work (PoCL and Intel's OpenCL, say): two compilers of one set
     of kernels, so undefined behaviour in a kernel shows up as a difference."""
@@ -63,7 +64,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def opswitch_backend(request: pytest.FixtureRequest):
+def opswitch_backend(request: pytest.FixtureRequest) -> Backend:
     """A probed, prepared backend instance for ``name[:device][:dtype]``."""
     from opswitch.core.errors import BackendError
 

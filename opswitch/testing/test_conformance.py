@@ -16,8 +16,10 @@ import copy
 import numpy as np
 import pytest
 
+from opswitch.core.backend import Backend
 from opswitch.core.ops import CATALOGUE
-from opswitch.core.registry import OpTable
+from opswitch.core.optable import OpTable
+from opswitch.core.step import LayerStep, attention_step
 from opswitch.testing.cases import CASES, Case, attention_bound
 
 
@@ -26,13 +28,18 @@ def _is_float_array(x) -> bool:
 
 
 def _tree(fn, x):
-    """Apply ``fn`` to every float array in ``x`` (lists/tuples of arrays: caches, parts)."""
+    """Apply ``fn`` to every float array in ``x`` (lists/tuples of arrays: caches, parts;
+    a step's caches)."""
+    if isinstance(x, LayerStep):
+        return x.with_caches(_tree(fn, x.caches))
     if isinstance(x, (list, tuple)):
         return type(x)(_tree(fn, v) for v in x)
     return fn(x) if _is_float_array(x) else x
 
 
 def _leaves(x) -> list:
+    if isinstance(x, LayerStep):
+        return _leaves(x.caches)
     if isinstance(x, (list, tuple)):
         return [leaf for v in x for leaf in _leaves(v)]
     return [x]
@@ -66,7 +73,7 @@ def _run(backend, case: Case, seed: int = 0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.id}" for c in CASES])
-def test_op_matches_reference(opswitch_backend, case: Case) -> None:
+def test_op_matches_reference(opswitch_backend: Backend, case: Case) -> None:
     backend = opswitch_backend
     args, rounded, ref_args, ref, device_args, before, out = _run(backend, case)
     native = case.op in type(backend).native_ops()
@@ -112,7 +119,7 @@ def _alloc_cache(backend, n_head, capacity, d):
 
 
 @pytest.mark.parametrize("n_steps", [1, 70])
-def test_decoding_through_the_cache_equals_attending_at_once(opswitch_backend, n_steps: int) -> None:
+def test_decoding_through_the_cache_equals_attending_at_once(opswitch_backend: Backend, n_steps: int) -> None:
     """A prompt, then one token per step through the caller-owned cache, equals
     attending over the whole sequence at once; the cache holds exactly the keys
     and values of every position."""
@@ -139,7 +146,7 @@ def test_decoding_through_the_cache_equals_attending_at_once(opswitch_backend, n
     np.testing.assert_array_equal(backend.to_host(v_cache).astype(np.float64), ref_v)
 
 
-def test_a_batch_equals_each_sequence_alone(opswitch_backend) -> None:
+def test_a_batch_equals_each_sequence_alone(opswitch_backend: Backend) -> None:
     """``attention_batch`` over prompts and decodes of different lengths gives, row
     for row and bit for bit, what ``attention_batch`` gives each sequence alone."""
     backend = opswitch_backend
@@ -157,9 +164,9 @@ def test_a_batch_equals_each_sequence_alone(opswitch_backend) -> None:
         parts.append(rng.standard_normal((n_new, 3 * n_head * d)).astype(backend.dtype))
     starts, counts = [s for _, s in seqs], [n for n, _ in seqs]
     together = backend.to_host(ops.attention_batch(backend.to_device(np.concatenate(parts)), n_head,
-                                                   batch_caches, starts, counts))
+                                                   attention_step(batch_caches, starts, counts)))
     alone = [
-        backend.to_host(ops.attention_batch(backend.to_device(p), n_head, [c], [s], [n]))
+        backend.to_host(ops.attention_batch(backend.to_device(p), n_head, attention_step([c], [s], [n])))
         for p, c, s, n in zip(parts, solo_caches, starts, counts)
     ]
     np.testing.assert_array_equal(together, np.concatenate(alone))

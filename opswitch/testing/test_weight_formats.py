@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from opswitch.core import formats
+from opswitch.core.backend import Backend
 from opswitch.core.registry import get_registry
 from opswitch.testing.cases import _linear_bound, _matmul_bound
 
@@ -37,7 +38,7 @@ def _check(got, ref, bound) -> None:
 
 @pytest.mark.parametrize("fmt", REDUCED)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
-def test_linear_with_stored_weight(opswitch_backend, fmt, shape) -> None:
+def test_linear_with_stored_weight(opswitch_backend: Backend, fmt: str, shape: tuple[int, int, int]) -> None:
     backend = opswitch_backend
     if backend.dtype != np.float32:
         pytest.skip("weight formats are float32 storage; compared in float32")
@@ -56,7 +57,7 @@ def test_linear_with_stored_weight(opswitch_backend, fmt, shape) -> None:
 
 @pytest.mark.parametrize("fmt", REDUCED)
 @pytest.mark.parametrize("rows", [1, 2, 9])
-def test_tied_head_and_embedding_with_stored_table(opswitch_backend, fmt, rows) -> None:
+def test_tied_head_and_embedding_with_stored_table(opswitch_backend: Backend, fmt: str, rows: int) -> None:
     """The tied table: ``matmul(x, wte, transpose_b=True)`` (the lm_head) and the row
     gather (``embedding``), which must give the decoded rows exactly."""
     backend = opswitch_backend

@@ -57,6 +57,12 @@ _PRETOKENIZER = _compile_pretokenizer()
 #: Whitespace as HF means it (Unicode White_Space); str.isspace() and ``re``'s \s also
 #: count \x1c-\x1f.
 _SPACES = re.compile(f"[{uc.SPACES}]*")
+
+
+def _spaces_end(text: str, pos: int, endpos: int | None = None) -> int:
+    """Where the run of spaces starting at ``pos`` ends (``_SPACES`` matches even empty)."""
+    match = _SPACES.match(text, pos, len(text) if endpos is None else endpos)
+    return match.end() if match else pos
 EOT_TOKEN = "<|endoftext|>"
 
 #: Words remembered per tokenizer, and the memory they may hold: bounded in both, so
@@ -313,7 +319,7 @@ class BPETokenizer:
             yield "", token.id
             pos = match.end()
             if token.rstrip:
-                pos = _SPACES.match(text, pos).end()
+                pos = _spaces_end(text, pos)
         if pos < len(text):
             yield text[pos:], None
 
@@ -511,7 +517,7 @@ def _merge_long(parts: list[str], ranks: Mapping[tuple[str, str], int]) -> list[
 def _strip_trailing_space(text: str) -> str:
     """Drop the whitespace an lstrip added token swallows (not str.rstrip: see _SPACES)."""
     end = len(text)
-    while end and _SPACES.match(text, end - 1, end).end() == end:
+    while end and _spaces_end(text, end - 1, end) == end:
         end -= 1
     return text[:end]
 
@@ -539,7 +545,7 @@ def present(path: Path) -> bool:
     return os.path.lexists(path)
 
 
-def _as_id(value: object) -> int | None:
+def _as_id(value: Any) -> int | None:
     """Return value as a non-negative int id, or None (bools and floats are not ids)."""
     if isinstance(value, bool):
         return None

@@ -61,7 +61,7 @@ class CharTokenizer:
                 f'{path} is not a char tokenizer file (expected {{"type": "char", '
                 '"chars": [...]}); create one with CharTokenizer.save()'
             )
-        return cls(data.get("chars"), source=str(path))
+        return cls(data.get("chars"), source=str(path))  # type: ignore[arg-type]  # __init__ checks it
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``{"type": "char", "chars": [...]}`` (ASCII-escaped JSON)."""

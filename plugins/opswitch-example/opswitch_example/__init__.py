@@ -2,8 +2,10 @@
 
 It implements only ``add``, ``gelu`` and ``layernorm`` (with float32 numpy
 written in its own way); every other op — attention over the caller-owned
-KV cache included — falls back to opswitch's reference, which ``opswitch
-backends --ops`` shows.  It keeps no state, so its ops are thread-safe (the
+KV cache included, ``attention_batch(qkv, n_head, step)`` with its
+``opswitch.core.LayerStep`` — falls back to opswitch's reference, which
+``opswitch backends --ops`` shows.  It needs no ``begin_step``/``end_step``:
+it records nothing across a step.  It keeps no state, so its ops are thread-safe (the
 default), and it has one device, ``example:0`` (the default
 ``list_devices``).  Copy this directory to start a backend of your own; the
 README's "Write a backend" lists what else a backend may declare.
