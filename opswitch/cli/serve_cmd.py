@@ -14,12 +14,12 @@ import socket
 import sys
 from pathlib import Path
 
+from opswitch import serve as serve_package
 from opswitch.cli.generate_cmd import load
 from opswitch.cli.model_args import add_model_arguments
 from opswitch.cli.session import Console
 from opswitch.core.errors import OpswitchError
 from opswitch.generation import DEFAULT_PREFILL_CHUNK
-from opswitch.serve import missing_deps
 from opswitch.serve.scheduler import STREAM_BUFFER
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # uvicorn's
@@ -115,7 +115,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = missing_deps()
+    missing = serve_package.missing_deps()  # (looked up at call time: a test replaces it)
     if missing:
         raise OpswitchError(f"opswitch serve needs the 'serve' extra ({', '.join(missing)} not installed):"
                             " pip install 'opswitch[serve]'")
