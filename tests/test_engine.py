@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import random_params
+from opswitch.bench.models import random_params
 from opswitch.core.registry import get_registry
 from opswitch.generation import Engine, GenerationConfig
 from opswitch.generation.engine import PREFIX_BLOCK

@@ -8,14 +8,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import read_jsonl, write_jsonl
+from helpers import BACKEND, KEY, Server, metric, read_jsonl, write_jsonl
 from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
     require(_module)
 
 import openai  # noqa: E402
-from test_serve import BACKEND, KEY, Server, _metric  # noqa: E402
 
 import opswitch  # noqa: E402
 from opswitch.cli.main import main  # noqa: E402
@@ -101,7 +100,7 @@ def _wait_for(server, name: str, want, seconds: float = 30.0) -> float:
     """Poll /metrics until ``want(value)``: what the server says, not a sleep and a hope."""
     deadline = time.monotonic() + seconds
     while True:
-        value = _metric(server, name)
+        value = metric(server, name)
         if want(value):
             return value
         assert time.monotonic() < deadline, f"{name} stayed at {value}"
@@ -109,26 +108,26 @@ def _wait_for(server, name: str, want, seconds: float = 30.0) -> float:
 
 
 def test_a_client_that_leaves_frees_its_cache(client, server):
-    before = _metric(server, "opswitch_generated_tokens_total")
+    before = metric(server, "opswitch_generated_tokens_total")
     stream = client.completions.create(model="long", prompt=PROMPT, max_tokens=3000, temperature=1,
                                        seed=3, stream=True)
     next(iter(stream))  # generating: its cache is held
-    assert _metric(server, "opswitch_kv_cache_bytes_in_use") > 0
+    assert metric(server, "opswitch_kv_cache_bytes_in_use") > 0
     stream.close()
     _wait_for(server, "opswitch_kv_cache_bytes_in_use", lambda v: v == 0)
-    assert _metric(server, "opswitch_running_sequences") == 0
-    generated = _metric(server, "opswitch_generated_tokens_total") - before
+    assert metric(server, "opswitch_running_sequences") == 0
+    generated = metric(server, "opswitch_generated_tokens_total") - before
     assert generated < 3000  # cancelled, not finished
-    assert _metric(server, "opswitch_kv_cache_bytes_spare") > 0  # its rows wait for a reuse, in the budget
+    assert metric(server, "opswitch_kv_cache_bytes_spare") > 0  # its rows wait for a reuse, in the budget
 
 
 def test_a_repeated_prompt_reuses_its_prefix_and_answers_the_same(client, server, lm):
     prompt = " ".join(["It is a truth universally acknowledged"] * 12)  # well over a block
-    before = _metric(server, "opswitch_prefix_cache_hit_tokens_total")
+    before = metric(server, "opswitch_prefix_cache_hit_tokens_total")
     first = client.completions.create(model="long", prompt=prompt, max_tokens=12, temperature=0)
     second = client.completions.create(model="long", prompt=prompt, max_tokens=12, temperature=0)
     alone = lm.generate(prompt, max_new_tokens=12, temperature=0)
     assert first.choices[0].text == second.choices[0].text == alone
-    hits = _metric(server, "opswitch_prefix_cache_hit_tokens_total") - before
+    hits = metric(server, "opswitch_prefix_cache_hit_tokens_total") - before
     assert hits >= len(lm.encode(prompt)) - 32  # all but the last (partial) blocks
-    assert _metric(server, "opswitch_prefix_cache_evictions_total") >= 0
+    assert metric(server, "opswitch_prefix_cache_evictions_total") >= 0
