@@ -269,9 +269,9 @@ def test_missing_serve_extra_names_it(monkeypatch, capsys):
     from opswitch.cli import serve_cmd
     from opswitch.cli.main import main
 
-    # serve_cmd imports missing_deps at the top: patch the name it calls (patching
-    # opswitch.serve's would leave the check passing, and `serve` would really start)
-    monkeypatch.setattr(serve_cmd, "missing_deps", lambda: ["uvicorn"])
+    # serve_cmd calls opswitch.serve.missing_deps at call time: patch it there (a check
+    # left passing would make `serve` really start)
+    monkeypatch.setattr(serve_cmd.serve_package, "missing_deps", lambda: ["uvicorn"])
     assert main(["serve"]) == 2
     assert "pip install 'opswitch[serve]'" in capsys.readouterr().err
 
