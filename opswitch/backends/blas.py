@@ -32,6 +32,7 @@ class BlasBackend(Backend):
     priority = 50
     description = "scipy.linalg.blas GEMM/GEMV with fused bias; attention over the cache in place"
     dtypes = ("float32", "float64")
+    kv_formats = ("f32", "f16")  # an f16 cache is widened as BLAS reads it
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)
@@ -54,7 +55,6 @@ class BlasBackend(Backend):
         ours = [i for i in libs if any(d in i.get("filepath", "") for d in ("scipy.libs", "/scipy/"))]
         lib = (ours or libs or [{}])[0]
         self.threads = lib.get("num_threads")
-        self._blas_path = lib.get("filepath")
         self._governor = ThreadGovernor(int(self.threads or 1) if self._adapt() else 1, self._set_threads)
         gemm, gemv = getattr(blas, prefix + "gemm"), getattr(blas, prefix + "gemv")
         self._gemm, self._gemv = self._governed("gemm", gemm), self._governed("gemv", gemv)
@@ -73,10 +73,9 @@ class BlasBackend(Backend):
         from threadpoolctl import ThreadpoolController
 
         controllers = getattr(self, "_blas_controllers", None)
-        if controllers is None:
+        if controllers is None:  # numpy's OpenBLAS too, as --threads sets them both
             controllers = self._blas_controllers = [
-                c for c in ThreadpoolController().lib_controllers
-                if c.user_api == "blas" and c.filepath == self._blas_path
+                c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"
             ]
         for c in controllers:
             c.set_num_threads(min(n, int(self.threads or 1)))

@@ -29,7 +29,8 @@ PROBE_MIN_S = 0.02  # first probe this long after a change of choice...
 PROBE_MAX_S = 4.0  # ...each probe that does not change it doubles the wait, up to this
 SWITCH_MARGIN = 0.9  # the other count must be 10 % faster than the choice to replace it
 ALPHA = 0.3  # moving-average weight of a new sample of the chosen count
-ALPHA_PROBE = 0.7  # ...and of a probe's: the other count's average is old news by then
+ALPHA_PROBE = 0.5  # ...and of a probe's: the other count's average is old news by then, but one
+# lucky sample on a busy machine must not move the choice (a wrong move to more threads costs stalls)
 
 
 class ThreadGovernor:
@@ -79,4 +80,6 @@ class ThreadGovernor:
             self._wait = PROBE_MIN_S
         elif mine is None or seconds >= mine:  # losing: look again later, and less often
             self._wait = min(PROBE_MAX_S, 2 * self._wait)
+        else:  # winning, not yet on average: look again sooner
+            self._wait = max(PROBE_MIN_S, self._wait / 2)
         self._next_probe = self._clock() + self._wait
