@@ -219,6 +219,8 @@ class CpuBackend(BlasBackend):
         if out is None:
             out = np.empty((1, n_embd), dtype=np.float32)
         q = np.ascontiguousarray(qkv[0, :n_embd]).reshape(n_head, d)
+        if k_cache.dtype == np.float16:  # the kernels widen f16 bits in registers
+            k_cache, v_cache = k_cache.view(np.int16), v_cache.view(np.int16)
         k, scale = self._k, np.float32(1.0 / math.sqrt(d))
         if (start + 1) * n_embd < SERIAL_MAX * 4:
             k.decode_attention_serial(q, k_cache, v_cache, start + 1, scale, out.reshape(n_head, d))

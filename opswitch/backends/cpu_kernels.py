@@ -14,10 +14,12 @@ in float32.  Importing this module needs numba (``pip install 'opswitch[jit]'``)
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # error_model="numpy" everywhere: a division by zero gives inf/NaN as in numpy (and every other
 # backend), which the logits check reports, instead of numba's ZeroDivisionError from inside an op.
@@ -61,6 +63,58 @@ def _f16(h):
     sign = (bits & np.int32(0x8000)) << np.int32(16)
     normal = _as_f32(sign | ((magnitude << np.int32(13)) + _F16_REBIAS))
     return normal if magnitude >= np.int32(0x0400) else _f16_scaled(h) * F16_SCALE
+
+
+@intrinsic
+def _half_fpext(typingctx, bits):
+    """int16 f16 bits -> float32 by LLVM's ``fpext half``: one vcvtph2ps per 8 values with
+    F16C, exact for every pattern (subnormals, infinities, NaN)."""
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if value.type.width != 16:
+            value = builder.trunc(value, ir.IntType(16))
+        return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", error_model="numpy")
+def _half_portable(h):
+    """The same in integer arithmetic, for CPUs without a half-precision conversion (where
+    LLVM would call a runtime helper numba's JIT may lack): ``_f16`` plus infinities and NaN."""
+    bits = np.int32(h)
+    magnitude = bits & np.int32(0x7FFF)
+    if magnitude >= np.int32(0x7C00):
+        sign = (bits & np.int32(0x8000)) << np.int32(16)
+        return _as_f32(sign | np.int32(0x7F800000) | ((magnitude & np.int32(0x3FF)) << np.int32(13)))
+    return _f16(h)
+
+
+def native_half() -> bool:
+    """Does this CPU convert half to float in one instruction (x86 F16C; every 64-bit ARM)?"""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        return bool(binding.get_host_cpu_features().get("f16c"))
+    except RuntimeError:  # features unknown: take the path that needs nothing
+        return False
+
+
+# chosen once, at import, from what this CPU has; both are tested on every pattern
+_half = _half_fpext if native_half() else _half_portable
+
+
+def _kv(x):  # a cached key or value as float32: f32 caches as they are, f16 ones (int16 bits) widened
+    return x
+
+
+@overload(_kv, inline="always")
+def _kv_overload(x):
+    if isinstance(x, types.Integer):
+        return lambda x: _half(x)
+    return lambda x: x
 
 
 # -- GEMV on a table [n_out, n_in] (lm_head): out[o] = scale[o] * (w[o] . x) -------
@@ -277,7 +331,7 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
     for t in range(end):
         acc = np.float32(0.0)
         for c in range(d):
-            acc += q[h, c] * k_cache[h, t, c]
+            acc += q[h, c] * _kv(k_cache[h, t, c])
         acc *= scale
         s[t] = acc
         m = max(m, acc)
@@ -290,7 +344,7 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
     for t in range(end):
         p = s[t]
         for c in range(d):
-            o[c] += p * v_cache[h, t, c]
+            o[c] += p * _kv(v_cache[h, t, c])
     inv = np.float32(1.0) / total
     for c in range(d):
         out[h, c] = o[c] * inv
@@ -298,8 +352,8 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def decode_attention(q, k_cache, v_cache, end, scale, out):
-    """One query per head over the cache: q [n_head, d], caches [n_head, cap, d],
-    rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
+    """One query per head over the cache: q [n_head, d], caches [n_head, cap, d] (float32,
+    or int16 f16 bits), rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
     for h in prange(q.shape[0]):
         _attend_head(q, k_cache, v_cache, end, scale, out, h)
 
@@ -308,3 +362,15 @@ def decode_attention(q, k_cache, v_cache, end, scale, out):
 def decode_attention_serial(q, k_cache, v_cache, end, scale, out):
     for h in range(q.shape[0]):
         _attend_head(q, k_cache, v_cache, end, scale, out, h)
+
+
+@njit(cache=True, error_model="numpy")
+def widen_half(bits, out):  # int16 f16 bits [n] -> float32 [n], with the kernels' conversion (tests)
+    for i in range(bits.shape[0]):
+        out[i] = _half(bits[i])
+
+
+@njit(cache=True, error_model="numpy")
+def widen_half_portable(bits, out):  # the integer path, whatever this CPU has (tests)
+    for i in range(bits.shape[0]):
+        out[i] = _half_portable(bits[i])

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 
-from opswitch.cli.model_args import add_threads_argument
+from opswitch.cli.model_args import add_kv_cache_argument, add_threads_argument
 from opswitch.core.errors import OpswitchError
 
 
@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also decode after N tokens of context (default 900; 0 = skip)")
     p.add_argument("--prefill", type=int, default=512, metavar="N", help="prefill length (default 512)")
     p.add_argument("--repeats", type=int, default=5, metavar="N")
+    add_kv_cache_argument(p)
     add_threads_argument(p)
     p.add_argument("--ops", action="store_true", help="also time the model's GEMV/GEMM shapes per op")
     p.add_argument("--profile", action="store_true", help="time per op of a prefill and a decode step")
@@ -209,7 +210,8 @@ def _model_tables(args, config, params, backends, formats, bw, no_torch, quiet) 
     engines += [(label, "ours", b.spec, fmt) for label, b, fmt in _engines(backends, formats)]
     results: dict[str, dict] = {}
     for label, engine, spec, fmt in engines:
-        r = run_engine(engine, model_spec, spec, fmt, args.repeats, args.prompt_tokens, args.late,
+        kv = "" if engine == "torch" or args.kv_cache == "f32" else f":{args.kv_cache}"
+        r = run_engine(engine, model_spec, spec, fmt + kv, args.repeats, args.prompt_tokens, args.late,
                        args.prefill, args.new_tokens, args.idle_wait)
         if "error" in r:
             print(f"  {_name(label)}: failed: {r['error']}")

@@ -558,7 +558,8 @@ def engine_main(argv: list[str] | None = None) -> None:
 
     argv: engine (``torch`` or ``ours``), model (a directory, or ``shape:NAME`` for
     random weights of a preset, ``tiny`` for the --quick model), backend spec,
-    weight format, repeats, prompt, late, prefill and new tokens, idle wait."""
+    weight format (``FMT:KV`` for a KV-cache format other than f32), repeats, prompt, late,
+    prefill and new tokens, idle wait."""
     import json
     import sys
 
@@ -576,7 +577,8 @@ def engine_main(argv: list[str] | None = None) -> None:
         from opswitch.core.registry import get_registry
         from opswitch.model.gpt2 import GPT2
 
-        model = GPT2(config, params, get_registry().select(spec).backend, weights=fmt)
+        fmt, _, kv = fmt.partition(":")
+        model = GPT2(config, params, get_registry().select(spec).backend, weights=fmt, kv_cache=kv or "f32")
         decode, first = decode_rate, prefill_time
     tokens = [1 + t % (config.vocab_size - 1) for t in range(max(prompt, late, prefill))]
     rows = {"early": decode(model, tokens[:prompt], new, repeats, quiet),

@@ -44,6 +44,8 @@ def model_summary(lm, label: str | None) -> list[str]:
         summary.append(f"  ops computed by the host reference (fallback): {fallbacks}")
     if lm.model.weights != "f32":
         summary.append(f"  weights stored as {lm.model.weights}")
+    if lm.model.kv_cache != "f32":
+        summary.append(f"  KV cache stored as {lm.model.kv_cache}")
     summary.append(f"✓ Tokenizer loaded (vocab size={lm.tokenizer.vocab_size})")
     summary += [f"  note: {note}" for note in lm.notes]
     return summary

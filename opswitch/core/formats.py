@@ -95,3 +95,17 @@ def decode(stored: Stored) -> np.ndarray:
     axis = channel_axis(stored.role)
     shaped = stored.scale[None, :] if axis == 1 else stored.scale[:, None]
     return stored.data.astype(np.float32) * shaped
+
+
+# -- KV-cache formats --------------------------------------------------------------------
+# f16 (llama.cpp's default) halves the bytes late-decode attention reads; keys and values are
+# rounded to float16 as they are written (relative error 2^-11; beyond ±65504 they become inf,
+# and the logits NaN, which generation reports) and widened to float32 as they are read.
+KV_FORMATS = ("f32", "f16")
+KV_ITEMSIZE = {"f32": 4, "f16": 2}
+
+
+def check_kv_format(fmt: str) -> str:
+    if fmt not in KV_FORMATS:
+        raise OpswitchError(f"unknown KV-cache format {fmt!r}: use one of {', '.join(KV_FORMATS)}")
+    return fmt

@@ -86,6 +86,15 @@ def _upload(backend: Backend, params: Any, fmt: str, path: str = "") -> Any:
     return backend.upload_weight(stored)
 
 
+def check_kv_support(backend: Backend, fmt: str) -> None:
+    """Refuse, in one line, a KV-cache format the backend's attention does not read."""
+    if fmt not in backend.kv_formats:
+        raise BackendError(
+            f"backend {backend.spec!r} keeps its KV cache in {', '.join(backend.kv_formats)} only, not {fmt}:"
+            f" use --kv-cache f32, or a backend that reads {fmt} caches (cpu, blas, naive)"
+        )
+
+
 def as_ids(ids: Any, n_vocab: int, what: str = "token ids") -> np.ndarray:
     """``ids`` as int64 [n], checked: integers (Python or numpy), each in 0..n_vocab-1."""
     array = np.asarray(ids)
@@ -123,14 +132,18 @@ class GPT2:
     class is given a backend instance.
     """
 
-    def __init__(self, config: GPT2Config, params: dict, backend: Backend, weights: str = "f32") -> None:
+    def __init__(
+        self, config: GPT2Config, params: dict, backend: Backend, weights: str = "f32", kv_cache: str = "f32"
+    ) -> None:
         self.config = config
         self.host_params = params
         self.weights = formats.check_format(weights)
+        self.kv_cache = formats.check_kv_format(kv_cache)
         self.bind(backend)
 
     def bind(self, backend: Backend) -> GPT2:
         """Upload the weights to ``backend`` and resolve its op table."""
+        check_kv_support(backend, self.kv_cache)
         ops: OpTable = get_registry().bind(backend)
         with backend.lock:
             params = _upload(backend, self.host_params, self.weights)
@@ -147,12 +160,13 @@ class GPT2:
         """A cache for one sequence of up to ``n_tokens`` (default: the whole context)."""
         c = self.config
         capacity = c.n_positions if n_tokens is None else min(max(int(n_tokens), 1), c.n_positions)
-        return new_cache(self.backend, c.n_layer, c.n_head, c.head_dim, capacity)
+        return new_cache(self.backend, c.n_layer, c.n_head, c.head_dim, capacity, self.kv_cache)
 
     def cache_pool(self, budget_bytes: int) -> CachePool:
         """Caches for many sequences within ``budget_bytes`` of backend memory."""
         c = self.config
-        return CachePool(self.backend, c.n_layer, c.n_head, c.head_dim, c.n_positions, budget_bytes)
+        return CachePool(self.backend, c.n_layer, c.n_head, c.head_dim, c.n_positions, budget_bytes,
+                         self.kv_cache)
 
     # -- forward -----------------------------------------------------------
     def step(self, batch: Sequence[tuple[Any, KVCache]], all_rows: bool = False) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 
 from opswitch.core.backend import Backend
 from opswitch.core.errors import OpswitchError
+from opswitch.core.formats import KV_ITEMSIZE
 
 ROUND = 64  # capacities are rounded up to this many positions, so freed caches fit new requests
 
@@ -58,11 +59,18 @@ def cache_bytes(n_layer: int, n_embd: int, capacity: int, itemsize: int) -> int:
     return 2 * n_layer * n_embd * capacity * itemsize
 
 
-def new_cache(backend: Backend, n_layer: int, n_head: int, head_dim: int, capacity: int) -> KVCache:
-    """A cache of ``capacity`` positions, allocated on ``backend``."""
+def kv_itemsize(backend: Backend, fmt: str) -> int:
+    """Bytes per cached value: the compute dtype's for f32 (float64 on naive:float64), else the format's."""
+    return backend.dtype.itemsize if fmt == "f32" else KV_ITEMSIZE[fmt]
+
+
+def new_cache(
+    backend: Backend, n_layer: int, n_head: int, head_dim: int, capacity: int, fmt: str = "f32"
+) -> KVCache:
+    """A cache of ``capacity`` positions in KV format ``fmt``, allocated on ``backend``."""
     shape = (n_head, capacity, head_dim)
-    layers = [(backend.alloc(shape), backend.alloc(shape)) for _ in range(n_layer)]
-    nbytes = cache_bytes(n_layer, n_head * head_dim, capacity, backend.dtype.itemsize)
+    layers = [(backend.alloc_kv(shape, fmt), backend.alloc_kv(shape, fmt)) for _ in range(n_layer)]
+    nbytes = cache_bytes(n_layer, n_head * head_dim, capacity, kv_itemsize(backend, fmt))
     return KVCache(layers, capacity, nbytes=nbytes)
 
 
@@ -73,9 +81,10 @@ class CachePool:
     """
 
     def __init__(
-        self, backend: Backend, n_layer: int, n_head: int, head_dim: int, n_ctx: int, budget_bytes: int
+        self, backend: Backend, n_layer: int, n_head: int, head_dim: int, n_ctx: int, budget_bytes: int,
+        fmt: str = "f32",
     ) -> None:
-        self.backend, self.n_ctx = backend, n_ctx
+        self.backend, self.n_ctx, self.fmt = backend, n_ctx, fmt
         self._shape = (n_layer, n_head, head_dim)
         self.budget_bytes = budget_bytes
         self.bytes_in_use = 0
@@ -89,7 +98,7 @@ class CachePool:
     def bytes_for(self, n_tokens: int) -> int:
         n_layer, n_head, head_dim = self._shape
         capacity = self.capacity_for(n_tokens)
-        return cache_bytes(n_layer, n_head * head_dim, capacity, self.backend.dtype.itemsize)
+        return cache_bytes(n_layer, n_head * head_dim, capacity, kv_itemsize(self.backend, self.fmt))
 
     def can_fit(self, n_tokens: int) -> bool:
         return self.bytes_in_use + self.bytes_for(n_tokens) <= self.budget_bytes
@@ -113,7 +122,7 @@ class CachePool:
                 self._trim_spares()
         if cache is None:
             try:
-                cache = new_cache(self.backend, *self._shape, capacity)
+                cache = new_cache(self.backend, *self._shape, capacity, self.fmt)
             except BaseException:
                 with self._lock:
                     self.bytes_in_use -= need
