@@ -66,3 +66,25 @@ def test_the_cli_refuses_f16_on_a_backend_that_lacks_it(tiny_model_dir):
                  "--prompt", "Hi", *GREEDY)  # fmt: skip
     assert r.returncode != 0
     assert "--kv-cache f32" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_batch_takes_the_flag_and_will_not_resume_across_formats(tmp_path, capsys):
+    from helpers import read_jsonl
+    from test_batch import cli_args, prompts_file
+
+    from opswitch.batch import Job, JobSpec, Task, generation_settings, row_seed
+    from opswitch.cli.main import main
+
+    inp, out = prompts_file(tmp_path, n=2), tmp_path / "o.jsonl"
+    assert main(cli_args(inp, out, "--backend", "cpu", "--kv-cache", "f16", "-q")) == 0
+    lm = api.load_model(None, backend="cpu", kv_cache="f16")
+    for i, row in enumerate(read_jsonl(out)):  # the rows are what load_model(kv_cache="f16") generates
+        settings = {"max_new_tokens": 8, "seed": row_seed(7, i), "stop_token": -1, "temperature": 0.8,
+                    "top_k": 40, "top_p": 0.9}
+        assert row["completion_ids"] == lm.generate_ids(row["prompt"], **settings).new_ids
+    # a job's shards record the cache format: resuming with another is refused by name
+    half = tmp_path / "half.jsonl"
+    same = generation_settings(max_new_tokens=8, seed=7, stop_token=-1)  # as cli_args has them
+    Job(JobSpec(Task("generate", "prompt", generation=same, kv_cache="f16"), inp, half, shard_size=2)).start()
+    assert main(cli_args(inp, half, "--resume")) == 2
+    assert "different --kv-cache this time" in capsys.readouterr().err
