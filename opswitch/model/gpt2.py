@@ -24,6 +24,7 @@ from opswitch.core.errors import BackendError, ModelInputError, OpswitchError
 from opswitch.core.registry import OpTable, failing_op, get_registry
 from opswitch.model.config import GPT2Config
 from opswitch.model.kvcache import CachePool, KVCache, new_cache
+from opswitch.model.weights import release_pages
 
 
 def linear(ops, x, p):  # [n_rows, n_in] -> [n_rows, n_out]
@@ -83,7 +84,10 @@ def _upload(backend: Backend, params: Any, fmt: str, path: str = "") -> Any:
     stored = formats.encode(params, fmt, weight_role(path))
     if stored.fmt != "f32" and stored.fmt not in backend.weight_formats:
         stored = formats.Stored("f32", stored.role, formats.decode(stored))
-    return backend.upload_weight(stored)
+    uploaded = backend.upload_weight(stored)
+    if stored.fmt != "f32":  # the f32 file's pages of this tensor are no longer needed
+        release_pages(params)
+    return uploaded
 
 
 def check_kv_support(backend: Backend, fmt: str) -> None:
