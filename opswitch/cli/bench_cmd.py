@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     quiet = Quiet(max_wait=max(args.idle_wait, 0.0))
     print(f"opswitch bench: {args.model or ('tiny (--quick)' if args.quick else args.shape)} "
           f"({config.n_params / 1e6:.1f}M params), {args.repeats} repeats, medians; "
-          f"{threads} threads (OPSWITCH_NUM_THREADS)" + ("" if no_torch else f"; torch {torch.__version__}"))
+          f"{threads} threads (OPSWITCH_NUM_THREADS); KV cache {args.kv_cache}"
+          + ("" if no_torch else f"; torch {torch.__version__}"))
     print(f"CPU: {cpu_description()}")
     if args.quick:
         print("smoke run (--quick): a tiny model that fits in cache, one repeat; its rates and ratios"
