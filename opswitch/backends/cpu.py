@@ -36,6 +36,7 @@ from opswitch.core import Backend, Probe, formats, hookimpl
 
 SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this runs on one thread
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
+GEMM_MAX_ROWS = 64  # up to this many, one pass over the packed weight for all rows (batched decode)
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
 F16_FAST_MAX = 2.0**16  # f16 GEMV inputs below this take the pre-scaled kernel (x·2^112 < 2^128)
 
@@ -154,6 +155,10 @@ class CpuBackend(BlasBackend):
             for r in range(x.shape[0]):
                 self._packed_gemv(w, np.ascontiguousarray(x[r], dtype=np.float32), out[r])
             return out
+        if x.shape[0] <= GEMM_MAX_ROWS:
+            scale = w.scale if w.scale is not None else self._ones(n_out)
+            self._run(self._k.gemm_rows_packed, w.data, scale, np.ascontiguousarray(x, dtype=np.float32), out)
+            return out
         step = max(1, CHUNK // n_in)
         for lo in range(0, n_out, step):
             hi = min(n_out, lo + step)
@@ -172,6 +177,12 @@ class CpuBackend(BlasBackend):
             self._run(k.gemv_rows_f16, w.data, x * k.F16_SCALE, out)
         else:  # also NaN: the exact form, which never scales x
             self._run(k.gemv_rows_f16_exact, w.data, x, out)
+
+    def _ones(self, n: int) -> np.ndarray:
+        ones = getattr(self, "_ones_cache", None)
+        if ones is None or ones.size < n:
+            ones = self._ones_cache = np.ones(n, dtype=np.float32)
+        return ones[:n]
 
     def _dequantise(self, w: Packed, lo: int, hi: int) -> np.ndarray:
         n_in = w.data.shape[1]

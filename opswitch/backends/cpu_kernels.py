@@ -173,6 +173,53 @@ def gemv_rows_f16_exact(w, x, out):  # int16 [n_out, n_in] f16 bits; any x (slow
             out[o] = acc
 
 
+# -- small batches (a few to GEMM_MAX_ROWS rows): each weight read from memory once per step ----
+def _weight(x):  # a packed weight as float32: int8 as is (scaled after), bf16 uint16 bits, f16 int16 bits
+    return x
+
+
+@overload(_weight, inline="always")
+def _weight_overload(x):
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
+        if x.signed:
+            return lambda x: _half(x)
+        return lambda x: _bf16(x)
+    return lambda x: np.float32(x)
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def gemm_rows_packed(w, scale, x, out):
+    """out [m, n_out] = x [m, n_in] · w [n_out, n_in]ᵀ (times scale [n_out] for int8; ones
+    otherwise).  Each weight row is widened once into an L1-resident buffer and used by every
+    row of x, four at a time (one load of the weight per four FMAs): decode of a batch reads
+    the packed matrix once per step, where one GEMV per row would read it m times."""
+    n_out, n_in = w.shape
+    m = x.shape[0]
+    for blk in prange((n_out + ROWS - 1) // ROWS):
+        row = np.empty(n_in, dtype=np.float32)
+        for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
+            for i in range(n_in):
+                row[i] = _weight(w[o, i])
+            s = scale[o]
+            r = 0
+            while r + 4 <= m:
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for i in range(n_in):
+                    wi = row[i]
+                    a0 += wi * x[r, i]
+                    a1 += wi * x[r + 1, i]
+                    a2 += wi * x[r + 2, i]
+                    a3 += wi * x[r + 3, i]
+                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = a0 * s, a1 * s, a2 * s, a3 * s
+                r += 4
+            while r < m:
+                acc = np.float32(0.0)
+                for i in range(n_in):
+                    acc += row[i] * x[r, i]
+                out[r, o] = acc * s
+                r += 1
+
+
 # -- f32 GEMV on a Conv1D weight [n_in, n_out]: split the rows (k) between threads --
 # Each thread streams one contiguous slab of the weight into its own partial sums
 # (n_out floats, in L1/L2), four weight rows per pass over them; the caller adds

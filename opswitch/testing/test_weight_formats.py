@@ -18,7 +18,8 @@ from opswitch.testing.cases import _linear_bound, _matmul_bound
 
 REDUCED = ("f16", "bf16", "int8")
 # (rows, n_in, n_out): decode GEMV, a small batch, a GEMM; odd sizes; GPT-2 small's c_fc
-SHAPES = [(1, 7, 3), (1, 65, 127), (3, 96, 97), (7, 33, 130), (1, 768, 3072), (40, 96, 200)]
+SHAPES = [(1, 7, 3), (1, 65, 127), (3, 96, 97), (7, 33, 130), (1, 768, 3072), (40, 96, 200), (17, 65, 130),
+          (70, 33, 20)]
 
 
 def _upload(backend, w: np.ndarray, fmt: str, role: str):
