@@ -96,7 +96,7 @@ def main() -> None:
     figures = (args.repeats, args.prompt_tokens, args.late, args.prefill, args.new_tokens, args.idle_wait)
 
     from opswitch.bench.idle import Quiet
-    from opswitch.bench.machine import measure_bandwidth, weight_bytes_per_token
+    from opswitch.bench.machine import cpu_description, measure_bandwidth, weight_bytes_per_token
     from opswitch.bench.subprocess_engine import run_engine
     from opswitch.model.config import PRESETS
 
@@ -123,6 +123,7 @@ def main() -> None:
     print(f"{args.shape} shape, random weights, batch 1, greedy, {args.threads} threads,"
           f" {args.repeats} repeats, medians; DRAM read bandwidth {bw.read / 1e9:.1f} GB/s"
           f" ({bw.how}, {bw.threads} threads)")
+    print(f"CPU: {cpu_description()}")  # claims are per CPU kind
     print(f"| engine | decode tok/s after {args.prompt_tokens} | x HF | of limit | decode after {args.late} "
           f"| x own early | prefill {args.prefill} ms | x HF | repeats disturbed |")
     print("|---|---|---|---|---|---|---|---|---|")
