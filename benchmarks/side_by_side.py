@@ -54,6 +54,75 @@ def convert(model: Path, llama_src: Path, outtype: str) -> Path:
     return out
 
 
+def gguf_file(model: Path, llama_src: Path, llama_python: str, gguf_type: str, env: dict) -> Path:
+    """The GGUF llama.cpp's own tools make: its converter (f32, f16, q8_0), its quantiser (q4_0)."""
+    if gguf_type != "q4_0":
+        return convert(model, llama_src, gguf_type)
+    out = model.parent / f"{model.name}-q4_0.gguf"
+    if not out.exists():
+        run_json([llama_python, str(HERE / "llama_cpp_engine.py"), str(convert(model, llama_src, "f32")),
+                  "--mode", "quantize", "--out", str(out)], env)
+    return out
+
+
+def gguf_rows(args, model: Path, env: dict, figures: tuple) -> None:
+    """The same GGUF files in llama.cpp and in opswitch `cpu` (kept in the file's own types):
+    speed, load + first token, peak RSS, and greedy ids and logits side by side."""
+    import numpy as np
+
+    import opswitch
+    from opswitch.bench.subprocess_engine import run_engine
+
+    llama = [args.llama_python, str(HERE / "llama_cpp_engine.py")]
+    rows = []
+    for gguf_type in args.gguf_types.split(","):
+        path = gguf_file(model, args.llama_src, args.llama_python, gguf_type, env)
+        common = ["--threads", str(args.threads), "--idle-wait", str(args.idle_wait)]
+        theirs = run_json([*llama, str(path), *common, "--repeats", str(args.repeats), "--prompt-tokens",
+                           str(args.prompt_tokens), "--late", str(args.late), "--prefill", str(args.prefill),
+                           "--new-tokens", str(args.new_tokens)], env)
+        ours = medians(run_engine("ours", str(path), "cpu", "file", *figures, env=env))
+        our_load = [sys.executable, "-m", "opswitch.bench.worker", "load", "ours", str(path), "file", "cpu",
+                    str(args.threads)]
+        loads = [(run_json([*llama, str(path), "--mode", "load", *common], env), run_json(our_load, env))
+                 for _ in range(3)]
+        greedy = run_json([*llama, str(path), "--mode", "greedy", "--prompt-tokens", str(args.prompt_tokens),
+                           "--new-tokens", "16", *common], env)
+        lm = opswitch.load_model(str(path), backend="cpu")
+        prompt = [1 + t % (lm.config.vocab_size - 1) for t in range(args.prompt_tokens)]
+        our_logits = lm.forward(prompt)[-1]
+        our_ids = lm.generate_ids(prompt, max_new_tokens=16, temperature=0, stop_token=-1).new_ids
+        rows.append((gguf_type, path, theirs, ours, loads, greedy, our_logits, our_ids))
+        del lm
+
+    def med(pairs, side, key):
+        values = [p[side][key] for p in pairs if key in p[side]]
+        return float(np.median(values)) if values else float("nan")
+
+    print(f"\nThe same GGUF files in llama.cpp and opswitch `cpu` ({args.threads} threads, medians):")
+    print("| GGUF | file MB | decode tok/s llama.cpp / ours | x | prefill ms llama.cpp / ours | x "
+          "| load + first token s llama.cpp / ours | peak RSS MB llama.cpp / ours (x file) "
+          "| greedy ids equal | logits max diff / scale |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for gguf_type, path, theirs, ours, loads, greedy, our_logits, our_ids in rows:
+        size = path.stat().st_size
+        if "error" in theirs or "error" in ours or "error" in greedy:
+            error = theirs.get("error") or ours.get("error") or greedy.get("error")
+            print(f"| {gguf_type} | {size / 1e6:.0f} | failed: {error} |")
+            continue
+        ref = np.asarray(greedy["logits"], dtype=np.float64)
+        diff = float(np.abs(our_logits - ref).max() / np.abs(ref).max())
+        same = sum(a == b for a, b in zip(our_ids, greedy["ids"]))
+        lf, of = med(loads, 0, "first"), med(loads, 1, "first")
+        lp, op = med(loads, 0, "peak") / 1e6, med(loads, 1, "peak") / 1e6
+        print(f"| {gguf_type} | {size / 1e6:.0f} | {theirs['early']:.1f} / {ours['early']:.1f} | "
+              f"{ours['early'] / theirs['early']:.2f} | {theirs['prefill'] * 1000:.0f} / "
+              f"{ours['prefill'] * 1000:.0f} | {theirs['prefill'] / ours['prefill']:.2f} | "
+              f"{lf:.2f} / {of:.2f} | "
+              f"{lp:.0f} / {op:.0f} ({op * 1e6 / size:.2f}) | {same} of 16 | {diff:.1e} |")
+    print("(x: ours over llama.cpp's rate, llama.cpp's time over ours; peak RSS is the whole process)")
+
+
 def run_json(cmd: list[str], env: dict) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -80,6 +149,9 @@ def main() -> None:
     p.add_argument("--ours", default="cpu:f32,cpu:f16,cpu:bf16,cpu:int8,blas:f32",
                    help="backend:format pairs of ours to run")
     p.add_argument("--llama-types", default="f32,f16,q8_0")
+    p.add_argument("--gguf-types", default="q8_0,q4_0",
+                   help="GGUF files run in both llama.cpp and opswitch (needs --llama-python); '' for none")
+    p.add_argument("--skip-main", action="store_true", help="only the GGUF comparison")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count())))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -103,6 +175,11 @@ def main() -> None:
     os.environ["OPSWITCH_NUM_THREADS"] = str(args.threads)
     bw = measure_bandwidth(Quiet(max_wait=args.idle_wait), args.repeats)
     results: dict[str, dict] = {}
+    if args.skip_main:
+        print(f"CPU: {cpu_description()}")
+        if args.llama_python and args.gguf_types:
+            gguf_rows(args, model, env, figures)
+        return
     hf = run_engine("torch", str(model), "", "f32", *figures, env=env)
     results["HF transformers + torch f32"] = medians(hf)
     for pair in args.ours.split(","):
@@ -140,6 +217,8 @@ def main() -> None:
               f"{r['interference'][0]}/{r['interference'][1]} |")
     print("(limit: read bandwidth / bytes of weights per token in that format; q8_0 counted as int8, "
           "though it stores 8.5 bits a weight)")
+    if args.llama_python and args.gguf_types:
+        gguf_rows(args, model, env, figures)
     if args.json:
         args.json.write_text(json.dumps({"bandwidth": bw.read, "results": results}, indent=2))
 

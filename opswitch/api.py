@@ -29,11 +29,19 @@ from opswitch.core.errors import (
     TokenizerError,
 )
 from opswitch.core.registry import get_registry
-from opswitch.generation import GenerationConfig, GenerationResult, generate_batch, generate_ids, stream_ids
+from opswitch.generation import (
+    DEFAULT_PREFILL_CHUNK,
+    Engine,
+    GenerationConfig,
+    GenerationResult,
+    run_batch,
+    run_stream,
+)
 from opswitch.generation.loop import context_message
 from opswitch.model.config import GPT2Config
 from opswitch.model.gpt2 import GPT2, as_ids, check_kv_support
 from opswitch.model.hub import resolve_model
+from opswitch.model.kvcache import sequence_positions
 from opswitch.model.weights import load_gpt2
 from opswitch.tokenizer import Tokenizer, has_tokenizer_files, load_tokenizer
 
@@ -159,12 +167,35 @@ class LanguageModel:
         return float(np.exp(self.loss(text)))
 
     # -- generation ------------------------------------------------------------
+    def engine(
+        self, cache_bytes: int | None = None, *, max_batch: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache: bool = True,
+    ) -> Engine:
+        """The generation engine over this model: what ``generate_batch``, the server and batch
+        jobs run on.  ``cache_bytes`` bounds the KV caches (unbounded without it)."""
+        pool = self.model.cache_pool(cache_bytes) if cache_bytes is not None else None
+        return Engine(self.model, pool, tokenizer=self.tokenizer, max_batch=max_batch,
+                      prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
+                      n_vocab_allowed=self.n_vocab_allowed, unused_ids=self.unused_ids)
+
+    def kv_cache_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """The KV-cache memory one request takes from a pool (its prompt and new tokens)."""
+        n = sequence_positions(prompt_tokens, max_new_tokens, self.config.n_positions)
+        return self.model.cache_pool(0).bytes_for(n)
+
+    def using(self) -> _Using:
+        """Hold while generating on an engine of this model: ``to()`` waits for nobody, it refuses."""
+        return _Using(self)
+
     def generate_ids(self, prompt: str | Sequence[int], **settings: Any) -> GenerationResult:
-        """Generate and return the ids with the stop reason and timings."""
+        """Generate and return the ids with the stop reason, the text and timings."""
         config = self.settings(**settings)
         ids = self._ids(prompt)
+        result = GenerationResult(list(ids))
         with self._using():
-            return generate_ids(self.model, ids, config, self.n_vocab_allowed, self.unused_ids)
+            for _ in run_stream(self.engine(), ids, config, result):
+                pass
+        return result
 
     def generate(self, prompt: str | Sequence[int], **settings: Any) -> str:
         """The generated continuation (without the prompt) as text."""
@@ -175,13 +206,17 @@ class LanguageModel:
         prompts: Sequence[str | Sequence[int]],
         settings: Sequence[dict] | dict | None = None,
         cache_bytes: int | None = None,
+        *,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache: bool = True,
         **common: Any,
     ) -> list[GenerationResult]:
         """Generate for several prompts in one batched loop: the same ids as one by one.
 
         ``settings`` is one dict per prompt (or one for all), merged over ``common``.
         With ``cache_bytes``, the KV caches of the running prompts stay within that
-        budget (the rest wait their turn), so a large batch cannot take unbounded memory."""
+        budget (the rest wait their turn), so a large batch cannot take unbounded memory.
+        ``prefill_chunk`` and ``prefix_cache`` are the engine's (see ``engine``)."""
         if isinstance(settings, dict) or settings is None:
             settings = [settings or {}] * len(prompts)
         if len(settings) != len(prompts):
@@ -189,26 +224,22 @@ class LanguageModel:
         configs = [self.settings(**{**common, **s}) for s in settings]
         ids = [self._ids(p) for p in prompts]
         with self._using():
-            pool = self.model.cache_pool(cache_bytes) if cache_bytes is not None else None
-            return generate_batch(self.model, ids, configs, pool, n_vocab_allowed=self.n_vocab_allowed,
-                                  unused_ids=self.unused_ids)
+            engine = self.engine(cache_bytes, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
+            return run_batch(engine, ids, configs)
 
     def stream(
         self, prompt: str | Sequence[int], result: GenerationResult | None = None, **settings: Any
     ) -> Iterator[str]:
-        """Yield text as tokens are generated (a character split across tokens
-        is held back until complete).  Pass ``result`` to read timings after."""
+        """Yield text as tokens are generated (a character split across tokens is held
+        back until complete, and so is text that may begin a stop string).  Pass
+        ``result`` to read timings after."""
         config = self.settings(**settings)
         ids = self._ids(prompt)
-        decoder = self.require_tokenizer().stream_decoder()
+        self.require_tokenizer()
         with self._using():
-            for token in stream_ids(self.model, ids, config, result, self.n_vocab_allowed, self.unused_ids):
-                piece = decoder.push(token)
-                if piece:
-                    yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+            for out in run_stream(self.engine(), ids, config, result):
+                if out.text:
+                    yield out.text
 
     @staticmethod
     def settings(config: GenerationConfig | None = None, **changes: Any) -> GenerationConfig:

@@ -236,6 +236,27 @@ class OneRowFails:
             raise NonFiniteLogitsError("the model produced NaN logits (at step 1, on backend cpu)")
         return self.lm.generate_batch(prompts, settings, **kw)
 
+    def engine(self, *args, **kwargs):
+        """The engine the rows run on: its forward steps fail the same way."""
+        engine = self.lm.engine(*args, **kwargs)
+        engine.model = _PoisonedSteps(engine.model, self.poison)
+        return engine
+
+
+class _PoisonedSteps:
+    """A model whose forward step raises when one of its sequences is fed the poisoned prompt."""
+
+    def __init__(self, model, poison: list[int]) -> None:
+        self.model, self.poison = model, poison
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def step(self, batch, **kw):
+        if any(list(ids) == self.poison for ids, _ in batch):
+            raise NonFiniteLogitsError("the model produced NaN logits (at step 1, on backend cpu)")
+        return self.model.step(batch, **kw)
+
 
 def test_a_row_whose_step_fails_is_one_bad_row_and_the_batch_stays_batched(tmp_path, lm):
     inp = prompts(tmp_path / "p.jsonl", 16)

@@ -266,10 +266,12 @@ def test_serve_flags_fail_in_one_line(server):
 
 
 def test_missing_serve_extra_names_it(monkeypatch, capsys):
-    import opswitch.serve
+    from opswitch.cli import serve_cmd
     from opswitch.cli.main import main
 
-    monkeypatch.setattr(opswitch.serve, "missing_deps", lambda: ["uvicorn"])
+    # serve_cmd imports missing_deps at the top: patch the name it calls (patching
+    # opswitch.serve's would leave the check passing, and `serve` would really start)
+    monkeypatch.setattr(serve_cmd, "missing_deps", lambda: ["uvicorn"])
     assert main(["serve"]) == 2
     assert "pip install 'opswitch[serve]'" in capsys.readouterr().err
 

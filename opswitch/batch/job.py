@@ -18,15 +18,18 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opswitch.batch.errors import BatchError, require_pyarrow
 from opswitch.batch.lock import JobLock
 from opswitch.batch.paths import JobPaths, check_disjoint, check_kinds, protected_paths
 from opswitch.batch.readers import Row, data_format, read_rows
 from opswitch.batch.shards import MANIFEST, ShardStore, check_same_job, read_manifest
-from opswitch.batch.work import MAX_CACHE_MIB, Task, model_ref
+from opswitch.batch.work import MAX_CACHE_MIB, Item, Task, model_ref
 from opswitch.batch.writers import check_output_schema, write_jsonl, write_output
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 FORMAT_VERSION = 2  # 2: shards end with a checksum line
 MAX_ROUNDS = 3  # runs of the rows of damaged shards before the job gives up
@@ -72,7 +75,8 @@ class Job:
         try:
             protected = protected_paths(spec.input, task.model, self.paths, task.tokenizer)
             check_disjoint(self.paths, protected)  # under the lock
-            self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns)
+            self.rows: list[Row] = read_rows(spec.input, spec.task.field, spec.task.columns,
+                                             stop_field=spec.task.kind == "generate")
             self.task = _with_seed(task, self.shard_dir if spec.resume else None)
             if data_format(spec.output, "the output file") == "parquet":
                 check_output_schema(self.rows, self.task)
@@ -112,9 +116,9 @@ class Job:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self) -> list[tuple[int, str]]:
+    def start(self) -> list[Item]:
         """Open the shards (a fresh set, or the interrupted job's, each read back), file the
-        bad rows found while reading, and return the ``(index, text)`` rows still to run."""
+        bad rows found while reading, and return the ``(index, text[, stop])`` rows still to run."""
         if self.spec.overwrite and self.shard_dir.exists():
             shutil.rmtree(self.shard_dir)
         self.store = ShardStore.open(self.shard_dir, self.manifest, resume=self.spec.resume)
@@ -123,7 +127,7 @@ class Job:
         self.resumed = len(self.rows) - sum(1 for row in self.rows if not self.store.is_done(row.index))
         return items
 
-    def check(self) -> list[tuple[int, str]]:
+    def check(self) -> list[Item]:
         """Read every shard back: the rows of any that is damaged are returned, to run again
         (an empty list: every shard is sound, and ``finish`` may assemble them)."""
         assert self.store is not None, "start() first"
@@ -138,15 +142,16 @@ class Job:
         notes, self.store.notes = self.store.notes, []
         return notes
 
-    def _pending(self) -> list[tuple[int, str]]:
+    def _pending(self) -> list[Item]:
         assert self.store is not None
         pending = [row for row in self.rows if not self.store.is_done(row.index)]
         for row in pending:
             if row.error is not None:
                 self.store.add({"index": row.index, "error": row.error})
-        items = [(row.index, row.text) for row in pending if row.error is None]
+        items = [(row.index, row.text, *((row.stop,) if row.stop else ())) for row in pending
+                 if row.error is None]
         self.pending += len(items)
-        return items  # type: ignore[return-value]  # a row without an error has its text
+        return items
 
     def add(self, records: list[dict[str, Any]]) -> None:
         """Take the runner's records (``{"index", "result" | "error"}``) into the shards."""
@@ -190,7 +195,7 @@ class Report:
         """Around loading the model in this process (local mode)."""
         return contextlib.nullcontext()
 
-    def loaded(self, lm) -> None:
+    def loaded(self, lm: LanguageModel) -> None:
         """The model is loaded (local mode)."""
 
     def running(self, job: Job, n_rows: int) -> None:
@@ -203,7 +208,8 @@ class Report:
         """Something the user should know (a damaged shard that is run again)."""
 
 
-def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> Summary:
+def run_job(spec: JobSpec, ray=None, lm: LanguageModel | None = None,
+            report: Report | None = None) -> Summary:
     """Run a whole job: locally (on ``lm`` if given, else the task's model, loaded
     once), or on Ray when ``ray`` (a ``RayOptions``) is given."""
     from opswitch.batch.local import load_lm, run_local
@@ -217,14 +223,15 @@ def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> S
         import_ray()
     with Job(spec) as job:
         report.checked(job)
-        if ray is None and lm is None:
-            with report.loading(job.task):
-                lm = load_lm(job.task)
-            report.loaded(lm)
-        elif ray is None:
-            check_model(lm, job.task)
-        if ray is None and lm.source:  # the files it came from (a hub snapshot, the demo model)
-            check_disjoint(job.paths, protected_paths(spec.input, lm.source, job.paths))
+        if ray is None:
+            if lm is None:
+                with report.loading(job.task):
+                    lm = load_lm(job.task)
+                report.loaded(lm)
+            else:
+                check_model(lm, job.task)
+            if lm.source:  # the files it came from (a hub snapshot, the demo model)
+                check_disjoint(job.paths, protected_paths(spec.input, lm.source, job.paths))
         items = job.start()
         report.running(job, len(items))
 
@@ -238,6 +245,7 @@ def run_job(spec: JobSpec, ray=None, lm=None, report: Report | None = None) -> S
             if ray is not None:
                 run_ray(job.task, items, sink, ray, spec.batch_size)
             else:
+                assert lm is not None  # loaded above
                 run_local(lm, job.task, items, sink, spec.batch_size)
             items = job.check()
             if not items and job.store.finished:  # type: ignore[union-attr]
@@ -257,6 +265,9 @@ def _check_flags(spec: JobSpec) -> None:
         raise BatchError("the text field's name is empty")
     if spec.resume and spec.overwrite:
         raise BatchError("--resume and --overwrite contradict each other: pick one")
+    if not isinstance(spec.task.prefill_chunk, int) or spec.task.prefill_chunk < 0:
+        raise BatchError(f"--prefill-chunk must be a number of tokens >= 0 (0 = off),"
+                         f" got {spec.task.prefill_chunk}")
     budget = spec.task.cache_mib
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget <= MAX_CACHE_MIB):
         raise BatchError(f"--cache-mib must be a number of MiB in (0, {MAX_CACHE_MIB}], got {budget}")

@@ -1,14 +1,18 @@
-"""The local runner: one process, the model loaded once, rows in small batches."""
+"""The local runner: one process, the model loaded once; generation is continuously batched
+across rows (one engine for the job), scoring runs in small batches."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opswitch.batch.work import Task, check_model, run_rows
+from opswitch.batch.work import Item, Task, check_model, run_rows, stream_rows
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 
-def load_lm(task: Task):
+def load_lm(task: Task) -> LanguageModel:
     """The model as the job asks for it, checked against the job (tokenizer, stop token)."""
     from opswitch.api import load_model
 
@@ -19,12 +23,15 @@ def load_lm(task: Task):
 
 
 def run_local(
-    lm,
+    lm: LanguageModel,
     task: Task,
-    items: Sequence[tuple[int, str]],
+    items: Sequence[Item],
     on_records: Callable[[list[dict[str, Any]]], None],
     batch_size: int = 8,
 ) -> None:
-    """Run ``items`` (``(index, text)``) in order, handing each batch's records over as it finishes."""
+    """Run ``items`` (``(index, text[, stop])``), handing records over as rows finish."""
+    if task.kind == "generate":
+        stream_rows(lm, task, items, on_records, batch_size)
+        return
     for start in range(0, len(items), batch_size):
         on_records(run_rows(lm, task, items[start : start + batch_size]))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opswitch.batch.errors import BatchError, MissingExtraError
-from opswitch.batch.work import Task, run_rows
+from opswitch.batch.work import Item, Task, run_rows
 from opswitch.core.errors import OpswitchError
 
 
@@ -70,14 +70,17 @@ class RowsActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        items = list(zip(batch["index"].tolist(), batch["text"].tolist()))
+        items = [(index, text, *((tuple(json.loads(stop)),) if stop else ()))
+                 for index, text, stop in zip(batch["index"].tolist(), batch["text"].tolist(),
+                                              batch["stop"].tolist())]
         try:
             if self.fatal is not None:
                 raise BatchError(self.fatal)
+            assert self.lm is not None  # loaded, or fatal says why not
             records = run_rows(self.lm, self.task, items)
         except OpswitchError as exc:
             self.fatal = str(exc)
-            records = [{"index": index, "fatal": self.fatal} for index, _ in items]
+            records = [{"index": item[0], "fatal": self.fatal} for item in items]
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
@@ -97,7 +100,7 @@ def connect(ray, address: str) -> None:
 
 def run_ray(
     task: Task,
-    items: Sequence[tuple[int, str]],
+    items: Sequence[Item],
     on_records: Callable[[list[dict[str, Any]]], None],
     options: RayOptions,
     batch_size: int = 8,
@@ -114,7 +117,8 @@ def run_ray(
     # About one block per model call, and at least one per actor, so that every actor has work.
     blocks = min(len(items), max(options.actors, -(-len(items) // batch_size)), 10_000)
     dataset = ray.data.from_items(
-        [{"index": index, "text": text} for index, text in items], override_num_blocks=blocks
+        [{"index": item[0], "text": item[1], "stop": json.dumps(item[2]) if len(item) > 2 else ""}
+         for item in items], override_num_blocks=blocks
     )
     results = dataset.map_batches(
         RowsActor,

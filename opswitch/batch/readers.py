@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from opswitch.batch.errors import BatchError, require_pyarrow
+from opswitch.generation import MAX_STOP_CHARS, MAX_STOPS
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -36,6 +37,7 @@ class Row:
     fields: dict[str, Any] | None
     text: str | None = None
     error: str | None = None
+    stop: tuple[str, ...] = ()  # the row's own stop strings (a generate job's ``stop`` field)
 
     @property
     def id(self) -> Any:
@@ -55,8 +57,10 @@ def data_format(path: Path, role: str) -> str:
     )
 
 
-def read_rows(path: Path, field: str, reserved: frozenset[str] = frozenset()) -> list[Row]:
-    """All rows of ``path``; ``field`` names the text, ``reserved`` the output's own columns."""
+def read_rows(path: Path, field: str, reserved: frozenset[str] = frozenset(), stop_field: bool = False
+              ) -> list[Row]:
+    """All rows of ``path``; ``field`` names the text, ``reserved`` the output's own columns;
+    with ``stop_field``, a row's ``stop`` field (a text or a list of texts) is its stop strings."""
     if not path.is_file():
         missing = f"input file {path} does not exist"
         raise BatchError(missing if not path.exists() else f"input {path} is not a file")
@@ -64,7 +68,8 @@ def read_rows(path: Path, field: str, reserved: frozenset[str] = frozenset()) ->
         records = _read_parquet(path)
     else:
         records = _read_jsonl(path)
-    return [_row(i, record, field, reserved) for i, record in enumerate(records)]
+    rows = [_row(i, record, field, reserved) for i, record in enumerate(records)]
+    return [_with_stop(row) for row in rows] if stop_field else rows
 
 
 def _read_jsonl(path: Path) -> list[Any]:
@@ -135,3 +140,19 @@ def _row(index: int, record: Any, field: str, reserved: frozenset[str]) -> Row:
     except (RecursionError, ValueError):  # nested too deep to write back (Parquet input)
         return Row(index, record, error="the row cannot be written back as JSON (nested too deeply)")
     return Row(index, record, text=text)
+
+
+STOP_RULE = (f"field 'stop' must be a non-empty text of at most {MAX_STOP_CHARS} characters, or a list of"
+             f" at most {MAX_STOPS} of them")
+
+
+def _with_stop(row: Row) -> Row:
+    """The row with its stop strings, or with the reason its ``stop`` field cannot be used."""
+    if row.error is not None or row.fields is None or row.fields.get("stop") is None:
+        return row
+    stop = row.fields["stop"]
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not 0 < len(stops) <= MAX_STOPS or not all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        return Row(row.index, row.fields, error=STOP_RULE)
+    return Row(row.index, row.fields, row.text, stop=tuple(stops))

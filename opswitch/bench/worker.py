@@ -47,7 +47,7 @@ def load_main(engine: str, path: str, fmt: str, backend: str, threads: str) -> d
             loaded = time.perf_counter()
             model(torch.tensor([[1, 2, 3]])).logits[0, -1].argmax()
     else:
-        lm = opswitch.load_model(path, backend=backend, weights=fmt)
+        lm = opswitch.load_model(path, backend=backend, weights=None if fmt == "file" else fmt)
         loaded = time.perf_counter()
         lm.model.forward([1, 2, 3])
     end = time.perf_counter()
@@ -71,13 +71,21 @@ def engine_main(engine: str, model_spec: str, spec: str, fmt: str, *numbers: str
 def _engine_model(engine: str, model_spec: str, spec: str, fmt: str):
     """(config, model): an HF model for ``torch`` (random of the shape, or the saved one), else ours."""
     from opswitch.bench.models import TINY, hf_shape, random_hf_model, random_params
+    from opswitch.core.registry import get_registry
     from opswitch.model.config import PRESETS
+    from opswitch.model.gpt2 import GPT2
 
     if engine == "torch":
         import torch
 
         torch.set_num_threads(int(os.environ.get("OPSWITCH_NUM_THREADS", os.cpu_count() or 1)))
     params = None
+    if model_spec.lower().endswith(".gguf") and engine != "torch":  # fmt "file": as the file stores it
+        from opswitch.model.gguf_load import load_gguf
+
+        gguf = load_gguf(model_spec)
+        backend = get_registry().select(spec).backend
+        return gguf.config, GPT2(gguf.config, gguf.params, backend, weights=None if fmt == "file" else fmt)
     if model_spec == "tiny":
         config = TINY
     elif model_spec.startswith("shape:"):
@@ -94,9 +102,6 @@ def _engine_model(engine: str, model_spec: str, spec: str, fmt: str):
             return config, transformers.GPT2LMHeadModel.from_pretrained(path).eval()
     if engine == "torch":
         return config, random_hf_model(0, **hf_shape(config))
-    from opswitch.core.registry import get_registry
-    from opswitch.model.gpt2 import GPT2
-
     backend = get_registry().select(spec).backend
     weights, _, kv = fmt.partition(":")
     return config, GPT2(config, random_params(config) if params is None else params, backend,

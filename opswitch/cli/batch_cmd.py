@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -19,6 +20,10 @@ from opswitch.batch.job import Report
 from opswitch.cli.model_args import add_model_arguments
 from opswitch.cli.parsing import OneLineParser, UsageError
 from opswitch.cli.progress import Progress
+from opswitch.generation import DEFAULT_PREFILL_CHUNK
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     jobs = p.add_subparsers(dest="job", metavar="JOB", parser_class=OneLineParser)
     gen = jobs.add_parser("generate", help="generate a completion for each prompt",
-                          description="Generate a completion for each row's prompt.")
+                          description="Generate a completion for each row's prompt; a row's `stop`"
+                          " field (a text or a list of up to 4) ends its completion where one first"
+                          " appears.")
     _common(gen, field_flag="--prompt-field", field_default="prompt")
     gen.add_argument("--max-tokens", type=int, default=100, metavar="N", help="tokens per row (default 100)")
     gen.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy (default 0.8)")
@@ -43,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "(default: a fresh one, recorded in the output)")
     gen.add_argument("--stop-token", type=int, metavar="ID",
                      help="stop at this token id; -1 = never (default: <|endoftext|>)")
+    gen.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                     help="prompts longer than this are prefilled in chunks between the other rows' tokens;"
+                     f" 0 = whole prompts at once (default {DEFAULT_PREFILL_CHUNK})")
+    gen.add_argument("--no-prefix-cache", action="store_true",
+                     help="never reuse the keys and values of a prompt start that another row computed"
+                     " (reuse never changes a result; this is for measuring)")
     ev = jobs.add_parser("eval", help="score each text: loss, perplexity, tokens",
                          description="Score each row's text: mean next-token loss (nats/token), "
                          "perplexity and token count.")
@@ -90,11 +103,12 @@ def spec_from(args: argparse.Namespace):
             top_p=args.top_p, seed=args.seed,
             stop_token="eos" if args.stop_token is None else args.stop_token,
         )
+        engine = {"prefill_chunk": args.prefill_chunk, "prefix_cache": not args.no_prefix_cache}
     else:
-        generation = {}
+        generation, engine = {}, {}
     task = Task(args.job, args.field, model=args.model, backend=args.backend, generation=generation,
                 cache_mib=args.cache_mib, tokenizer=args.tokenizer, revision=args.revision,
-                weights=args.weights, kv_cache=args.kv_cache)
+                weights=args.weights, kv_cache=args.kv_cache, **engine)
     ray_flags = {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
                  "gpus_per_actor": args.gpus_per_actor}
     given = {k: v for k, v in ray_flags.items() if v is not None}
@@ -132,7 +146,7 @@ class CliReport(Report):
     def loading(self, task):
         return Progress("Loading model")
 
-    def loaded(self, lm) -> None:
+    def loaded(self, lm: LanguageModel) -> None:
         self.info(f"✓ Model loaded: {lm.source} on backend {lm.backend.name}")
 
     def running(self, job, n_rows: int) -> None:

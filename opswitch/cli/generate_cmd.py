@@ -10,6 +10,7 @@ import argparse
 import random
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opswitch.api import load_model
 from opswitch.cli.model_args import add_model_arguments, loading_label
@@ -20,6 +21,11 @@ from opswitch.cli.session import Console, generate_once, model_summary, show_set
 from opswitch.core.errors import GenerationError
 from opswitch.generation import GenerationConfig
 from opswitch.generation.loop import EMPTY_PROMPT, check_request, resolve_stop_token
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
+
+MAX_N = 128  # as the server's n
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: a fresh one, printed)")
     p.add_argument("--stop-token", type=int, metavar="ID",
                    help="stop at this token id; -1 = never (default: <|endoftext|>)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the text where TEXT first appears (not printed); repeat for up to four")
+    p.add_argument("-n", type=int, default=1, metavar="N",
+                   help="N completions of the prompt, seeds SEED, SEED+1, ... as the server's n (default 1)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
     p.set_defaults(run=run)
@@ -50,6 +60,10 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
     """Validate every flag before anything slow happens."""
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens {args.max_tokens}: max_new_tokens must be at least 1")
+    if not 1 <= args.n <= MAX_N:
+        raise UsageError(f"-n {args.n}: the number of completions must be between 1 and {MAX_N}")
+    if args.n > 1 and args.interactive:
+        raise UsageError("-n is for one prompt, not --interactive")
     return GenerationConfig(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -58,6 +72,7 @@ def settings_from(args: argparse.Namespace) -> GenerationConfig:
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(2**31),
         stop_token="eos" if args.stop_token is None else args.stop_token,
         use_kv_cache=not args.no_kv_cache,
+        stop=tuple(args.stop or ()),
     )
 
 
@@ -74,7 +89,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     return args.prompt
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace) -> tuple[LanguageModel, list[str]]:
     """Load through ``opswitch.load_model`` (the one load path), with progress on a TTY.
 
     Returns the model and its summary lines, printed by the caller once every
@@ -91,7 +106,7 @@ def load(args: argparse.Namespace):
     return lm, model_summary(lm, label)
 
 
-def check_fits(lm, prompt: str | None, config: GenerationConfig) -> None:
+def check_fits(lm: LanguageModel, prompt: str | None, config: GenerationConfig) -> None:
     """Settings that depend on the model (stop token, prompt length), checked before
     anything is printed; the REPL's later prompts are checked as they come."""
     if prompt:
@@ -113,5 +128,12 @@ def run(args: argparse.Namespace) -> int:
     show_settings(console, config)
     if args.interactive:
         return Repl(lm, config, console, first_prompt=prompt).run()
-    result = generate_once(lm, prompt, config, console)  # type: ignore[arg-type]  # required when not interactive
-    return 130 if result.stop_reason == "interrupted" else 0
+    assert prompt is not None and config.seed is not None  # required when not interactive; set above
+    for i in range(args.n):
+        one = config if i == 0 else config.replace(seed=config.seed + i)
+        if args.n > 1:
+            console.info(f"Completion {i + 1} of {args.n} (seed {one.seed}):")
+        result = generate_once(lm, prompt, one, console)
+        if result.stop_reason == "interrupted":
+            return 130
+    return 0

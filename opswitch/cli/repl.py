@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opswitch.cli.session import describe_settings, generate_once
 from opswitch.core.errors import OpswitchError
 from opswitch.generation import GenerationConfig
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 HELP = """Commands:
   /temp X      temperature (0 = greedy)       /topk N     top-k (0 = off)
@@ -62,7 +66,8 @@ def _save_history(history: Path | None) -> None:
 
 
 class Repl:
-    def __init__(self, lm, config: GenerationConfig, console, first_prompt: str | None = None) -> None:
+    def __init__(self, lm: LanguageModel, config: GenerationConfig, console,
+                 first_prompt: str | None = None) -> None:
         self.lm, self.config, self.console = lm, config, console
         self.first_prompt = first_prompt
 

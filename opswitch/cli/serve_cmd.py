@@ -14,11 +14,12 @@ import socket
 import sys
 from pathlib import Path
 
+from opswitch import serve as serve_package
 from opswitch.cli.generate_cmd import load
 from opswitch.cli.model_args import add_model_arguments
 from opswitch.cli.session import Console
 from opswitch.core.errors import OpswitchError
-from opswitch.serve import missing_deps
+from opswitch.generation import DEFAULT_PREFILL_CHUNK
 from opswitch.serve.scheduler import STREAM_BUFFER
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # uvicorn's
@@ -40,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most sequences waiting; beyond it requests get 429 (default 256)")
     p.add_argument("--cache-mib", type=float, default=1024, metavar="MIB",
                    help="KV-cache memory budget for all running sequences (default 1024)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompts longer than this are prefilled in chunks, one per step, between the"
+                   f" running sequences' tokens; 0 = whole prompts at once (default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="never reuse the keys and values of a prompt's start computed for an earlier"
+                   " request (reuse never changes an answer; this is for measuring)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $OPSWITCH_API_KEY or none)")
     p.add_argument("--name", metavar="NAME",
@@ -108,7 +115,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = missing_deps()
+    missing = serve_package.missing_deps()  # (looked up at call time: a test replaces it)
     if missing:
         raise OpswitchError(f"opswitch serve needs the 'serve' extra ({', '.join(missing)} not installed):"
                             " pip install 'opswitch[serve]'")
@@ -122,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
                                 f" got {value:g}")
     if not (math.isfinite(args.cache_mib) and args.cache_mib > 0):
         raise OpswitchError(f"--cache-mib must be a positive number of MiB, got {args.cache_mib:g}")
+    if args.prefill_chunk < 0:
+        raise OpswitchError(f"--prefill-chunk must be a number of tokens >= 0 (0 = off),"
+                            f" got {args.prefill_chunk}")
     if not 0 <= args.port <= 65535:
         raise OpswitchError(f"--port must be 0..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("OPSWITCH_API_KEY") or None
@@ -136,14 +146,15 @@ def run(args: argparse.Namespace) -> int:
     for line in summary:
         console.info(line)
     cache_bytes = int(args.cache_mib * 2**20)
-    smallest = lm.model.cache_pool(cache_bytes).bytes_for(2)  # one prompt token, one new token
+    smallest = lm.kv_cache_bytes(1, 1)  # one prompt token, one new token
     if cache_bytes < smallest:
         raise OpswitchError(f"--cache-mib {args.cache_mib:g} cannot hold a single request's KV cache; the"
                             f" smallest budget that serves one is {smallest / 2**20:.4g} MiB")
     name = args.name or default_model_id(args.model)
     served = ServeApp(lm, name, max_batch=args.max_batch, max_queue=args.max_queue, cache_bytes=cache_bytes,
                       api_key=api_key, body_timeout=args.body_timeout, send_timeout=args.send_timeout,
-                      stream_buffer=args.stream_buffer, grace=args.shutdown_grace)
+                      stream_buffer=args.stream_buffer, grace=args.shutdown_grace,
+                      prefill_chunk=args.prefill_chunk, prefix_cache=not args.no_prefix_cache)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not is_loopback(args.host) and api_key is None:

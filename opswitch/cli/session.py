@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from opswitch.core import formats
 from opswitch.generation import GenerationConfig, GenerationResult
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 
 class Console:
@@ -30,7 +34,7 @@ class Console:
         sys.stdout.flush()
 
 
-def model_summary(lm, label: str | None) -> list[str]:
+def model_summary(lm: LanguageModel, label: str | None) -> list[str]:
     """The lines printed once a model is loaded: what, where, on which backend."""
     config, directory = lm.config, lm.source
     summary = [
@@ -48,7 +52,7 @@ def model_summary(lm, label: str | None) -> list[str]:
         summary.append(f"  weights stored as {stored}")
     if lm.model.kv_cache != "f32":
         summary.append(f"  KV cache stored as {lm.model.kv_cache}")
-    summary.append(f"✓ Tokenizer loaded (vocab size={lm.tokenizer.vocab_size})")
+    summary.append(f"✓ Tokenizer loaded (vocab size={lm.require_tokenizer().vocab_size})")
     summary += [f"  note: {note}" for note in lm.notes]
     return summary
 
@@ -92,7 +96,8 @@ def describe_ids(ids: list[int]) -> str:
         f"{', '.join(map(str, tail))}]"
 
 
-def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -> GenerationResult:
+def generate_once(lm: LanguageModel, prompt: str, config: GenerationConfig,
+                  console: Console) -> GenerationResult:
     """Stream one completion; Ctrl-C stops it cleanly, keeping what was printed."""
     ids = lm.encode_prompt(prompt)
     console.info(f"Prompt: {prompt}")
@@ -111,6 +116,7 @@ def generate_once(lm, prompt: str, config: GenerationConfig, console: Console) -
     total = time.perf_counter() - started
     why = {
         "stop_token": "stopped at the stop token",
+        "stop": "stopped at a stop string",
         "context_full": f"stopped: the model's context of {lm.config.n_positions} tokens is full",
         "interrupted": "interrupted",
         "length": "reached max tokens",

@@ -180,6 +180,16 @@ class Backend:
         if src is not dst:
             dst[...] = src
 
+    def copy_rows(self, dst: Any, src: Any, n: int) -> None:
+        """Copy the first ``n`` positions (axis 1) of cache buffer ``src`` into ``dst``, for
+        prefix reuse.  The default goes through the host; numpy buffers copy in place."""
+        if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
+            dst[:, :n] = src[:, :n]
+            return
+        host = np.array(self.to_host(dst), copy=True)
+        host[:, :n] = self.to_host(src)[:, :n]
+        self.store(dst, host)
+
     def upload_weight(self, stored: formats.Stored) -> Any:
         """A weight, once, at bind time.  Only formats in ``weight_formats`` arrive
         here undecoded; the default keeps the float32 values."""

@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse as StarletteJSON
 from starlette.responses import Response
 from starlette.routing import Route
 
+from opswitch.generation import DEFAULT_PREFILL_CHUNK
 from opswitch.serve.metrics import Metrics
 from opswitch.serve.protocol import (
     APIError,
@@ -38,6 +39,9 @@ from opswitch.serve.protocol import (
     usage_json,
 )
 from opswitch.serve.scheduler import STREAM_BUFFER, Delta, NotServing, QueueFull, Scheduler, Ticket
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full-context prompt as token ids is a few kB
 NO_CHAT = ("{model} has no chat template: GPT-2 models are plain text continuers, not chat models,"
@@ -93,17 +97,19 @@ class _EventStream(EventSourceResponse):
 class ServeApp:
     """The app's state: the model, its scheduler, the metrics, the settings."""
 
-    def __init__(self, lm, model_name: str, *, max_batch: int = 16, max_queue: int = 256,
+    def __init__(self, lm: LanguageModel, model_name: str, *, max_batch: int = 16, max_queue: int = 256,
                  cache_bytes: int = 1 << 30, api_key: str | None = None,
                  max_body: int = MAX_BODY_BYTES, body_timeout: float = 30.0, send_timeout: float = 30.0,
-                 stream_buffer: int = STREAM_BUFFER, grace: float = 5.0) -> None:
+                 stream_buffer: int = STREAM_BUFFER, grace: float = 5.0,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache: bool = True) -> None:
         self.lm, self.model_name, self.max_body = lm, model_name, max_body
         # the key as bytes (surrogateescape: as the command line or environment gave it)
         self.api_key = None if api_key is None else api_key.encode("utf-8", "surrogateescape")
         self.body_timeout, self.send_timeout, self.stream_buffer = body_timeout, send_timeout, stream_buffer
         self.grace = grace
         self.metrics = Metrics()
-        self.scheduler = Scheduler(lm, max_batch, max_queue, cache_bytes, self.metrics)
+        self.scheduler = Scheduler(lm, max_batch, max_queue, cache_bytes, self.metrics,
+                                   prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
         self.created = int(time.time())
 
     def begin_shutdown(self) -> None:
@@ -333,6 +339,6 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def create_app(lm, model_name: str, **settings: Any) -> SendTimeout:
+def create_app(lm: LanguageModel, model_name: str, **settings: Any) -> SendTimeout:
     """The ASGI app serving ``lm`` (a LanguageModel) as ``model_name``."""
     return ServeApp(lm, model_name, **settings).build()

@@ -50,10 +50,15 @@ class Metrics:
         self.ttft = Histogram()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A value read at scrape time (queue length, running sequences...)."""
         self.gauges[name] = (help_text, read)
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A running total kept elsewhere (the engine's), read at scrape time."""
+        self.counters[name] = (help_text, read)
 
     def request_done(self, status: int, latency: float | None = None) -> None:
         with self._lock:
@@ -95,6 +100,8 @@ class Metrics:
 
         for name, (help_text, read) in self.gauges.items():
             metric(name, "gauge", help_text, [f"{name} {_number(read())}"])
+        for name, (help_text, read) in self.counters.items():
+            metric(name, "counter", help_text, [f"{name} {_number(read())}"])
         with self._lock:
             metric("opswitch_tokens_per_second", "gauge",
                    f"Generated tokens per second over the last {RATE_WINDOW:g} s.",

@@ -11,18 +11,17 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opswitch.core.errors import GenerationError, OpswitchError, TokenizerError
-from opswitch.generation import GenerationConfig
-from opswitch.serve.scheduler import Delta, SequenceSpec
+from opswitch.generation import MAX_STOP_CHARS, MAX_STOPS, GenerationConfig
+from opswitch.serve.scheduler import Delta, Scheduler, SequenceSpec
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel, Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 128
-MAX_STOPS = 4
-# a stop string is looked for in the text after every token, on the model thread: longer
-# than any text a context can hold, it could never match, only slow every step
-MAX_STOP_CHARS = 1024
 MAX_LOGPROBS = 5
 
 SUPPORTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
@@ -91,7 +90,7 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int) ->
     return value
 
 
-def _prompts(value: Any, lm, n: int, max_queue: int) -> list[list[int]]:
+def _prompts(value: Any, lm: LanguageModel, n: int, max_queue: int) -> list[list[int]]:
     """Text, a list of texts, token ids, or a list of token-id lists -> token ids per prompt.
 
     Prompts times ``n`` at most ``max_queue``, counted before any prompt is encoded; each text is encoded
@@ -143,7 +142,8 @@ def _prompts(value: Any, lm, n: int, max_queue: int) -> list[list[int]]:
     return prompts
 
 
-def parse_completion(body: Any, lm, model_name: str, scheduler) -> CompletionRequest:
+def parse_completion(body: Any, lm: LanguageModel, model_name: str,
+                     scheduler: Scheduler) -> CompletionRequest:
     """Check a /v1/completions body against OpenAI's rules and this model; APIError if it breaks one."""
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -202,13 +202,14 @@ def parse_completion(body: Any, lm, model_name: str, scheduler) -> CompletionReq
                 "max_tokens" if max_tokens is not None and len(ids) < n_ctx else "prompt",
                 "context_length_exceeded",
             )
-        if not scheduler.fits(len(ids) + tokens):
+        if not scheduler.fits(len(ids), tokens):
             raise bad(f"a sequence of {len(ids) + tokens} tokens needs more KV cache than the server's"
                       " budget (--cache-mib)", "max_tokens", "invalid_value")
         for j in range(n):
             config = GenerationConfig(max_new_tokens=tokens, temperature=temperature, top_k=max(top_k, 0),
-                                      top_p=top_p, seed=None if seed is None else seed + j)
-            sequences.append(SequenceSpec(ids, config, tuple(stop or ()), logprobs))
+                                      top_p=top_p, seed=None if seed is None else seed + j,
+                                      stop=tuple(stop or ()))
+            sequences.append(SequenceSpec(ids, config, logprobs))
     return CompletionRequest(model, sequences, len(prompts), sum(map(len, prompts)), bool(stream),
                              bool((options or {}).get("include_usage")), logprobs)
 
@@ -218,7 +219,7 @@ def completion_id() -> str:
     return "cmpl-" + secrets.token_hex(12)
 
 
-def logprobs_json(delta: Delta, tokenizer, offset: int) -> dict | None:
+def logprobs_json(delta: Delta, tokenizer: Tokenizer, offset: int) -> dict | None:
     """OpenAI's legacy logprobs object for the tokens of ``delta``."""
     if not delta.tokens or not delta.logprobs:
         return None

@@ -1,14 +1,14 @@
-"""Continuous batching: one model thread; the event loop only queues and reads.
+"""The thread<->asyncio bridge: one model thread steps the engine; the event loop queues and reads.
 
-Requests wait in a FIFO queue.  At every step the model thread admits
-waiting sequences while the batch has room (``max_batch``) and the KV-cache
-pool can hold them, runs one ``BatchGenerator.step`` over every running
-sequence (new prompts are prefilled in the same pass), turns each new token
-into text, looks for stop strings in that text, and hands the text to the
-request's asyncio queue with ``call_soon_threadsafe``.  A cancelled request
-(its client went away) leaves the queue, or the batch with its cache freed,
-at the next step.  The event loop never runs the model, so it keeps
-accepting, validating and streaming while a step computes.
+Who runs when is the engine's business (``opswitch.generation.Engine``: FIFO
+admission within ``max_batch`` and the KV-cache budget, chunked prefill,
+prefix reuse, text and stop strings).  This module only hands requests to it
+from the event loop, steps it on the model thread, and hands each step's
+output (text, logprobs, finish) to the request's asyncio queue with
+``call_soon_threadsafe``.  A cancelled request (its client went away) leaves
+the queue, or the batch with its cache freed, at once.  The event loop never
+runs the model, so it keeps accepting, validating and streaming while a step
+computes.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from opswitch.core.errors import OpswitchError
-from opswitch.generation import BatchGenerator, GenerationConfig, log_softmax
-from opswitch.generation.loop import Running
-from opswitch.model.kvcache import CacheFullError
+from opswitch.generation import DEFAULT_PREFILL_CHUNK, Generation, GenerationConfig, StepOutput
 from opswitch.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    from opswitch.api import LanguageModel
 
 FINISH = {"length": "length", "context_full": "length", "stop_token": "stop", "stop": "stop"}
 SHUTTING_DOWN = "the server is shutting down: retry on another server or later"
@@ -46,8 +45,7 @@ class SequenceSpec:
     """One sequence to generate: a prompt with its settings."""
 
     prompt_ids: list[int]
-    config: GenerationConfig
-    stop: tuple[str, ...] = ()
+    config: GenerationConfig  # its ``stop`` holds the stop strings
     logprobs: int | None = None  # top alternatives to report per token; None = no logprobs
 
 
@@ -74,6 +72,7 @@ class Ticket:
         self.events: asyncio.Queue[list[Delta]] = asyncio.Queue()
         self.buffer, self.buffered = buffer, 0  # deltas posted and not yet read, at most buffer
         self.cancelled = False
+        self.choices: list = []  # the scheduler's, once submitted
         self.arrived = time.perf_counter()
         self.first_token: float | None = None  # seconds from arrival to the first token
         self.completion_tokens = 0
@@ -108,67 +107,50 @@ class Ticket:
         return deltas
 
 
-class _TextStops:
-    """Finds stop strings in streamed text, holding back what could be the start of one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """The text that is safe to emit now, and whether a stop string was reached."""
-        text = self.held + text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return text[: min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
-                    if text.endswith(s[:k])), default=0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
 class _Choice:
-    """The model thread's state for one sequence of a ticket."""
+    """One sequence of a ticket, as the model thread follows it."""
 
-    def __init__(self, ticket: Ticket, index: int, spec: SequenceSpec, decoder) -> None:
-        self.ticket, self.index, self.spec = ticket, index, spec
-        self.decoder = decoder
-        self.stops = _TextStops(spec.stop)
-        self.seq: Running | None = None
+    def __init__(self, ticket: Ticket, index: int, generation: Generation) -> None:
+        self.ticket, self.index, self.generation = ticket, index, generation
         self.whole = Delta(index)  # the full output, for requests that do not stream
 
 
 class Scheduler:
-    """Runs every admitted sequence in one batch, on one thread."""
+    """Steps the engine on one thread and routes its output to the requests' queues."""
 
-    def __init__(self, lm, max_batch: int, max_queue: int, cache_bytes: int,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, lm: LanguageModel, max_batch: int, max_queue: int, cache_bytes: int,
+                 metrics: Metrics | None = None, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache: bool = True) -> None:
         self.lm = lm
         self.tokenizer = lm.require_tokenizer()
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.pool = lm.model.cache_pool(cache_bytes)
-        self.generator = BatchGenerator(lm.model, self.pool, lm.n_vocab_allowed, lm.unused_ids)
+        self.engine = lm.engine(cache_bytes, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                prefix_cache=prefix_cache)
         self.metrics = metrics or Metrics()
-        self._waiting: deque[_Choice] = deque()
-        self._running: dict[Running, _Choice] = {}
+        self._choices: dict[Generation, _Choice] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self.failure: str | None = None
         self._thread: threading.Thread | None = None
-        self.steps = 0
+        self._prompt_tokens = 0  # the engine's count already given to the metrics
+        engine, pool = self.engine, self.engine.pool
+        assert pool is not None
         self.metrics.gauge("opswitch_queue_length", "Sequences waiting for a batch slot.",
-                           lambda: len(self._waiting))
+                           lambda: len(engine.waiting))
         self.metrics.gauge("opswitch_running_sequences", "Sequences in the running batch.",
-                           lambda: len(self._running))
+                           lambda: len(engine.running))
         self.metrics.gauge("opswitch_kv_cache_bytes_in_use", "KV-cache memory held by running sequences.",
-                           lambda: self.pool.bytes_in_use)
+                           lambda: pool.bytes_in_use)
+        self.metrics.gauge("opswitch_kv_cache_bytes_spare",
+                           "KV-cache memory kept for reuse (prefixes; evicted when room is needed).",
+                           lambda: pool.spare_bytes)
         self.metrics.gauge("opswitch_kv_cache_budget_bytes", "The KV-cache memory budget (--cache-mib).",
-                           lambda: self.pool.budget_bytes)
+                           lambda: pool.budget_bytes)
+        self.metrics.counter("opswitch_prefix_cache_hit_tokens_total",
+                             "Prompt tokens whose keys and values were reused, not computed.",
+                             lambda: engine.stats.prefix_hit_tokens)
+        self.metrics.counter("opswitch_prefix_cache_evictions_total",
+                             "Spare KV caches dropped to make room.", lambda: pool.evictions)
 
     # -- event-loop side ---------------------------------------------------------
     def start(self) -> None:
@@ -191,51 +173,64 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.failure is None
 
-    def fits(self, n_tokens: int) -> bool:
-        """Whether a sequence of ``n_tokens`` positions could ever fit the cache budget."""
-        return self.pool.bytes_for(n_tokens) <= self.pool.budget_bytes
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether such a sequence could ever fit the cache budget."""
+        return self.engine.fits(prompt_tokens, max_new_tokens)
 
     def submit(self, ticket: Ticket) -> None:
         """Queue a request's sequences; QueueFull when the queue cannot take them all."""
         with self._cond:
             if self._stopping or not self.alive:
                 raise NotServing(self.failure or SHUTTING_DOWN)
-            if len(self._waiting) + len(ticket.sequences) > self.max_queue:
+            waiting = len(self.engine.waiting)
+            if waiting + len(ticket.sequences) > self.max_queue:
                 raise QueueFull(
-                    f"the server's queue is full ({len(self._waiting)} sequences waiting,"
+                    f"the server's queue is full ({waiting} sequences waiting,"
                     f" at most {self.max_queue}): retry later"
                 )
-            for i, spec in enumerate(ticket.sequences):
-                self._waiting.append(_Choice(ticket, i, spec, self.tokenizer.stream_decoder()))
+            added: list[_Choice] = []
+            try:
+                for i, spec in enumerate(ticket.sequences):
+                    gen = self.engine.add(spec.prompt_ids, spec.config, logprobs=spec.logprobs)
+                    added.append(_Choice(ticket, i, gen))
+            except BaseException:
+                for choice in added:
+                    self.engine.cancel(choice.generation)
+                raise
+            for choice in added:
+                if choice.generation.done:  # nothing to generate (max_new_tokens 0)
+                    choice.ticket.post([Delta(choice.index, finish_reason="length")])
+                else:
+                    self._choices[choice.generation] = choice
+            ticket.choices = added
             self._cond.notify()
 
     def cancel(self, ticket: Ticket) -> None:
-        """The client is gone: drop its sequences at the next step."""
+        """The client is gone: its sequences leave the queue or the batch, caches freed, now."""
         ticket.cancelled = True
         with self._cond:
+            self._drop_cancelled()
             self._cond.notify()
 
     @property
     def queue_length(self) -> int:
-        return len(self._waiting)
+        return len(self.engine.waiting)
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self.engine.running)
 
     # -- model thread ----------------------------------------------------------
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._waiting or self._running):
+                    while not (self._stopping or self.engine.has_work):
                         self._cond.wait()
                     if self._stopping:
                         break
                     self._drop_cancelled()
-                    admitted = self._admit()
-                if self._running:
-                    self._step(admitted)
+                self._deliver(self.engine.step())
         except BaseException as exc:  # a bug or a broken backend: say so to everyone waiting
             self.failure = f"the model thread failed: {type(exc).__name__}: {exc}"
             raise
@@ -243,99 +238,49 @@ class Scheduler:
             self._fail_all(self.failure or SHUTTING_DOWN)
 
     def _drop_cancelled(self) -> None:
-        self._waiting = deque(c for c in self._waiting if not c.ticket.cancelled)
-        for seq, choice in list(self._running.items()):
+        """(cond held) Cancelled tickets' sequences leave the engine, their caches freed."""
+        for gen, choice in list(self._choices.items()):
             if choice.ticket.cancelled:
-                self.generator.cancel(seq)  # frees its cache now
-                del self._running[seq]
+                self.engine.cancel(gen)
+                del self._choices[gen]
 
-    def _admit(self) -> list[_Choice]:
-        """Move waiting sequences into the batch while there is room (FIFO, no overtaking)."""
-        admitted = []
-        while self._waiting and len(self._running) < self.max_batch:
-            choice = self._waiting[0]
-            spec = choice.spec
-            if not self.pool.can_fit(self.generator.cache_tokens(len(spec.prompt_ids), spec.config)) \
-                    and self._running:
-                break  # wait for a running sequence to free its cache
-            self._waiting.popleft()
-            try:
-                choice.seq = self.generator.add(spec.prompt_ids, spec.config)
-            except (CacheFullError, OpswitchError) as exc:
-                self._post(choice, Delta(choice.index, error=str(exc)))
-                continue
-            except Exception as exc:  # a bug in one request must not end the model thread
-                message = f"generation failed: {type(exc).__name__}: {exc}"
-                self._post(choice, Delta(choice.index, error=message))
-                continue
-            if choice.seq.done:  # nothing to generate (max_new_tokens 0)
-                self._finish(choice, choice.seq.result.stop_reason)
-                continue
-            self._running[choice.seq] = choice
-            admitted.append(choice)
-        return admitted
-
-    def _step(self, admitted: list[_Choice]) -> None:
-        try:
-            events = self.generator.step()
-        except Exception as exc:  # the backend failed: fail this batch, keep serving
-            for seq, choice in list(self._running.items()):
-                self.generator.cancel(seq, "error")
-                self._post(choice, Delta(choice.index, error=f"generation failed: {exc}"))
-            self._running.clear()
-            return
-        self.steps += 1
+    def _deliver(self, outputs: list[StepOutput]) -> None:
         now = time.perf_counter()
         out: dict[Ticket, list[Delta]] = {}
         n_new = 0
-        for seq, token in events:
-            choice = self._running.get(seq)  # type: ignore[assignment]
-            if choice is None:
-                continue
-            if seq.error:
-                self._post(choice, Delta(choice.index, error=seq.error))
-                del self._running[seq]
-                continue
-            try:
-                delta = self._output(choice, seq, token, now)
-            except Exception as exc:  # text, stop strings, logprobs: this request fails, not the thread
-                self.generator.cancel(seq, "error")
-                self._running.pop(seq, None)
-                self._post(choice, Delta(choice.index, error=f"generation failed after token {token}:"
-                                                               f" {type(exc).__name__}: {exc}"))
-                continue
-            n_new += token is not None
-            self._add(out, choice, delta)
-        self.metrics.tokens(n_new, sum(len(c.spec.prompt_ids) for c in admitted))
+        with self._cond:
+            for step_out in outputs:
+                choice = self._choices.get(step_out.generation)
+                if choice is None:
+                    continue
+                if step_out.error:
+                    del self._choices[step_out.generation]
+                    choice.ticket.post([Delta(choice.index, error=step_out.error)])
+                    continue
+                n_new += step_out.token is not None
+                self._add(out, choice, self._delta(choice, step_out, now))
+        prompt_tokens, self._prompt_tokens = self.engine.stats.prompt_tokens - self._prompt_tokens, \
+            self.engine.stats.prompt_tokens
+        self.metrics.tokens(n_new, prompt_tokens)
         for ticket, deltas in out.items():
             if deltas:
                 ticket.post(deltas)
 
-    def _output(self, choice: _Choice, seq: Running, token: int | None, now: float) -> Delta:
-        """One sequence's new token as a delta: its text (stop strings cut), logprobs, finish."""
+    def _delta(self, choice: _Choice, step_out: StepOutput, now: float) -> Delta:
+        """One step's output of a sequence as a delta: text, token and logprobs, finish."""
         ticket = choice.ticket
-        delta = Delta(choice.index)
-        reason = seq.result.stop_reason if seq.done else None
-        stopped = False
-        if token is not None:
+        delta = Delta(choice.index, text=step_out.text)
+        if step_out.token is not None:
             ticket.completion_tokens += 1
             if ticket.first_token is None:
                 ticket.first_token = now - ticket.arrived
                 self.metrics.first_token(ticket.first_token)
-            delta.tokens.append(token)
-            if choice.spec.logprobs is not None:
-                delta.logprobs.append(_logprobs(seq.logits, token, choice.spec.logprobs))
-            text, stopped = choice.stops.push(choice.decoder.push(token))
-            delta.text = text
-            if stopped:
-                self.generator.cancel(seq, "stop")  # frees its cache now (no-op if done)
-                reason = "stop"
-        if reason is not None:
-            del self._running[seq]
-            if not stopped:  # the end of the text: what the decoder and the stop check held back
-                tail, stopped = choice.stops.push(choice.decoder.flush())
-                delta.text += tail if stopped else tail + choice.stops.flush()
-            delta.finish_reason = "stop" if stopped else FINISH.get(reason, reason)
+            delta.tokens.append(step_out.token)
+            if step_out.logprobs is not None:
+                delta.logprobs.append(step_out.logprobs)
+        if step_out.finish_reason is not None:
+            del self._choices[step_out.generation]
+            delta.finish_reason = FINISH.get(step_out.finish_reason, step_out.finish_reason)
         return delta
 
     def _add(self, out: dict[Ticket, list[Delta]], choice: _Choice, delta: Delta) -> None:
@@ -352,27 +297,9 @@ class Scheduler:
             whole.finish_reason = delta.finish_reason
             out.setdefault(choice.ticket, []).append(whole)
 
-    def _finish(self, choice: _Choice, reason: str) -> None:
-        self._post(choice, Delta(choice.index, finish_reason=FINISH.get(reason, reason)))
-
-    def _post(self, choice: _Choice, delta: Delta) -> None:
-        choice.ticket.post([delta])
-
     def _fail_all(self, message: str) -> None:
         with self._cond:
-            for choice in list(self._waiting) + list(self._running.values()):
-                self._post(choice, Delta(choice.index, error=message, status=503))
-            for seq in list(self._running):
-                self.generator.cancel(seq)
-            self._waiting.clear()
-            self._running.clear()
-
-
-def _logprobs(logits: np.ndarray | None, token: int, top: int) -> tuple[float, dict[int, float]]:
-    """The chosen token's log-probability under the model, and the ``top`` likeliest."""
-    if logits is None:
-        return float("nan"), {}
-    lp = log_softmax(logits)
-    best = np.argpartition(-lp, top)[:top] if 0 < top < lp.size else np.arange(lp.size if top else 0)
-    best = sorted(best, key=lambda i: -lp[i])  # type: ignore[assignment]
-    return float(lp[token]), {int(i): float(lp[i]) for i in best}
+            for gen, choice in list(self._choices.items()):
+                choice.ticket.post([Delta(choice.index, error=message, status=503)])
+                self.engine.cancel(gen)
+            self._choices.clear()
