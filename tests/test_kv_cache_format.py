@@ -95,3 +95,16 @@ def test_batch_takes_the_flag_and_will_not_resume_across_formats(tmp_path, capsy
     Job(JobSpec(Task("generate", "prompt", generation=same, kv_cache="f16"), inp, half, shard_size=2)).start()
     assert main(batch_args(inp, half, "--resume")) == 2
     assert "different --kv-cache this time" in capsys.readouterr().err
+
+
+def test_the_bench_measures_an_f16_cache_and_counts_its_bytes():
+    from opswitch.bench.machine import kv_bytes_read
+    from opswitch.bench.models import TINY
+    from opswitch.bench.worker import _engine_model
+
+    _, model = _engine_model("ours", "tiny", "naive", "f16:f16")  # FMT:KV, as bench --kv-cache f16 passes it
+    assert (model.weights, model.kv_cache) == ("f16", "f16")
+    _, plain = _engine_model("ours", "tiny", "naive", "int8")
+    assert (plain.weights, plain.kv_cache) == ("int8", "f32")
+    f32_bytes = 2 * TINY.n_layer * TINY.n_embd * 100 * 4  # keys and values, 4 bytes a value
+    assert kv_bytes_read(TINY, 100, "f16") * 2 == kv_bytes_read(TINY, 100) == f32_bytes
