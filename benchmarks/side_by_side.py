@@ -200,6 +200,7 @@ def main() -> None:
     print(f"{args.shape} shape, random weights, batch 1, greedy, {args.threads} threads,"
           f" {args.repeats} repeats, medians; DRAM read bandwidth {bw.read / 1e9:.1f} GB/s"
           f" ({bw.how}, {bw.threads} threads)")
+    print(f"CPU: {cpu_description()}")  # claims are per CPU kind
     print(f"| engine | decode tok/s after {args.prompt_tokens} | x HF | of limit | decode after {args.late} "
           f"| x own early | prefill {args.prefill} ms | x HF | repeats disturbed |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -39,7 +39,7 @@ from opswitch.generation import (
 )
 from opswitch.generation.loop import context_message
 from opswitch.model.config import GPT2Config
-from opswitch.model.gpt2 import GPT2, as_ids
+from opswitch.model.gpt2 import GPT2, as_ids, check_kv_support
 from opswitch.model.hub import resolve_model
 from opswitch.model.kvcache import sequence_positions
 from opswitch.model.weights import load_gpt2
@@ -299,6 +299,7 @@ def load_model(
     revision: str | None = None,
     dtype: str = "float32",
     weights: str | None = None,
+    kv_cache: str = "f32",
 ) -> LanguageModel:
     """Load a GPT-2 from a directory or a Hugging Face hub id (cache first).
 
@@ -308,14 +309,18 @@ def load_model(
     matrices on the backend (``f32``, ``f16``, ``bf16``, ``int8``...), apart
     from ``dtype``, the precision the backend computes in; ``None`` keeps the
     file's own (float32 for safetensors and ONNX, each tensor's type for GGUF).
-    A ``.gguf`` file brings its own tokenizer.
+    A ``.gguf`` file brings its own tokenizer.  ``kv_cache`` is the KV cache's
+    format: ``f32``, or ``f16`` (half the bytes decode reads; cpu, blas and
+    naive backends).
     """
     started = time.perf_counter()
-    from opswitch.core.formats import check_format
+    from opswitch.core.formats import check_format, check_kv_format
 
     if weights is not None:
         check_format(weights)
+    check_kv_format(kv_cache)
     chosen, reason = _select(backend, dtype)  # fail fast, before reading weights
+    check_kv_support(chosen, kv_cache)
     notes: list[str] = []
     if _is_onnx(path_or_id):
         source, config, params, tok = _read_onnx(Path(path_or_id), tokenizer, revision)  # type: ignore[arg-type]
@@ -326,7 +331,7 @@ def load_model(
         config, params = load_gpt2(directory)
         tok = load_tokenizer(tokenizer or directory) if tokenizer or has_tokenizer_files(directory) else None
         source = str(directory)
-    lm = LanguageModel(GPT2(config, params, chosen, weights), tok, source, reason)
+    lm = LanguageModel(GPT2(config, params, chosen, weights, kv_cache), tok, source, reason)
     lm.notes[:0] = notes
     lm.load_seconds = time.perf_counter() - started
     return lm

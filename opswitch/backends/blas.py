@@ -19,10 +19,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from opswitch.backends.thread_governor import ThreadGovernor
 from opswitch.core import Backend, Probe, hookimpl
 from opswitch.core import ops as reference
 
 ENV_THREADS = "OPSWITCH_NUM_THREADS"
+ENV_ADAPT = "OPSWITCH_ADAPT_THREADS"  # "0": always the full thread count (to measure what adapting buys)
+GOVERN_MIN = 1 << 16  # BLAS calls on matrices smaller than this run on one thread anyway: not timed
 
 
 class BlasBackend(Backend):
@@ -30,6 +33,7 @@ class BlasBackend(Backend):
     priority = 50
     description = "scipy.linalg.blas GEMM/GEMV with fused bias; attention over the cache in place"
     dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
+    kv_formats: ClassVar[tuple[str, ...]] = ("f32", "f16")  # an f16 cache is widened as BLAS reads it
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)
@@ -44,7 +48,6 @@ class BlasBackend(Backend):
         except ImportError as exc:
             return Probe.missing(f"{exc.name} is not installed: pip install scipy threadpoolctl")
         prefix = "s" if self.dtype == np.float32 else "d"
-        self._gemm, self._gemv = getattr(blas, prefix + "gemm"), getattr(blas, prefix + "gemv")
         wanted = os.environ.get(ENV_THREADS)
         if wanted:
             threadpool_limits(limits=int(wanted), user_api="blas")
@@ -53,8 +56,40 @@ class BlasBackend(Backend):
         ours = [i for i in libs if any(d in i.get("filepath", "") for d in ("scipy.libs", "/scipy/"))]
         lib = (ours or libs or [{}])[0]
         self.threads = lib.get("num_threads")
+        self._governor = ThreadGovernor(int(self.threads or 1) if self._adapt() else 1, self._set_threads)
+        gemm, gemv = getattr(blas, prefix + "gemm"), getattr(blas, prefix + "gemv")
+        self._gemm, self._gemv = self._governed("gemm", gemm), self._governed("gemv", gemv)
         name = f"{lib.get('internal_api', 'BLAS')} {lib.get('version') or ''}".strip()
-        return Probe.ok(f"host CPU, {name}, {self.threads} threads, {self.dtype.name}")
+        return Probe.ok(f"host CPU, {name}, {self.threads} threads{self._adapting()}, {self.dtype.name}")
+
+    # -- threads (see thread_governor: a busy machine gets one thread) -----
+    @staticmethod
+    def _adapt() -> bool:
+        return os.environ.get(ENV_ADAPT, "1") != "0"
+
+    def _adapting(self) -> str:
+        return " (1 when busy)" if self._governor.most > 1 else ""
+
+    def _set_threads(self, n: int) -> None:
+        from threadpoolctl import ThreadpoolController
+
+        controllers = getattr(self, "_blas_controllers", None)
+        if controllers is None:  # numpy's OpenBLAS too, as --threads sets them both
+            controllers = self._blas_controllers = [
+                c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"
+            ]
+        for c in controllers:
+            c.set_num_threads(min(n, int(self.threads or 1)))
+
+    def _governed(self, name: str, fn):
+        """``fn`` (a BLAS routine called as ``fn(alpha, a, b, ...)``) timed by the governor."""
+
+        def call(alpha, a, b, *args, **kwargs):
+            if a.size < GOVERN_MIN:
+                return fn(alpha, a, b, *args, **kwargs)
+            return self._governor.run((name, a.shape, b.shape), fn, alpha, a, b, *args, **kwargs)
+
+        return call
 
     # -- ops -------------------------------------------------------------
     def linear(self, x, w, b=None):  # [n_seq, n_in], [n_in, n_out], [n_out] -> [n_seq, n_out]

@@ -31,11 +31,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from opswitch.backends.blas import ENV_THREADS, BlasBackend
+from opswitch.backends.thread_governor import ThreadGovernor
 from opswitch.core import Backend, Probe, formats, hookimpl
 
 SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this runs on one thread
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
 BLOCKS_GEMV_MAX_ROWS = 8  # up to this many rows, block weights run the fused kernel (read once)
+GEMM_MAX_ROWS = 64  # up to this many, one pass over the packed weight for all rows (batched decode)
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
 F16_FAST_MAX = 2.0**16  # f16 GEMV inputs below this take the pre-scaled kernel (x·2^112 < 2^128)
 
@@ -98,7 +100,18 @@ class CpuBackend(BlasBackend):
             return Probe.missing(f"{exc.name} is not installed: pip install 'opswitch[jit]'")
         self._k, self._kb = cpu_kernels, cpu_blocks
         self._threads = numba.config.NUMBA_NUM_THREADS
+        self._numba_set_threads = numba.set_num_threads
+        # one governor for both pools: decode runs numba's, prefill OpenBLAS's
+        self._governor = ThreadGovernor(self._threads if self._adapt() else 1, self._set_threads)
         return Probe.ok(f"{base.device}; numba {numba.__version__}, {self._threads} threads")
+
+    def _set_threads(self, n: int) -> None:
+        self._numba_set_threads(min(n, self._threads))  # numba's count is per calling thread
+        super()._set_threads(n)
+
+    def _run(self, kernel, *args) -> None:
+        """A parallel numba kernel, with the thread count the governor picks for its shape."""
+        self._governor.run((kernel.__name__, args[0].shape), kernel, *args)
 
     # -- weights ---------------------------------------------------------------
     def upload_weight(self, stored: formats.Stored) -> Any:
@@ -130,7 +143,7 @@ class CpuBackend(BlasBackend):
         if x.shape[0] != 1:
             return super().linear(x, w, b)
         partial = np.empty((self._threads, w.shape[1]), dtype=np.float32)
-        self._k.gemv_cols_f32(w, np.ascontiguousarray(x[0]), partial)
+        self._run(self._k.gemv_cols_f32, w, np.ascontiguousarray(x[0]), partial)
         out = partial.sum(axis=0, keepdims=True)
         if b is not None:
             out += b
@@ -145,7 +158,7 @@ class CpuBackend(BlasBackend):
             b = self.to_host(b)
         if a.shape[0] == 1 and transpose_b:  # the tied lm_head in decode: dot products
             out = np.empty((1, b.shape[0]), dtype=np.float32)
-            self._k.gemv_rows_f32(b, np.ascontiguousarray(a[0]), out[0])
+            self._run(self._k.gemv_rows_f32, b, np.ascontiguousarray(a[0]), out[0])
             return out
         return super().matmul(a, b, transpose_b)
 
@@ -156,6 +169,10 @@ class CpuBackend(BlasBackend):
         if x.shape[0] <= GEMV_MAX_ROWS:
             for r in range(x.shape[0]):
                 self._packed_gemv(w, np.ascontiguousarray(x[r], dtype=np.float32), out[r])
+            return out
+        if x.shape[0] <= GEMM_MAX_ROWS:
+            scale = w.scale if w.scale is not None else self._ones(n_out)
+            self._run(self._k.gemm_rows_packed, w.data, scale, np.ascontiguousarray(x, dtype=np.float32), out)
             return out
         step = max(1, CHUNK // n_in)
         for lo in range(0, n_out, step):
@@ -178,7 +195,7 @@ class CpuBackend(BlasBackend):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], data.shape[0]), dtype=np.float32)
         if x.shape[0] <= BLOCKS_GEMV_MAX_ROWS:  # decode and small batches: the fused kernel
-            (self._kb.gemm_q8_0 if fmt == "q8_0" else self._kb.gemm_q4_0)(data, x, out)
+            self._run(self._kb.gemm_q8_0 if fmt == "q8_0" else self._kb.gemm_q4_0, data, x, out)
             return out
         dequant = self._kb.dequant_q8_0 if fmt == "q8_0" else self._kb.dequant_q4_0
         n_in = x.shape[1]
@@ -199,13 +216,19 @@ class CpuBackend(BlasBackend):
     def _packed_gemv(self, w: PackedWeight, x: np.ndarray, out: np.ndarray) -> None:
         k = self._k
         if w.fmt == "int8":
-            k.gemv_rows_int8(w.data, w.scale, x, out)
+            self._run(k.gemv_rows_int8, w.data, w.scale, x, out)
         elif w.fmt == "bf16":
-            k.gemv_rows_bf16(w.data, x, out)
+            self._run(k.gemv_rows_bf16, w.data, x, out)
         elif np.abs(x).max() < F16_FAST_MAX:  # x·2^112 stays finite: the fast form is exact
-            k.gemv_rows_f16(w.data, x * k.F16_SCALE, out)
+            self._run(k.gemv_rows_f16, w.data, x * k.F16_SCALE, out)
         else:  # also NaN: the exact form, which never scales x
-            k.gemv_rows_f16_exact(w.data, x, out)
+            self._run(k.gemv_rows_f16_exact, w.data, x, out)
+
+    def _ones(self, n: int) -> np.ndarray:
+        ones = getattr(self, "_ones_cache", None)
+        if ones is None or ones.size < n:
+            ones = self._ones_cache = np.ones(n, dtype=np.float32)
+        return ones[:n]
 
     def _dequantise(self, w: PackedWeight, lo: int, hi: int) -> np.ndarray:
         n_in = w.data.shape[1]
@@ -255,9 +278,13 @@ class CpuBackend(BlasBackend):
         if out is None:
             out = np.empty((1, n_embd), dtype=np.float32)
         q = np.ascontiguousarray(qkv[0, :n_embd]).reshape(n_head, d)
-        k = self._k
-        kernel = k.decode_attention_serial if (start + 1) * n_embd < SERIAL_MAX * 4 else k.decode_attention
-        kernel(q, k_cache, v_cache, start + 1, np.float32(1.0 / math.sqrt(d)), out.reshape(n_head, d))
+        if k_cache.dtype == np.float16:  # the kernels widen f16 bits in registers
+            k_cache, v_cache = k_cache.view(np.int16), v_cache.view(np.int16)
+        k, scale = self._k, np.float32(1.0 / math.sqrt(d))
+        if (start + 1) * n_embd < SERIAL_MAX * 4:
+            k.decode_attention_serial(q, k_cache, v_cache, start + 1, scale, out.reshape(n_head, d))
+        else:  # keyed by the cache's shape: the time grows with start, slowly beside a probe's period
+            self._run(k.decode_attention, q, k_cache, v_cache, start + 1, scale, out.reshape(n_head, d))
         return out
 
     def _softmax_rows(self, scores, start):

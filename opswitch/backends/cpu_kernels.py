@@ -14,10 +14,12 @@ in float32.  Importing this module needs numba (``pip install 'opswitch[jit]'``)
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # error_model="numpy" everywhere: a division by zero gives inf/NaN as in numpy (and every other
 # backend), which the logits check reports, instead of numba's ZeroDivisionError from inside an op.
@@ -61,6 +63,58 @@ def _f16(h):
     sign = (bits & np.int32(0x8000)) << np.int32(16)
     normal = _as_f32(sign | ((magnitude << np.int32(13)) + _F16_REBIAS))
     return normal if magnitude >= np.int32(0x0400) else _f16_scaled(h) * F16_SCALE
+
+
+@intrinsic
+def _half_fpext(typingctx, bits):
+    """int16 f16 bits -> float32 by LLVM's ``fpext half``: one vcvtph2ps per 8 values with
+    F16C, exact for every pattern (subnormals, infinities, NaN)."""
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if value.type.width != 16:
+            value = builder.trunc(value, ir.IntType(16))
+        return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", error_model="numpy")
+def _half_portable(h):
+    """The same in integer arithmetic, for CPUs without a half-precision conversion (where
+    LLVM would call a runtime helper numba's JIT may lack): ``_f16`` plus infinities and NaN."""
+    bits = np.int32(h)
+    magnitude = bits & np.int32(0x7FFF)
+    if magnitude >= np.int32(0x7C00):
+        sign = (bits & np.int32(0x8000)) << np.int32(16)
+        return _as_f32(sign | np.int32(0x7F800000) | ((magnitude & np.int32(0x3FF)) << np.int32(13)))
+    return _f16(h)
+
+
+def native_half() -> bool:
+    """Does this CPU convert half to float in one instruction (x86 F16C; every 64-bit ARM)?"""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        return bool(binding.get_host_cpu_features().get("f16c"))
+    except RuntimeError:  # features unknown: take the path that needs nothing
+        return False
+
+
+# chosen once, at import, from what this CPU has; both are tested on every pattern
+_half = _half_fpext if native_half() else _half_portable
+
+
+def _kv(x):  # a cached key or value as float32: f32 caches as they are, f16 ones (int16 bits) widened
+    return x
+
+
+@overload(_kv, inline="always")
+def _kv_overload(x):
+    if isinstance(x, types.Integer):
+        return lambda x: _half(x)
+    return lambda x: x
 
 
 # -- GEMV on a table [n_out, n_in] (lm_head): out[o] = scale[o] * (w[o] . x) -------
@@ -117,6 +171,53 @@ def gemv_rows_f16_exact(w, x, out):  # int16 [n_out, n_in] f16 bits; any x (slow
             for i in range(n_in):
                 acc += _f16(w[o, i]) * x[i]
             out[o] = acc
+
+
+# -- small batches (a few to GEMM_MAX_ROWS rows): each weight read from memory once per step ----
+def _weight(x):  # a packed weight as float32: int8 as is (scaled after), bf16 uint16 bits, f16 int16 bits
+    return x
+
+
+@overload(_weight, inline="always")
+def _weight_overload(x):
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
+        if x.signed:
+            return lambda x: _half(x)
+        return lambda x: _bf16(x)
+    return lambda x: np.float32(x)
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def gemm_rows_packed(w, scale, x, out):
+    """out [m, n_out] = x [m, n_in] · w [n_out, n_in]ᵀ (times scale [n_out] for int8; ones
+    otherwise).  Each weight row is widened once into an L1-resident buffer and used by every
+    row of x, four at a time (one load of the weight per four FMAs): decode of a batch reads
+    the packed matrix once per step, where one GEMV per row would read it m times."""
+    n_out, n_in = w.shape
+    m = x.shape[0]
+    for blk in prange((n_out + ROWS - 1) // ROWS):
+        row = np.empty(n_in, dtype=np.float32)
+        for o in range(blk * ROWS, min(n_out, (blk + 1) * ROWS)):
+            for i in range(n_in):
+                row[i] = _weight(w[o, i])
+            s = scale[o]
+            r = 0
+            while r + 4 <= m:
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for i in range(n_in):
+                    wi = row[i]
+                    a0 += wi * x[r, i]
+                    a1 += wi * x[r + 1, i]
+                    a2 += wi * x[r + 2, i]
+                    a3 += wi * x[r + 3, i]
+                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = a0 * s, a1 * s, a2 * s, a3 * s
+                r += 4
+            while r < m:
+                acc = np.float32(0.0)
+                for i in range(n_in):
+                    acc += row[i] * x[r, i]
+                out[r, o] = acc * s
+                r += 1
 
 
 # -- f32 GEMV on a Conv1D weight [n_in, n_out]: split the rows (k) between threads --
@@ -277,7 +378,7 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
     for t in range(end):
         acc = np.float32(0.0)
         for c in range(d):
-            acc += q[h, c] * k_cache[h, t, c]
+            acc += q[h, c] * _kv(k_cache[h, t, c])
         acc *= scale
         s[t] = acc
         m = max(m, acc)
@@ -290,7 +391,7 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
     for t in range(end):
         p = s[t]
         for c in range(d):
-            o[c] += p * v_cache[h, t, c]
+            o[c] += p * _kv(v_cache[h, t, c])
     inv = np.float32(1.0) / total
     for c in range(d):
         out[h, c] = o[c] * inv
@@ -298,8 +399,8 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def decode_attention(q, k_cache, v_cache, end, scale, out):
-    """One query per head over the cache: q [n_head, d], caches [n_head, cap, d],
-    rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
+    """One query per head over the cache: q [n_head, d], caches [n_head, cap, d] (float32,
+    or int16 f16 bits), rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
     for h in prange(q.shape[0]):
         _attend_head(q, k_cache, v_cache, end, scale, out, h)
 
@@ -308,3 +409,15 @@ def decode_attention(q, k_cache, v_cache, end, scale, out):
 def decode_attention_serial(q, k_cache, v_cache, end, scale, out):
     for h in range(q.shape[0]):
         _attend_head(q, k_cache, v_cache, end, scale, out, h)
+
+
+@njit(cache=True, error_model="numpy")
+def widen_half(bits, out):  # int16 f16 bits [n] -> float32 [n], with the kernels' conversion (tests)
+    for i in range(bits.shape[0]):
+        out[i] = _half(bits[i])
+
+
+@njit(cache=True, error_model="numpy")
+def widen_half_portable(bits, out):  # the integer path, whatever this CPU has (tests)
+    for i in range(bits.shape[0]):
+        out[i] = _half_portable(bits[i])

@@ -18,6 +18,7 @@ class NaiveBackend(Backend):
     priority = 10
     description = "plain numpy reference (float32, or float64 on request)"
     dtypes = ("float32", "float64")
+    kv_formats = ("f32", "f16")  # numpy widens an f16 cache as it reads it
 
     def _probe_impl(self) -> Probe:
         base = super()._probe_impl()

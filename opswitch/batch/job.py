@@ -89,6 +89,7 @@ class Job:
                 "tokenizer": self.task.tokenizer,
                 "revision": self.task.revision,
                 "weights": self.task.weights,
+                "kv_cache": self.task.kv_cache,
                 "generation": dict(self.task.generation),
                 "input": str(spec.input.resolve()),
                 "input_sha256": _sha256(spec.input),

@@ -17,7 +17,7 @@ def load_lm(task: Task) -> LanguageModel:
     from opswitch.api import load_model
 
     lm = load_model(task.model, backend=task.backend, tokenizer=task.tokenizer, revision=task.revision,
-                    weights=task.weights)
+                    weights=task.weights, kv_cache=task.kv_cache)
     check_model(lm, task)
     return lm
 

@@ -228,7 +228,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def check_same_job(directory: Path, manifest: dict[str, Any]) -> None:
     """Refuse to resume shards that another job (other input, model, settings) made."""
-    before = read_manifest(directory)
+    before = {"kv_cache": "f32", **read_manifest(directory)}  # jobs from before --kv-cache: f32
     changed = sorted(k for k in manifest.keys() | before.keys() if manifest.get(k) != before.get(k))
     if changed:
         known = [_WORDS.get(k, k) for k in changed if k in manifest]
@@ -251,4 +251,5 @@ def _sync_folder(folder: Path) -> None:
 
 _WORDS = {"generation": "generation settings", "input_sha256": "input content", "rows": "row count",
           "kind": "kind of job", "field": "text field", "shard_size": "--shard-size", "input": "input file",
-          "tokenizer": "--tokenizer", "revision": "--revision", "weights": "--weights"}
+          "tokenizer": "--tokenizer", "revision": "--revision", "weights": "--weights",
+          "kv_cache": "--kv-cache"}

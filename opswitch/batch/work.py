@@ -56,6 +56,7 @@ class Task:
     tokenizer: str | None = None  # the model's own when None
     revision: str | None = None  # a hub revision to pin
     weights: str | None = None  # the storage format of the weight matrices (None: as the file stores them)
+    kv_cache: str = "f32"  # the KV cache's format (f16: half the bytes)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prefix_cache: bool = True
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from opswitch.bench.idle import Quiet
 from opswitch.bench.rows import timed
-from opswitch.core.formats import BLOCK_BYTES, BLOCK_VALUES
+from opswitch.core.formats import BLOCK_BYTES, BLOCK_VALUES, KV_DTYPES
 
 
 @dataclass
@@ -107,6 +107,6 @@ def weight_bytes_per_token(config, fmt: str) -> int:
     return matrices * per + vectors * 4 + scales
 
 
-def kv_bytes_read(config, position: int) -> int:
-    """Bytes of KV cache one decode step at ``position`` reads (float32 keys and values)."""
-    return 2 * config.n_layer * config.n_embd * position * 4
+def kv_bytes_read(config, position: int, kv_cache: str = "f32") -> int:
+    """Bytes of KV cache one decode step at ``position`` reads (keys and values in ``kv_cache``)."""
+    return 2 * config.n_layer * config.n_embd * position * np.dtype(KV_DTYPES[kv_cache]).itemsize

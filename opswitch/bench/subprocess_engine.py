@@ -52,17 +52,20 @@ def run_engine(engine: str, model_spec: str, spec: str, fmt: str, repeats: int, 
 
 def measure_engines(engines: list[tuple[str, str, str, str]], model_spec: str, repeats: int, prompt: int,
                     late: int, prefill: int, new: int, idle_wait: float,
-                    on_failure=lambda label, error: None) -> tuple[dict[str, dict], list[int]]:
+                    on_failure=lambda label, error: None,
+                    kv_cache: str = "f32") -> tuple[dict[str, dict], list[int]]:
     """Each (label, engine, spec, format) in its own process, one after another, the same
     weights in each: ``{label: {fmt, early, late, prefill}}`` of Rows (``late`` None when
     skipped), and [disturbed, repeats] over all of them. A failed engine is reported
-    through ``on_failure`` and left out."""
+    through ``on_failure`` and left out. Our engines use the ``kv_cache`` format (torch's
+    cache stays its own)."""
     from opswitch.bench.rows import Row
 
     results: dict[str, dict] = {}
     interference = [0, 0]
     for label, engine, spec, fmt in engines:
-        r = run_engine(engine, model_spec, spec, fmt, repeats, prompt, late, prefill, new, idle_wait)
+        kv = "" if engine == "torch" or kv_cache == "f32" else f":{kv_cache}"
+        r = run_engine(engine, model_spec, spec, fmt + kv, repeats, prompt, late, prefill, new, idle_wait)
         if "error" in r:
             on_failure(label, r["error"])
             continue

@@ -7,7 +7,8 @@ that load time and peak memory are the model's, not the parent's.
 
     engine ENGINE MODEL SPEC FMT REPEATS PROMPT LATE PREFILL NEW IDLE_WAIT
         ENGINE is ``torch`` or ``ours``; MODEL a directory or hub id, ``shape:NAME``
-        for random weights of a preset, ``tiny`` for the --quick model
+        for random weights of a preset, ``tiny`` for the --quick model; FMT is a
+        weight format, or ``FMT:KV`` for a KV-cache format other than f32
     load ENGINE PATH FMT BACKEND THREADS
         load time, load + first token and peak RSS of a saved directory
 """
@@ -102,7 +103,9 @@ def _engine_model(engine: str, model_spec: str, spec: str, fmt: str):
     if engine == "torch":
         return config, random_hf_model(0, **hf_shape(config))
     backend = get_registry().select(spec).backend
-    return config, GPT2(config, random_params(config) if params is None else params, backend, weights=fmt)
+    weights, _, kv = fmt.partition(":")
+    return config, GPT2(config, random_params(config) if params is None else params, backend,
+                        weights=weights, kv_cache=kv or "f32")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,7 +108,7 @@ def spec_from(args: argparse.Namespace):
         generation, engine = {}, {}
     task = Task(args.job, args.field, model=args.model, backend=args.backend, generation=generation,
                 cache_mib=args.cache_mib, tokenizer=args.tokenizer, revision=args.revision,
-                weights=args.weights, **engine)
+                weights=args.weights, kv_cache=args.kv_cache, **engine)
     ray_flags = {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
                  "gpus_per_actor": args.gpus_per_actor}
     given = {k: v for k, v in ray_flags.items() if v is not None}

@@ -29,7 +29,7 @@ from opswitch.bench.engines import native_engines, torch_missing
 from opswitch.bench.idle import Quiet
 from opswitch.bench.machine import cpu_description, kv_bytes_read, measure_bandwidth, weight_bytes_per_token
 from opswitch.bench.models import bench_model
-from opswitch.cli.model_args import add_threads_argument
+from opswitch.cli.model_args import add_kv_cache_argument, add_threads_argument
 from opswitch.core.errors import OpswitchError
 
 
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also decode after N tokens of context (default 900; 0 = skip)")
     p.add_argument("--prefill", type=int, default=512, metavar="N", help="prefill length (default 512)")
     p.add_argument("--repeats", type=int, default=5, metavar="N")
+    add_kv_cache_argument(p)
     add_threads_argument(p)
     p.add_argument("--ops", action="store_true", help="also time the model's GEMV/GEMM shapes per op")
     p.add_argument("--profile", action="store_true", help="time per op of a prefill and a decode step")
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     quiet = Quiet(max_wait=max(args.idle_wait, 0.0))
     print(f"opswitch bench: {args.model or ('tiny (--quick)' if args.quick else args.shape)} "
           f"({config.n_params / 1e6:.1f}M params), {args.repeats} repeats, medians; "
-          f"{threads} threads (OPSWITCH_NUM_THREADS)" + ("" if no_torch else f"; torch {torch.__version__}"))
+          f"{threads} threads (OPSWITCH_NUM_THREADS); KV cache {args.kv_cache}"
+          + ("" if no_torch else f"; torch {torch.__version__}"))
     print(f"CPU: {cpu_description()}")
     if args.quick:
         print("smoke run (--quick): a tiny model that fits in cache, one repeat; its rates and ratios"
@@ -177,12 +179,14 @@ def _model_tables(args, config, params, backends, formats, bw, no_torch, quiet) 
     engines += [(label, "ours", b.spec, fmt) for label, b, fmt in native_engines(backends, formats)]
     results, (disturbed, repeats) = measure_engines(
         engines, model_spec, args.repeats, args.prompt_tokens, args.late, args.prefill, args.new_tokens,
-        args.idle_wait, on_failure=lambda label, error: print(f"  {_name(label)}: failed: {error}"))
+        args.idle_wait, on_failure=lambda label, error: print(f"  {_name(label)}: failed: {error}"),
+        kv_cache=args.kv_cache)
     quiet.report.disturbed += disturbed
     quiet.report.repeats += repeats
 
-    def limit(fmt: str, position: int) -> float:
-        return bw.read / (weight_bytes_per_token(config, fmt) + kv_bytes_read(config, position))
+    def limit(fmt: str, position: int, label: str = "") -> float:
+        kv = "f32" if label == "torch" else args.kv_cache  # torch keeps its own f32 cache
+        return bw.read / (weight_bytes_per_token(config, fmt) + kv_bytes_read(config, position, kv))
 
     print("\ndecode limit = read bandwidth / bytes read per token (weights + KV cache):")
     for fmt in dict.fromkeys(r["fmt"] for r in results.values()):
@@ -195,7 +199,7 @@ def _model_tables(args, config, params, backends, formats, bw, no_torch, quiet) 
     for label, r in results.items():
         v = r["early"].median
         ratio = f"{v / base['early'].median:8.2f}" if base else f"{'-':>8}"
-        print(f"  {_name(label):<24} {v:8.1f} {ratio} {v / limit(r['fmt'], args.prompt_tokens):9.0%}")
+        print(f"  {_name(label):<24} {v:8.1f} {ratio} {v / limit(r['fmt'], args.prompt_tokens, label):9.0%}")
     if args.late:
         print(f"\ndecode after {args.late} tokens, tok/s")
         own = f"x own at {args.prompt_tokens}"
@@ -203,7 +207,7 @@ def _model_tables(args, config, params, backends, formats, bw, no_torch, quiet) 
         for label, r in results.items():
             v = r["late"].median
             ratio = f"{v / base['late'].median:8.2f}" if base else f"{'-':>8}"
-            print(f"  {_name(label):<24} {v:8.1f} {ratio} {v / limit(r['fmt'], args.late):9.0%}"
+            print(f"  {_name(label):<24} {v:8.1f} {ratio} {v / limit(r['fmt'], args.late, label):9.0%}"
                   f" {v / r['early'].median:12.2f}")
     print(f"\nprefill of {args.prefill} tokens, ms (lower is better)")
     print(f"  {'engine':<24} {'ms':>8} {'x torch':>8}")

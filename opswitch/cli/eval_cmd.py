@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_text(args.text)
     with Progress(loading_label(args)):
         lm = load_model(args.model, backend=args.backend, tokenizer=args.tokenizer,
-                                 weights=args.weights, revision=args.revision)
+                        weights=args.weights, revision=args.revision, kv_cache=args.kv_cache)
     if lm.tokenizer is None:
         raise UsageError(f"{args.model} carries no tokenizer (ONNX files never do): pass --tokenizer PATH")
     context = lm.config.n_positions

@@ -97,7 +97,7 @@ def load(args: argparse.Namespace) -> tuple[LanguageModel, list[str]]:
     """
     with Progress(loading_label(args)):
         lm = load_model(args.model, args.backend, tokenizer=args.tokenizer or None, revision=args.revision,
-                        weights=args.weights)
+                        weights=args.weights, kv_cache=args.kv_cache)
     if lm.tokenizer is None:  # text in, text out: the CLI needs one (said in its own flags)
         raise UsageError(f"{args.model or lm.source} has no tokenizer files (ONNX files never do): "
                          "pass --tokenizer DIR, a folder with vocab.json and merges.txt or tokenizer.json")

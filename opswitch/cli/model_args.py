@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from opswitch.core.formats import FORMATS
+from opswitch.core.formats import FORMATS, KV_FORMATS
 from opswitch.core.registry import get_registry
 
 
@@ -15,7 +15,8 @@ def backend_names() -> str:
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, weights: bool = True, tokenizer: bool = True) -> None:
-    """--model, --revision, --tokenizer, --backend and --weights, as ``opswitch.load_model`` takes them."""
+    """--model, --revision, --tokenizer, --backend, --weights and --kv-cache, as ``opswitch.load_model``
+    takes them."""
     p.add_argument("--model", metavar="PATH_OR_NAME",
                    help="model directory, weights file, .onnx file or Hugging Face id (gpt2, org/name);"
                    " default: the demo model")
@@ -30,7 +31,15 @@ def add_model_arguments(p: argparse.ArgumentParser, *, weights: bool = True, tok
         p.add_argument("--weights", default=None, choices=FORMATS,
                        help="storage format of the weight matrices on the backend (default: as the file"
                        " stores them: f32, or a GGUF's own types)")
+    add_kv_cache_argument(p)
     add_threads_argument(p)
+
+
+def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--kv-cache f16 (llama.cpp's default): half the bytes late decode reads."""
+    p.add_argument("--kv-cache", default="f32", choices=KV_FORMATS, dest="kv_cache",
+                   help="format of the KV cache: f32, or f16 (half the memory and reads; cpu, blas and"
+                   " naive backends) (default f32)")
 
 
 MAX_THREADS = 1024

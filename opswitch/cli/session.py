@@ -50,6 +50,8 @@ def model_summary(lm: LanguageModel, label: str | None) -> list[str]:
     if lm.model.weights not in (None, "f32"):  # None: as the file stores them (a GGUF's types, in a note)
         stored = formats.storage_note(lm.model.weights, lm.model.stored_formats)
         summary.append(f"  weights stored as {stored}")
+    if lm.model.kv_cache != "f32":
+        summary.append(f"  KV cache stored as {lm.model.kv_cache}")
     summary.append(f"✓ Tokenizer loaded (vocab size={lm.require_tokenizer().vocab_size})")
     summary += [f"  note: {note}" for note in lm.notes]
     return summary

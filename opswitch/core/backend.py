@@ -98,6 +98,8 @@ class Backend:
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     # storage formats kept natively (opswitch.core.formats); others arrive decoded as f32
     weight_formats: ClassVar[tuple[str, ...]] = ("f32",)
+    # KV-cache formats (opswitch.core.formats.KV_FORMATS) this backend's attention reads
+    kv_formats: ClassVar[tuple[str, ...]] = ("f32",)
     # may two threads call ops at once?  If not, the model layer serialises calls.
     thread_safe: ClassVar[bool] = True
     # seconds probe() and list_devices() may take unless $OPSWITCH_PROBE_TIMEOUT says
@@ -164,6 +166,14 @@ class Backend:
     def alloc(self, shape: tuple[int, ...]) -> Any:
         """A zeroed backend array in the compute dtype (KV-cache buffers)."""
         return self.to_device(np.zeros(shape, dtype=np.float32))
+
+    def alloc_kv(self, shape: tuple[int, ...], fmt: str = "f32") -> Any:
+        """A zeroed KV-cache buffer in ``fmt``, one of ``kv_formats``.  The default gives a host
+        numpy array for f16 (what the host backends' ops read); a device backend that lists
+        f16 in ``kv_formats`` overrides this."""
+        if fmt == "f32":
+            return self.alloc(shape)
+        return np.zeros(shape, dtype=np.float16)
 
     def store(self, dst: Any, src: np.ndarray) -> None:
         """Overwrite all of ``dst`` with host ``src`` (how fallbacks write caches back)."""

@@ -68,29 +68,62 @@ def channel_axis(role: str) -> int:
     return 1 if role == "linear" else 0
 
 
+BLOCK = 1 << 18  # elements encoded at a time: temporaries stay ~1 MiB, never a whole-matrix copy
+
+
+def _row_blocks(w: np.ndarray):
+    """Slices of whole rows of ``w`` [n, m] holding about ``BLOCK`` elements each."""
+    step = max(1, BLOCK // max(1, w.shape[1]))
+    for lo in range(0, w.shape[0], step):
+        yield slice(lo, min(w.shape[0], lo + step))
+
+
+def _bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """float32 bit patterns (uint32) -> bf16, round to nearest even on the upper 16 bits.
+    The uint32 sum wraps only for NaN patterns (0xFFFF8000 and up), which are replaced."""
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    out = rounded.astype(np.uint16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    out[nan] = ((bits[nan] >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)  # quiet NaN, same sign
+    return out
+
+
 def encode(w: np.ndarray, fmt: str, role: str) -> Stored:
-    """``w`` (any float array) in storage format ``fmt``; vectors always stay f32."""
+    """``w`` (any float array) in storage format ``fmt``; vectors always stay f32.
+
+    A block of rows at a time, so encoding a memory-mapped checkpoint needs the
+    output plus about a MiB, not float64 or uint64 copies of the matrix."""
     check_format(fmt)
     if fmt in BLOCK_FORMATS and role in MATRIX_ROLES and np.ndim(w) == 2:
         return _encode_blocks(w, fmt, role)
-    w32 = np.ascontiguousarray(w, dtype=np.float32)
-    if fmt == "f32" or role not in MATRIX_ROLES or w32.ndim != 2:
-        return Stored("f32", role, w32)
+    if fmt == "f32" or role not in MATRIX_ROLES or np.ndim(w) != 2:
+        return Stored("f32", role, np.ascontiguousarray(w, dtype=np.float32))
+    w = np.asarray(w)
     if fmt == "f16":
-        return Stored(fmt, role, w32.astype(np.float16))
-    if fmt == "bf16":  # round to nearest even on the upper 16 bits
-        bits = w32.view(np.uint32).astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        nan = np.isnan(w32)
-        out = rounded.astype(np.uint16)
-        out[nan] = ((bits[nan] >> 16) & 0x8000) | 0x7FC0  # a quiet NaN of the same sign
-        return Stored(fmt, role, out)
+        out16 = np.empty(w.shape, dtype=np.float16)
+        for rows in _row_blocks(w):
+            out16[rows] = np.asarray(w[rows], dtype=np.float32)
+        return Stored(fmt, role, out16)
+    if fmt == "bf16":
+        bf = np.empty(w.shape, dtype=np.uint16)
+        for rows in _row_blocks(w):
+            bf[rows] = _bf16_bits(np.ascontiguousarray(w[rows], dtype=np.float32).view(np.uint32))
+        return Stored(fmt, role, bf)
     axis = channel_axis(role)
-    amax = np.abs(w32).max(axis=1 - axis)
+    if axis == 1:  # a scale per column: the max over every row block
+        amax = np.zeros(w.shape[1], dtype=np.float32)
+        for rows in _row_blocks(w):
+            np.maximum(amax, np.abs(np.asarray(w[rows], dtype=np.float32)).max(axis=0), out=amax)
+    else:
+        amax = np.empty(w.shape[0], dtype=np.float32)
+        for rows in _row_blocks(w):
+            amax[rows] = np.abs(np.asarray(w[rows], dtype=np.float32)).max(axis=1)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    shaped = scale[None, :] if axis == 1 else scale[:, None]
-    q = np.clip(np.rint(w32 / shaped), -127, 127).astype(np.int8)
-    return Stored(fmt, role, np.ascontiguousarray(q), scale)
+    q = np.empty(w.shape, dtype=np.int8)
+    for rows in _row_blocks(w):
+        shaped = scale[None, :] if axis == 1 else scale[rows, None]
+        q[rows] = np.clip(np.rint(np.asarray(w[rows], dtype=np.float32) / shaped), -127, 127)
+    return Stored(fmt, role, q, scale)
 
 
 def decode(stored: Stored) -> np.ndarray:
@@ -286,3 +319,17 @@ def _decode_blocks(stored: Stored) -> np.ndarray:
         hi = min(n_rows, lo + per_chunk)
         rows_out[lo:hi] = dequantize_rows(stored.data[lo:hi], stored.fmt)
     return out
+
+
+# -- KV-cache formats --------------------------------------------------------------------
+# f16 (llama.cpp's default) halves the bytes late-decode attention reads; keys and values are
+# rounded to float16 as they are written (relative error 2^-11; beyond ±65504 they become inf,
+# and the logits NaN, which generation reports) and widened to float32 as they are read.
+KV_FORMATS = ("f32", "f16")
+KV_DTYPES = {"f32": "float32", "f16": "float16"}  # what each format's buffers hold
+
+
+def check_kv_format(fmt: str) -> str:
+    if fmt not in KV_FORMATS:
+        raise OpswitchError(f"unknown KV-cache format {fmt!r}: use one of {', '.join(KV_FORMATS)}")
+    return fmt

@@ -27,6 +27,7 @@ from opswitch.core.registry import get_registry
 from opswitch.core.step import Step
 from opswitch.model.config import GPT2Config
 from opswitch.model.kvcache import CachePool, KVCache, new_cache
+from opswitch.model.weights import release_pages
 
 
 def linear(ops, x, weight, bias):  # [n_rows, n_in] -> [n_rows, n_out]
@@ -95,7 +96,19 @@ def _upload(backend: Backend, params: Any, fmt: str | None, path: str = "", kept
         kept[stored.fmt] = kept.get(stored.fmt, 0) + 1
     if stored.fmt != "f32" and stored.fmt not in backend.weight_formats:
         stored = formats.Stored("f32", stored.role, formats.decode(stored))
-    return backend.upload_weight(stored)
+    uploaded = backend.upload_weight(stored)
+    if stored.fmt != "f32" and stored is not params:  # re-encoded: the source's file pages are not needed
+        release_pages(params.data if isinstance(params, formats.Stored) else params)
+    return uploaded
+
+
+def check_kv_support(backend: Backend, fmt: str) -> None:
+    """Refuse, in one line, a KV-cache format the backend's attention does not read."""
+    if fmt not in backend.kv_formats:
+        raise BackendError(
+            f"backend {backend.spec!r} keeps its KV cache in {', '.join(backend.kv_formats)} only, not {fmt}:"
+            f" use --kv-cache f32, or a backend that reads {fmt} caches (cpu, blas, naive)"
+        )
 
 
 def as_ids(ids: Any, n_vocab: int, what: str = "token ids") -> np.ndarray:
@@ -136,15 +149,17 @@ class GPT2:
     """
 
     def __init__(self, config: GPT2Config, params: dict, backend: Backend,
-                 weights: str | None = "f32") -> None:
+                 weights: str | None = "f32", kv_cache: str = "f32") -> None:
         self.config = config
         self.host_params = params
         # None: as the host params hold each weight (a GGUF's own types); else re-encoded
         self.weights = None if weights is None else formats.check_format(weights)
+        self.kv_cache = formats.check_kv_format(kv_cache)
         self.bind(backend)
 
     def bind(self, backend: Backend) -> GPT2:
         """Upload the weights to ``backend`` and resolve its op table."""
+        check_kv_support(backend, self.kv_cache)
         ops: OpTable = get_registry().bind(backend)
         kept: dict[str, int] = {}
         with backend.lock:
@@ -163,12 +178,13 @@ class GPT2:
         """A cache for one sequence of up to ``n_tokens`` (default: the whole context)."""
         c = self.config
         capacity = c.n_positions if n_tokens is None else min(max(int(n_tokens), 1), c.n_positions)
-        return new_cache(self.backend, c.n_layer, c.n_head, c.head_dim, capacity)
+        return new_cache(self.backend, c.n_layer, c.n_head, c.head_dim, capacity, self.kv_cache)
 
     def cache_pool(self, budget_bytes: int) -> CachePool:
         """Caches for many sequences within ``budget_bytes`` of backend memory."""
         c = self.config
-        return CachePool(self.backend, c.n_layer, c.n_head, c.head_dim, c.n_positions, budget_bytes)
+        return CachePool(self.backend, c.n_layer, c.n_head, c.head_dim, c.n_positions, budget_bytes,
+                         self.kv_cache)
 
     # -- forward -----------------------------------------------------------
     def step(self, batch: Sequence[tuple[Any, KVCache]], all_rows: bool = False) -> np.ndarray:

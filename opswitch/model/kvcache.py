@@ -25,6 +25,7 @@ from typing import Any
 
 from opswitch.core.backend import Backend
 from opswitch.core.errors import OpswitchError
+from opswitch.core.formats import KV_DTYPES
 from opswitch.core.step import CacheLayout
 
 ROUND = 64  # capacities are rounded up to this many positions, so freed caches fit new requests
@@ -78,10 +79,22 @@ def cache_bytes(n_layer: int, n_embd: int, capacity: int, itemsize: int) -> int:
     return 2 * n_layer * n_embd * capacity * itemsize
 
 
-def new_cache(backend: Backend, n_layer: int, n_head: int, head_dim: int, capacity: int) -> KVCache:
-    """A cache of ``capacity`` positions, allocated on ``backend`` in the core's layout."""
-    layout = CacheLayout(n_layer, n_head, head_dim, capacity, str(backend.dtype))
-    layers = [(backend.alloc(layout.shape), backend.alloc(layout.shape)) for _ in range(n_layer)]
+def cache_layout(
+    backend: Backend, n_layer: int, n_head: int, head_dim: int, capacity: int, fmt: str = "f32"
+) -> CacheLayout:
+    """The core's layout of a cache in KV format ``fmt``: f32 holds the compute dtype
+    (float64 on naive:float64), another format its own (f16: 2 bytes a value)."""
+    dtype = str(backend.dtype) if fmt == "f32" else KV_DTYPES[fmt]
+    return CacheLayout(n_layer, n_head, head_dim, capacity, dtype)
+
+
+def new_cache(
+    backend: Backend, n_layer: int, n_head: int, head_dim: int, capacity: int, fmt: str = "f32"
+) -> KVCache:
+    """A cache of ``capacity`` positions in KV format ``fmt``, allocated on ``backend``."""
+    layout = cache_layout(backend, n_layer, n_head, head_dim, capacity, fmt)
+    layers = [(backend.alloc_kv(layout.shape, fmt), backend.alloc_kv(layout.shape, fmt))
+              for _ in range(n_layer)]
     return KVCache(layers, capacity, nbytes=layout.nbytes)
 
 
@@ -104,9 +117,10 @@ class CachePool:
     """
 
     def __init__(
-        self, backend: Backend, n_layer: int, n_head: int, head_dim: int, n_ctx: int, budget_bytes: int
+        self, backend: Backend, n_layer: int, n_head: int, head_dim: int, n_ctx: int, budget_bytes: int,
+        fmt: str = "f32",
     ) -> None:
-        self.backend, self.n_ctx = backend, n_ctx
+        self.backend, self.n_ctx, self.fmt = backend, n_ctx, fmt
         self._shape = (n_layer, n_head, head_dim)
         self.budget_bytes = budget_bytes
         self.bytes_in_use = 0
@@ -119,9 +133,7 @@ class CachePool:
         return rounded_capacity(n_tokens, self.n_ctx)
 
     def bytes_for(self, n_tokens: int) -> int:
-        n_layer, n_head, head_dim = self._shape
-        capacity = self.capacity_for(n_tokens)
-        return cache_bytes(n_layer, n_head * head_dim, capacity, self.backend.dtype.itemsize)
+        return cache_layout(self.backend, *self._shape, self.capacity_for(n_tokens), self.fmt).nbytes
 
     @property
     def spare_bytes(self) -> int:
@@ -159,7 +171,7 @@ class CachePool:
                 self._trim_spares(keep)
         if cache is None:
             try:
-                cache = new_cache(self.backend, *self._shape, capacity)
+                cache = new_cache(self.backend, *self._shape, capacity, self.fmt)
             except BaseException:
                 with self._lock:
                     self.bytes_in_use -= need

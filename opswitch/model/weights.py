@@ -26,6 +26,7 @@ deep in the forward pass.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -256,6 +257,28 @@ def nest_params(flat: Mapping[str, Any], n_layer: int) -> Params:
             node = node.setdefault(part, {})
         node[parts[-1]] = a
     return params
+
+
+def release_pages(a: Any) -> None:
+    """Drop a memory-mapped tensor's pages from this process once it has been encoded in
+    a reduced format: the f32 file is then not resident beside the encoded copy (peak RSS
+    stays near the encoded bytes), and a later ``bind`` reads the pages back from the file.
+    A no-op for anything that is not a read-only view of an ``mmap``."""
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer(mmap) holds a memoryview of it
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or base.closed:
+        return
+    try:
+        start = a.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    except (ValueError, BufferError):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + a.nbytes) // page * page  # whole pages inside it only
+    if hi > lo:
+        base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def param_count(params: Mapping[str, Any]) -> int:

@@ -173,3 +173,77 @@ def test_a_batch_equals_each_sequence_alone(opswitch_backend: Backend) -> None:
     for (bk, bv), (sk, sv) in zip(batch_caches, solo_caches):
         np.testing.assert_array_equal(backend.to_host(bk), backend.to_host(sk))
         np.testing.assert_array_equal(backend.to_host(bv), backend.to_host(sv))
+
+
+F16_U = 2.0**-11  # float16's unit roundoff: each cached key and value errs relatively by at most this
+
+
+@pytest.mark.parametrize("n_prompt, n_steps, scale", [(5, 40, 1.0), (1, 3, 1.0), (33, 8, 30.0)])
+def test_an_f16_kv_cache_holds_rounded_values_and_attends_within_their_bound(
+    opswitch_backend, n_prompt: int, n_steps: int, scale: float
+) -> None:
+    """With ``kv_formats`` listing f16: the cache holds exactly the float16 rounding of every
+    key and value, the output is within the float32 bound of attention over those rounded
+    values, and within the derived f16 bound of attention over the exact ones:
+    scores err by δ ≤ 2^-11·Σ_c|q_c k_jc|/√d, probabilities relatively by ≤ 2δ, and each value
+    by 2^-11, so |Δout| ≤ (2δ + 2^-11)·Σ_j p_j|v_j| beside the float32 bound."""
+    backend = opswitch_backend
+    if "f16" not in backend.kv_formats:
+        pytest.skip(f"{backend.spec} keeps its KV cache in {', '.join(backend.kv_formats)}")
+    ops = OpTable(backend)
+    rng = np.random.default_rng(5)
+    n_head, d = 3, 16
+    n_total = n_prompt + n_steps
+    qkv = (scale * rng.standard_normal((n_total, 3 * n_head * d))).astype(backend.dtype)
+    shape = (n_head, n_total + 3, d)
+    k_cache, v_cache = backend.alloc_kv(shape, "f16"), backend.alloc_kv(shape, "f16")
+    rows = [backend.to_host(ops.attention(backend.to_device(qkv[:n_prompt]), n_head, k_cache, v_cache, 0))]
+    for t in range(n_prompt, n_total):
+        out = ops.attention(backend.to_device(qkv[t : t + 1]), n_head, k_cache, v_cache, t)
+        rows.append(backend.to_host(out))
+    got = np.concatenate(rows).astype(np.float64)
+    assert np.isfinite(got).all()
+
+    n_embd = n_head * d
+    rounded = qkv.astype(np.float64)
+    rounded[:, n_embd:] = qkv[:, n_embd:].astype(np.float16)  # what the cache holds
+    ref_k, ref_v = np.zeros(shape), np.zeros(shape)
+    on_rounded = CATALOGUE["attention"].reference(rounded, n_head, ref_k, ref_v, 0)
+    np.testing.assert_array_equal(backend.to_host(k_cache).astype(np.float64), ref_k)
+    np.testing.assert_array_equal(backend.to_host(v_cache).astype(np.float64), ref_v)
+    u = float(np.finfo(backend.dtype).eps) / 2
+    zeros = np.zeros(shape)
+    bound = attention_bound(rounded, n_head, zeros, zeros, 0, u)
+    assert (np.abs(got - on_rounded) <= bound).all(), f"max |err| {np.abs(got - on_rounded).max():.3g}"
+
+    exact = qkv.astype(np.float64)
+    on_exact = CATALOGUE["attention"].reference(exact, n_head, np.zeros(shape), np.zeros(shape), 0)
+    q, k, v = (exact[:, i * n_embd : (i + 1) * n_embd].reshape(n_total, n_head, d).transpose(1, 0, 2)
+               for i in range(3))
+    causal = np.tril(np.ones((n_total, n_total), bool))
+    delta = F16_U * np.where(causal, np.abs(q) @ np.abs(k).transpose(0, 2, 1), 0).max(-1, keepdims=True)
+    delta /= np.sqrt(d)
+    scores = np.where(causal, q @ k.transpose(0, 2, 1) / np.sqrt(d), -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    f16_bound = ((2 * delta + F16_U) * (p @ np.abs(v))).transpose(1, 0, 2).reshape(n_total, n_embd)
+    f16_bound = f16_bound * (1 + 4 * F16_U) + bound  # second-order terms (e^{2δ} - 1 - 2δ), float32
+    err = np.abs(got - on_exact)
+    assert (err <= f16_bound).all(), f"max |err| {err.max():.3g}"
+    assert err.max() > 0 or n_total == 1  # the rounding is really there (an f32 cache would be exact-ish)
+
+
+def test_an_f16_kv_cache_passes_nan_on(opswitch_backend) -> None:
+    """A NaN written to an f16 cache must come back out as NaN, never as a finite value."""
+    backend = opswitch_backend
+    if "f16" not in backend.kv_formats:
+        pytest.skip(f"{backend.spec} keeps its KV cache in {', '.join(backend.kv_formats)}")
+    ops = OpTable(backend)
+    n_head, d = 2, 8
+    qkv = np.ones((4, 3 * n_head * d), dtype=backend.dtype)
+    qkv[1, 2 * n_head * d] = np.nan  # a value of head 0 at position 1
+    shape = (n_head, 5, d)
+    k_cache, v_cache = backend.alloc_kv(shape, "f16"), backend.alloc_kv(shape, "f16")
+    ops.attention(backend.to_device(qkv[:2]), n_head, k_cache, v_cache, 0)
+    out = backend.to_host(ops.attention(backend.to_device(qkv[2:3]), n_head, k_cache, v_cache, 2))
+    assert np.isnan(out[0, :d]).any()

@@ -23,10 +23,11 @@ from opswitch.core.registry import get_registry
 from opswitch.testing.cases import _linear_bound, _matmul_bound
 
 REDUCED = ("f16", "bf16", "int8", "q8_0", "q4_0")
-# (rows, n_in, n_out): decode GEMV, a small batch, a GEMM; odd sizes; GPT-2 small's c_fc.
+# (rows, n_in, n_out): decode GEMV, a small batch, a GEMM; odd sizes; GPT-2 small's c_fc;
+# batched decode (5-64 rows, one pass over a packed weight) and just past it.
 # The block formats need n_in a multiple of 32: the others test their int8 fallback.
 SHAPES = [(1, 7, 3), (1, 65, 127), (3, 96, 97), (7, 33, 130), (1, 768, 3072), (40, 96, 200),
-          (6, 64, 40)]
+          (6, 64, 40), (17, 65, 130), (70, 33, 20)]
 
 
 def _upload(backend, w: np.ndarray, fmt: str, role: str):
