@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from opswitch.core import formats
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -208,15 +210,15 @@ def main() -> None:
         if "error" in r:
             print(f"| {name} | failed: {r['error']} |")
             continue
-        fmt = {"q8_0": "int8"}.get(name.split()[-1], name.split()[-1])
-        limit = bw.read / weight_bytes_per_token(config, fmt) if fmt in ("f32", "f16", "bf16", "int8") else 0
+        fmt = name.split()[-1]  # llama.cpp's q8_0 is the same blocks as ours
+        limit = bw.read / weight_bytes_per_token(config, fmt) if fmt in formats.FORMATS else float("nan")
         x = (lambda a, b: f"{a / b:.2f}") if "error" not in hf else (lambda a, b: "-")
         print(f"| {name} | {r['early']:.1f} | {x(r['early'], hf.get('early', 1))} | "
               f"{r['early'] / limit:.0%} | {r['late']:.1f} | {r['late'] / r['early']:.2f} | "
               f"{r['prefill'] * 1000:.0f} | {x(hf.get('prefill', 1), r['prefill'])} | "
               f"{r['interference'][0]}/{r['interference'][1]} |")
-    print("(limit: read bandwidth / bytes of weights per token in that format; q8_0 counted as int8, "
-          "though it stores 8.5 bits a weight)")
+    print("(limit: read bandwidth / bytes of weights per token in that format; q8_0 and q4_0 count their"
+          " blocks' f16 scales: 8.5 and 4.5 bits a weight)")
     if args.llama_python and args.gguf_types:
         gguf_rows(args, model, env, figures)
     if args.json:
