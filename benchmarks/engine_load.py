@@ -60,6 +60,7 @@ class Stream:
     text: str = ""
     tokens: int = 0
     start: float = 0.0
+    end: float = float("nan")
     arrivals: list[float] = field(default_factory=list)
     error: str | None = None
 
@@ -128,9 +129,10 @@ class Server:
         self.close()
 
 
-async def stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> Stream:
-    """One greedy streaming completion of token ids; arrival time of every text chunk."""
-    body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+async def stream(client: httpx.AsyncClient, prompt: list[int] | str, max_tokens: int,
+                 model: str = "model") -> Stream:
+    """One greedy streaming completion; the arrival time of every text chunk."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     out = Stream(start=time.perf_counter())
     try:
@@ -152,6 +154,7 @@ async def stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) 
                     out.tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as exc:
         out.error = f"{type(exc).__name__}: {exc}"
+    out.end = time.perf_counter()
     return out
 
 

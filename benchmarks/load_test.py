@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import signal
@@ -29,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import engine_load  # beside this file: the engine scenarios and the one streaming client
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,30 +60,8 @@ def make_requests(n: int, seed: int) -> list[tuple[str, int]]:
 
 
 async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Outcome:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    out, start = Outcome(), time.perf_counter()
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                out.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return out
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    out.error = chunk["error"]["message"]
-                for choice in chunk.get("choices", []):
-                    if choice["text"] and out.ttft != out.ttft:
-                        out.ttft = time.perf_counter() - start
-                    out.text += choice["text"]
-                if chunk.get("usage"):
-                    out.tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError as exc:
-        out.error = f"{type(exc).__name__}: {exc}"
-    out.latency = time.perf_counter() - start
-    return out
+    got = await engine_load.stream(client, prompt, max_tokens, model)
+    return Outcome(got.text, got.tokens, got.ttft, got.end - got.start, got.error)
 
 
 async def run_all(url: str, model: str, requests: list[tuple[str, int]], clients: int,
@@ -150,8 +128,7 @@ def main() -> int:
                              " throughput and RSS (see engine_load.py --help for its own flags)")
     args, rest = parser.parse_known_args()
     if args.scenario == "engine":
-        import engine_load  # its own flags: every argument but the scenario goes to it
-
+        # its own flags: every argument but the scenario goes to it
         argv = [a for a in sys.argv[1:] if a != "--scenario=engine"]
         at = argv.index("--scenario") if "--scenario" in argv else None
         return engine_load.main(argv if at is None else argv[:at] + argv[at + 2:])

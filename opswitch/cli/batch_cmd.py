@@ -17,10 +17,9 @@ from tqdm import tqdm
 
 from opswitch.batch import JobSpec, RayOptions, Task, generation_settings, run_job
 from opswitch.batch.job import Report
-from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.model_args import add_engine_arguments, add_model_arguments
 from opswitch.cli.parsing import OneLineParser, UsageError
 from opswitch.cli.progress import Progress
-from opswitch.generation import DEFAULT_PREFILL_CHUNK
 
 if TYPE_CHECKING:
     from opswitch.api import LanguageModel
@@ -50,12 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "(default: a fresh one, recorded in the output)")
     gen.add_argument("--stop-token", type=int, metavar="ID",
                      help="stop at this token id; -1 = never (default: <|endoftext|>)")
-    gen.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
-                     help="prompts longer than this are prefilled in chunks between the other rows' tokens;"
-                     f" 0 = whole prompts at once (default {DEFAULT_PREFILL_CHUNK})")
-    gen.add_argument("--no-prefix-cache", action="store_true",
-                     help="never reuse the keys and values of a prompt start that another row computed"
-                     " (reuse never changes a result; this is for measuring)")
+    add_engine_arguments(gen)
     ev = jobs.add_parser("eval", help="score each text: loss, perplexity, tokens",
                          description="Score each row's text: mean next-token loss (nats/token), "
                          "perplexity and token count.")

@@ -7,6 +7,7 @@ import os
 
 from opswitch.core.formats import FORMATS, KV_FORMATS
 from opswitch.core.registry import get_registry
+from opswitch.generation import DEFAULT_PREFILL_CHUNK
 
 
 def backend_names() -> str:
@@ -44,6 +45,16 @@ def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
 
 MAX_THREADS = 1024
 ENV_THREADS = "OPSWITCH_NUM_THREADS"  # what the backends read when they start their pools
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, alike on every command that runs it (serve, batch generate)."""
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompts longer than this are prefilled in chunks, one per step, between the"
+                   f" running sequences' tokens; 0 = whole prompts at once (default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="never reuse the keys and values of a prompt start computed before (reuse never"
+                   " changes a result; this is for measuring)")
 
 
 def thread_count(text: str) -> int:

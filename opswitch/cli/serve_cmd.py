@@ -16,10 +16,9 @@ from pathlib import Path
 
 from opswitch import serve as serve_package
 from opswitch.cli.generate_cmd import load
-from opswitch.cli.model_args import add_model_arguments
+from opswitch.cli.model_args import add_engine_arguments, add_model_arguments
 from opswitch.cli.session import Console
 from opswitch.core.errors import OpswitchError
-from opswitch.generation import DEFAULT_PREFILL_CHUNK
 from opswitch.serve.scheduler import STREAM_BUFFER
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # uvicorn's
@@ -41,12 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most sequences waiting; beyond it requests get 429 (default 256)")
     p.add_argument("--cache-mib", type=float, default=1024, metavar="MIB",
                    help="KV-cache memory budget for all running sequences (default 1024)")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
-                   help="prompts longer than this are prefilled in chunks, one per step, between the"
-                   f" running sequences' tokens; 0 = whole prompts at once (default {DEFAULT_PREFILL_CHUNK})")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="never reuse the keys and values of a prompt's start computed for an earlier"
-                   " request (reuse never changes an answer; this is for measuring)")
+    add_engine_arguments(p)
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $OPSWITCH_API_KEY or none)")
     p.add_argument("--name", metavar="NAME",
