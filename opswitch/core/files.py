@@ -13,10 +13,12 @@ line naming the file and saying what to do, raised as the caller's own
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import stat
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from opswitch.core.errors import OpswitchError
 
@@ -157,3 +159,28 @@ def _refuse_constant(name: str) -> Any:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+_Mapped = TypeVar("_Mapped", bound="MappedFile")
+
+
+class MappedFile:
+    """A read-only memory map shared by the arrays a weights file hands out.
+
+    ``close`` drops this object's hold; arrays still viewing the map keep it
+    alive until they are collected (closing under them is refused quietly).
+    """
+
+    _mm: mmap.mmap | None = None
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            with suppress(BufferError):  # arrays still view it: they release it when collected
+                mm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -27,7 +27,6 @@ import math
 import mmap
 import os
 import struct
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from opswitch.core.errors import WeightsError
-from opswitch.core.files import open_regular
+from opswitch.core.files import MappedFile, open_regular
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -91,7 +90,7 @@ class TensorInfo:
         return tuple(reversed(self.dims))
 
 
-class GGUFFile:
+class GGUFFile(MappedFile):
     """A validated, memory-mapped GGUF file: ``metadata`` (key -> value) and ``tensors``.
 
     Numeric arrays in the metadata are read-only numpy views, strings are
@@ -217,17 +216,6 @@ class GGUFFile:
         flat = np.frombuffer(self._mm, np.uint8, count=info.nbytes, offset=start)
         return flat.reshape(-1, row_bytes)
 
-    def close(self) -> None:
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            with suppress(BufferError):  # arrays still view it: they release it when collected
-                mm.close()
-
-    def __enter__(self) -> GGUFFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _ELEMENT_DTYPES: dict[str, np.dtype] = {

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 
 from opswitch.core.errors import WeightsError
-from opswitch.core.files import open_regular
+from opswitch.core.files import MappedFile, open_regular
 
 # safetensors dtype -> numpy dtype (little-endian, as the format is).
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -54,7 +54,7 @@ class _Entry(NamedTuple):
     end: int
 
 
-class SafetensorsFile:
+class SafetensorsFile(MappedFile):
     """A validated, memory-mapped safetensors file.
 
     Arrays returned by ``get``/``get_float32`` stay valid after ``close()``:
@@ -144,19 +144,6 @@ class SafetensorsFile:
             raise ValueError(f"{self.path} is closed")
         flat = np.frombuffer(self._mm, dtype, count=math.prod(e.shape), offset=self._data_start + e.begin)
         return flat.reshape(e.shape)
-
-    # -- lifetime -------------------------------------------------------------------
-    def close(self) -> None:
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            with suppress(BufferError):  # arrays still view it: they release it when collected
-                mm.close()
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({str(self.path)!r}, {len(self._entries)} tensors)"
