@@ -193,32 +193,42 @@ def ids(rng, args, n: int) -> list[int]:
 
 
 def prefix_scenario(args, model: Path, rng) -> bool:
+    """Time to first token is the latency of a one-token request (a streamed text chunk can
+    wait for the bytes of a character to complete, which random weights make common)."""
     prefix = ids(rng, args, min(400, args.n_ctx - 40))
     prompts = [prefix + ids(rng, args, 8) for _ in range(16)]
 
-    async def run(url: str) -> tuple[list[Stream], float]:
+    async def run(url: str) -> tuple[list[Stream], float, list[Stream], float]:
         async with client(url, 16) as c:
             await stream(c, [*prefix, 11], 1)  # one request warms the shared prefix
             start = time.perf_counter()
+            firsts = await asyncio.gather(*(stream(c, p, 1) for p in prompts))
+            first_wall, start = time.perf_counter() - start, time.perf_counter()
             streams = await asyncio.gather(*(stream(c, p, 16) for p in prompts))
-            return list(streams), time.perf_counter() - start
+            return list(firsts), first_wall, list(streams), time.perf_counter() - start
 
     results = {}
     for label, extra in (("reuse", []), ("no reuse", ["--no-prefix-cache"])):
         with Server(model, args.backend, extra, args.threads) as server:
-            streams, wall = asyncio.run(run(server.url))
+            firsts, first_wall, streams, wall = asyncio.run(run(server.url))
             metrics = server.metrics()
-        results[label] = (streams, wall, metrics.get("opswitch_prefix_cache_hit_tokens_total", 0.0))
-    (on, on_wall, hits), (off, off_wall, _) = results["reuse"], results["no reuse"]
+        results[label] = (firsts, first_wall, streams, wall,
+                          metrics.get("opswitch_prefix_cache_hit_tokens_total", 0.0))
+    f_on, fw_on, on, on_wall, hits = results["reuse"]
+    f_off, fw_off, off, off_wall, _ = results["no reuse"]
     same = sum(a.text == b.text for a, b in zip(on, off))
-    ttft_on, ttft_off = statistics.median(s.ttft for s in on), statistics.median(s.ttft for s in off)
-    table("Prefix reuse: 16 requests sharing a 400-token prefix, 16 new tokens each",
+    ttft_on = statistics.median(s.end - s.start for s in f_on)
+    ttft_off = statistics.median(s.end - s.start for s in f_off)
+    table("Prefix reuse: 16 concurrent requests sharing a 400-token prefix (after one request that warms it)",
           ("", "with reuse", "--no-prefix-cache", "ratio"),
-          [("time to first token, median", ms(ttft_on), ms(ttft_off), f"{ttft_off / ttft_on:.1f}x lower"),
-           ("total time", f"{on_wall:.2f} s", f"{off_wall:.2f} s", f"{off_wall / on_wall:.1f}x lower"),
+          [("time to first token (a 1-token request), median", ms(ttft_on), ms(ttft_off),
+            f"{ttft_off / ttft_on:.1f}x lower"),
+           ("all 16 first tokens", f"{fw_on:.2f} s", f"{fw_off:.2f} s", f"{fw_off / fw_on:.1f}x lower"),
+           ("16 new tokens each: total time", f"{on_wall:.2f} s", f"{off_wall:.2f} s",
+            f"{off_wall / on_wall:.1f}x lower"),
            ("prefix-cache hit tokens (/metrics)", f"{hits:.0f}", "-", ""),
-           ("answers identical with and without reuse", f"{same} of {len(on)}", "", "")])
-    bad = failures(on + off)
+           ("16-token answers identical with and without reuse", f"{same} of {len(on)}", "", "")])
+    bad = failures(f_on + f_off + on + off)
     if bad:
         print(f"\nfailed requests: {len(bad)} (first: {bad[0]})")
     return not bad and same == len(on)
