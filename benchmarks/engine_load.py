@@ -308,7 +308,7 @@ def throughput_scenario(args, model: Path, rng) -> bool:
 
 
 def rss_scenario(args, model: Path, rng) -> bool:
-    with Server(model, args.backend, [], args.threads) as server:
+    with Server(model, args.backend, [f"--cache-mib={args.cache_mib:g}"], args.threads) as server:
         async def run(n: int, clients: int) -> list[Stream]:
             gate = asyncio.Semaphore(clients)
             async with client(server.url, clients) as c:
@@ -324,10 +324,13 @@ def rss_scenario(args, model: Path, rng) -> bool:
         after = server.rss_mib()
         metrics = server.metrics()
     bad = failures(streams)
-    budget = metrics.get("opswitch_kv_cache_bytes_in_use", float("nan")) / 2**20
-    table(f"Server memory over {args.rss_requests} mixed requests (32 concurrent)", ("", "value"),
+    in_use = metrics.get("opswitch_kv_cache_bytes_in_use", float("nan")) / 2**20
+    spare = metrics.get("opswitch_kv_cache_bytes_spare", float("nan")) / 2**20
+    table(f"Server memory over {args.rss_requests} mixed requests (32 concurrent; KV-cache budget"
+          f" {args.cache_mib:g} MiB)", ("", "value"),
           [("RSS after warm-up", f"{before:.0f} MiB"), ("RSS after", f"{after:.0f} MiB"),
-           ("growth", f"{after - before:+.0f} MiB"), ("KV cache in use at the end", f"{budget:.1f} MiB"),
+           ("growth", f"{after - before:+.0f} MiB"), ("KV cache in use at the end", f"{in_use:.1f} MiB"),
+           ("spare KV caches kept for prefix reuse (inside the budget)", f"{spare:.1f} MiB"),
            ("failed requests", len(bad))])
     return not bad
 
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-prompts", type=int, default=4, help="1,000-token prompts in the chunked run")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens each decoding client asks for")
     parser.add_argument("--rss-requests", type=int, default=1000)
+    parser.add_argument("--cache-mib", type=float, default=1024, help="the server's KV-cache budget in rss")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
