@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from opswitch.batch import JobSpec, RayOptions, Task, generation_settings, run_job
 from opswitch.batch.job import Report
+from opswitch.cli.allocator import return_large_blocks_to_the_os
 from opswitch.cli.model_args import add_engine_arguments, add_model_arguments
 from opswitch.cli.parsing import OneLineParser, UsageError
 from opswitch.cli.progress import Progress
@@ -177,6 +178,7 @@ class CliReport(Report):
 
 
 def run(args: argparse.Namespace) -> int:
+    return_large_blocks_to_the_os()  # a long run's freed caches leave the process
 
     spec, ray = spec_from(args)
     report = CliReport(args.quiet, ray)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from opswitch import serve as serve_package
+from opswitch.cli.allocator import return_large_blocks_to_the_os
 from opswitch.cli.generate_cmd import load
 from opswitch.cli.model_args import add_engine_arguments, add_model_arguments
 from opswitch.cli.session import Console
@@ -109,6 +110,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    return_large_blocks_to_the_os()  # a long run's freed caches leave the process
     missing = serve_package.missing_deps()  # (looked up at call time: a test replaces it)
     if missing:
         raise OpswitchError(f"opswitch serve needs the 'serve' extra ({', '.join(missing)} not installed):"
