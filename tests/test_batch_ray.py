@@ -33,10 +33,14 @@ def ray_instance():
     """One Ray instance for this module, shut down before the rest of the suite runs."""
     ray = require("ray")
     require("ray.data")
-    # Ray's worker processes inherit this environment, so they import the same opswitch.
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
+    # Ray's worker processes inherit this environment, so they import the same opswitch, and
+    # keep a fixed thread count: the busy-machine governor would otherwise change an actor's
+    # BLAS threads between calls, and a loss's last bits with them (docs/batch.md)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OPSWITCH_ADAPT_THREADS", "0")
+        ray.init(num_cpus=2, include_dashboard=False)
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture
@@ -81,7 +85,7 @@ def test_eval_on_ray_is_byte_identical_to_local(ray_instance, tmp_path):
     inp.write_text("".join(json.dumps({"text": r.get("prompt", "a")}) + "\n" for r in ROWS))
     local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     done = run_cli("batch", "eval", "--input", inp, "--output", local, "--shard-size", 3, "--batch-size", 2,
-                   "--threads", 1, "--quiet")
+                   "--threads", 1, "--quiet", env={"OPSWITCH_ADAPT_THREADS": "0"})
     assert done.returncode == 0, done.stderr
     run_job(JobSpec(Task("eval", "text"), inp, on_ray, shard_size=3, batch_size=2), ray=RayOptions(actors=2))
     assert on_ray.read_bytes() == local.read_bytes()
