@@ -146,6 +146,13 @@ class Server:
         return self.proc.returncode
 
 
+def openai_client(server: Server, timeout: float = 120):
+    """The official client on ``server`` with the tests' key and no retries (a retry would hide a failure)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=timeout)
+
+
 def http(server: Server, method: str, path: str, key: str | None = KEY, headers: dict | None = None,
          **kwargs):
     """A raw HTTP request to ``server`` (for what the openai client would not send)."""

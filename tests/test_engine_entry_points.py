@@ -8,13 +8,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import BACKEND, KEY, Server, metric, read_jsonl, write_jsonl
+from helpers import BACKEND, KEY, Server, metric, openai_client, read_jsonl, write_jsonl
 from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
     require(_module)
 
-import openai  # noqa: E402
 
 import opswitch  # noqa: E402
 from opswitch.cli.main import main  # noqa: E402
@@ -38,7 +37,7 @@ def lm(long_context_model_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def _straddling_stop(lm) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from helpers import BACKEND, KEY, PROMPT, Server, http, metric
+from helpers import BACKEND, KEY, PROMPT, Server, http, metric, openai_client
 from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
@@ -39,7 +39,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}

@@ -18,13 +18,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from helpers import KEY, Server, metric
+from helpers import KEY, Server, metric, openai_client
 from support import require
 
 for _module in ("starlette", "uvicorn", "sse_starlette", "openai", "httpx"):
     require(_module)
 
-import openai  # noqa: E402
 
 import opswitch  # noqa: E402
 
@@ -51,7 +50,7 @@ def lm(long_context_model_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def _raw_request(server, body: dict) -> socket.socket:
