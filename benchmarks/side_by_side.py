@@ -185,7 +185,7 @@ def main() -> None:
     hf = run_engine("torch", str(model), "", "f32", *figures, env=env)
     results["HF transformers + torch f32"] = medians(hf)
     for pair in args.ours.split(","):
-        spec, fmt = pair.split(":")
+        spec, fmt = pair.split(":", 1)  # fmt may name the KV cache too: int8:f16
         ours = run_engine("ours", str(model), spec, fmt, *figures, env=env)
         results[f"opswitch {spec} {fmt}"] = medians(ours)
     if args.llama_python:
@@ -210,7 +210,7 @@ def main() -> None:
         if "error" in r:
             print(f"| {name} | failed: {r['error']} |")
             continue
-        fmt = name.split()[-1]  # llama.cpp's q8_0 is the same blocks as ours
+        fmt = name.split()[-1].split(":")[0]  # llama.cpp's q8_0 is the same blocks as ours
         limit = bw.read / weight_bytes_per_token(config, fmt) if fmt in formats.FORMATS else float("nan")
         x = (lambda a, b: f"{a / b:.2f}") if "error" not in hf else (lambda a, b: "-")
         print(f"| {name} | {r['early']:.1f} | {x(r['early'], hf.get('early', 1))} | "

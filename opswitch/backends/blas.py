@@ -34,6 +34,8 @@ class BlasBackend(Backend):
     description = "scipy.linalg.blas GEMM/GEMV with fused bias; attention over the cache in place"
     dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
     kv_formats: ClassVar[tuple[str, ...]] = ("f32", "f16")  # an f16 cache is widened as BLAS reads it
+    # which loaded OpenBLAS the products run on (numpy ships its own beside scipy's): named in the probe
+    blas_library: ClassVar[tuple[str, ...]] = ("scipy.libs", "/scipy/")
 
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)
@@ -52,8 +54,8 @@ class BlasBackend(Backend):
         if wanted:
             threadpool_limits(limits=int(wanted), user_api="blas")
         libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        # numpy loads its own OpenBLAS (numpy.libs/libscipy_openblas64_...): report scipy's
-        ours = [i for i in libs if any(d in i.get("filepath", "") for d in ("scipy.libs", "/scipy/"))]
+        # numpy loads its own OpenBLAS (numpy.libs/libscipy_openblas64_...): report the one used
+        ours = [i for i in libs if any(d in i.get("filepath", "") for d in self.blas_library)]
         lib = (ours or libs or [{}])[0]
         self.threads = lib.get("num_threads")
         self._governor = ThreadGovernor(int(self.threads or 1) if self._adapt() else 1, self._set_threads)

@@ -228,7 +228,10 @@ def gemm_rows_packed(w, scale, x, out):
 # kernels above: widening 1- or 2-byte values costs instructions, and the dot
 # form does it once per weight with no partial sums to reload (measured faster).
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def gemv_cols_f32(w, x, partial):  # f32 [n_in, n_out], [n_in] -> partial [n_part, n_out]
+def gemv_cols_f32(w, x, bias, partial, out):
+    """f32 [n_in, n_out] · [n_in] (+ bias [n_out]; size 0: none) -> out [n_out], through
+    partial [n_part, n_out]: one slab per thread, then the partials and the bias are added
+    on the calling thread inside this call (no second pass, no numpy reduction to dispatch)."""
     n_in, n_out = w.shape
     n_part = partial.shape[0]
     for t in prange(n_part):
@@ -246,6 +249,11 @@ def gemv_cols_f32(w, x, partial):  # f32 [n_in, n_out], [n_in] -> partial [n_par
             for j in range(n_out):
                 acc[j] += xi * w[i, j]
             i += 1
+    for j in range(n_out):
+        out[j] = bias[j] if bias.size else np.float32(0.0)
+    for t in range(n_part):
+        for j in range(n_out):
+            out[j] += partial[t, j]
 
 
 # -- dequantisation (prefill: widen once, then one sgemm; serial, as OpenBLAS runs) ---
@@ -397,18 +405,48 @@ def _attend_head(q, k_cache, v_cache, end, scale, out, h):
         out[h, c] = o[c] * inv
 
 
+def _store_row(k_cache, v_cache, row, start):  # a new row's key and value into float32 caches
+    pass
+
+
+@overload(_store_row, inline="always")
+def _store_row_overload(k_cache, v_cache, row, start):
+    if isinstance(k_cache.dtype, types.Integer):  # f16 bits: the caller rounds and writes them
+        return lambda k_cache, v_cache, row, start: None
+
+    def store(k_cache, v_cache, row, start):
+        n_head, _, d = k_cache.shape
+        e = n_head * d
+        for h in range(n_head):
+            for c in range(d):
+                k_cache[h, start, c] = row[e + h * d + c]
+                v_cache[h, start, c] = row[2 * e + h * d + c]
+
+    return store
+
+
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def decode_attention(q, k_cache, v_cache, end, scale, out):
-    """One query per head over the cache: q [n_head, d], caches [n_head, cap, d] (float32,
-    or int16 f16 bits), rows 0..end; out [n_head, d].  Reads each head's keys and values once."""
-    for h in prange(q.shape[0]):
-        _attend_head(q, k_cache, v_cache, end, scale, out, h)
+def decode_attention(row, k_cache, v_cache, start, scale, out):
+    """One new row of one sequence: ``row`` [3 * n_embd] is its q, k and v; caches
+    [n_head, cap, d] (float32, or int16 f16 bits written by the caller); out [n_embd].
+    The key and value go in at ``start``, then each head attends over rows 0..start,
+    reading its keys and values once."""
+    n_head, _, d = k_cache.shape
+    _store_row(k_cache, v_cache, row, start)
+    q = row[: n_head * d].reshape(n_head, d)
+    o = out.reshape(n_head, d)
+    for h in prange(n_head):
+        _attend_head(q, k_cache, v_cache, start + 1, scale, o, h)
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")
-def decode_attention_serial(q, k_cache, v_cache, end, scale, out):
-    for h in range(q.shape[0]):
-        _attend_head(q, k_cache, v_cache, end, scale, out, h)
+def decode_attention_serial(row, k_cache, v_cache, start, scale, out):
+    n_head, _, d = k_cache.shape
+    _store_row(k_cache, v_cache, row, start)
+    q = row[: n_head * d].reshape(n_head, d)
+    o = out.reshape(n_head, d)
+    for h in range(n_head):
+        _attend_head(q, k_cache, v_cache, start + 1, scale, o, h)
 
 
 @njit(cache=True, error_model="numpy")

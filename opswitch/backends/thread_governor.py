@@ -59,21 +59,28 @@ class ThreadGovernor:
             return fn(*args, **kwargs)
         start = self._clock()
         probe = start >= self._next_probe
-        threads = (1 if self.choice == self.most else self.most) if probe else self.choice
-        if getattr(self._local, "threads", None) != threads:
+        if probe:
+            threads = 1 if self.choice == self.most else self.most
+        else:
+            threads = self.choice
+        local = self._local
+        if getattr(local, "threads", None) != threads:
             self._apply(threads)
-            self._local.threads = threads
+            local.threads = threads
         result = fn(*args, **kwargs)
-        self._record(key, threads, self._clock() - start, probe)
+        seconds = self._clock() - start
+        if probe:
+            self._record_probe(key, threads, seconds)
+        else:  # the common call, inline: it runs some 50 times a token
+            slot = (key, threads)
+            old = self._mean.get(slot)
+            self._mean[slot] = seconds if old is None else old + ALPHA * (seconds - old)
         return result
 
-    def _record(self, key: Hashable, threads: int, seconds: float, probe: bool) -> None:
+    def _record_probe(self, key: Hashable, threads: int, seconds: float) -> None:
         slot = (key, threads)
         old = self._mean.get(slot)
-        alpha = ALPHA_PROBE if probe else ALPHA
-        self._mean[slot] = seconds if old is None else old + alpha * (seconds - old)
-        if not probe:
-            return
+        self._mean[slot] = seconds if old is None else old + ALPHA_PROBE * (seconds - old)
         mine = self._mean.get((key, self.choice))
         if mine is not None and self._mean[slot] < SWITCH_MARGIN * mine:
             self.choice, self.switches = threads, self.switches + 1
