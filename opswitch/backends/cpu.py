@@ -235,9 +235,9 @@ class CpuBackend(BlasBackend):
             self._run(k.gemv_rows_int8, w.data, w.scale, x, out)
         elif w.fmt == "bf16":
             self._run(k.gemv_rows_bf16, w.data, x, out)
-        elif np.abs(x).max() < F16_FAST_MAX:  # x·2^112 stays finite: the fast form is exact
+        elif not k.NATIVE_HALF and np.abs(x).max() < F16_FAST_MAX:  # x·2^112 finite: exact too
             self._run(k.gemv_rows_f16, w.data, x * k.F16_SCALE, out)
-        else:  # also NaN: the exact form, which never scales x
+        else:  # F16C's conversion, or (also for NaN) the integer form that never scales x
             self._run(k.gemv_rows_f16_exact, w.data, x, out)
 
     def _ones(self, n: int) -> np.ndarray:
