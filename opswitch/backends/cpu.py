@@ -44,6 +44,8 @@ SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this r
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
 BLOCKS_GEMV_MAX_ROWS = 8  # up to this many rows, block weights run the fused kernel (read once)
 GEMM_MAX_ROWS = 64  # up to this many, one pass over the packed weight for all rows (batched decode)
+F32_COLS_MAX_ROWS = 8  # up to this many rows, f32 linears read the weight once in a numba kernel
+F32_TABLE_MAX_ROWS = 8  # ...and the tied lm_head takes the packed kernel (OpenBLAS wins at 16, measured)
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
 _NO_BIAS = np.empty(0, dtype=np.float32)
 F16_FAST_MAX = 2.0**16  # f16 GEMV inputs below this take the pre-scaled kernel (x·2^112 < 2^128)
@@ -148,16 +150,21 @@ class CpuBackend(BlasBackend):
             if b is not None:
                 out += b
             return out
-        if x.shape[0] != 1:
-            out = self._product(x, w)
-            if b is not None:
-                out += b
-            return out
-        n_out = w.shape[1]
-        out = np.empty((1, n_out), dtype=np.float32)
-        partial = np.empty((self._threads, n_out), dtype=np.float32)
+        m, n_out = x.shape[0], w.shape[1]
         bias = _NO_BIAS if b is None else b
-        self._run(self._k.gemv_cols_f32, w, np.ascontiguousarray(x[0]), bias, partial, out[0])
+        if m == 1:
+            out = np.empty((1, n_out), dtype=np.float32)
+            partial = np.empty((self._threads, n_out), dtype=np.float32)
+            self._run(self._k.gemv_cols_f32, w, np.ascontiguousarray(x[0]), bias, partial, out[0])
+            return out
+        if m <= F32_COLS_MAX_ROWS:
+            out = np.empty((m, n_out), dtype=np.float32)
+            partial = np.empty((self._threads, m, n_out), dtype=np.float32)
+            self._run(self._k.gemm_cols_f32, w, np.ascontiguousarray(x, dtype=np.float32), bias, partial, out)
+            return out
+        out = self._product(x, w)
+        if b is not None:
+            out += b
         return out
 
     def matmul(self, a, b, transpose_b=False):  # [m, k] @ [k, n] (or [n, k]ᵀ) -> [m, n]
@@ -170,6 +177,11 @@ class CpuBackend(BlasBackend):
         if a.shape[0] == 1 and transpose_b:  # the tied lm_head in decode: dot products
             out = np.empty((1, b.shape[0]), dtype=np.float32)
             self._run(self._k.gemv_rows_f32, b, np.ascontiguousarray(a[0]), out[0])
+            return out
+        if transpose_b and a.shape[0] <= F32_TABLE_MAX_ROWS and b.dtype == np.float32:  # batched decode
+            out = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            self._run(self._k.gemm_rows_packed, np.ascontiguousarray(b), self._ones(b.shape[0]), a, out)
             return out
         return self._product(a, b.T if transpose_b else b)
 

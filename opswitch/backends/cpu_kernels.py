@@ -260,6 +260,42 @@ def gemv_cols_f32(w, x, bias, partial, out):
             out[j] += partial[t, j]
 
 
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def gemm_cols_f32(w, x, bias, partial, out):
+    """The same for a few rows: x [m, n_in] · w [n_in, n_out] (+ bias) -> out [m, n_out],
+    through partial [n_part, m, n_out].  Each group of four weight rows is read from memory
+    once and used by every row of x while it is in L1, so a batch of 2-8 reads the weight
+    once per step (OpenBLAS's sgemm at 2 rows was slower than one row twice, measured)."""
+    n_in, n_out = w.shape
+    m = x.shape[0]
+    n_part = partial.shape[0]
+    for t in prange(n_part):
+        lo, hi = t * n_in // n_part, (t + 1) * n_in // n_part
+        acc = partial[t]
+        acc[:] = 0.0
+        i = lo
+        while i + 4 <= hi:
+            for r in range(m):
+                x0, x1, x2, x3 = x[r, i], x[r, i + 1], x[r, i + 2], x[r, i + 3]
+                a = acc[r]
+                for j in range(n_out):
+                    a[j] += x0 * w[i, j] + x1 * w[i + 1, j] + x2 * w[i + 2, j] + x3 * w[i + 3, j]
+            i += 4
+        while i < hi:
+            for r in range(m):
+                xi = x[r, i]
+                a = acc[r]
+                for j in range(n_out):
+                    a[j] += xi * w[i, j]
+            i += 1
+    for r in range(m):
+        for j in range(n_out):
+            out[r, j] = bias[j] if bias.size else np.float32(0.0)
+        for t in range(n_part):
+            for j in range(n_out):
+                out[r, j] += partial[t, r, j]
+
+
 # -- dequantisation (prefill: widen once, then one sgemm; serial, as OpenBLAS runs) ---
 @njit(fastmath=True, cache=True, error_model="numpy")
 def dequant_int8(w, scale, out):  # int8 [n, k], f32 [n] -> f32 [n, k]
