@@ -9,6 +9,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -90,3 +93,33 @@ def test_overflow_is_the_non_finite_logits_error_on_every_backend(tmp_path, tiny
     lm = opswitch.load_model(overflowing_model(tmp_path, tiny_config, tiny_params), backend=backend)
     with np.errstate(all="ignore"), pytest.raises(NonFiniteLogitsError, match="the model produced NaN"):
         lm.generate_ids(prompt, max_new_tokens=3, temperature=0)
+
+
+_PRODUCTS = """
+import hashlib, numpy as np
+from opswitch.core.registry import get_registry
+registry = get_registry(); cpu = registry.backend("cpu"); registry.bind(cpu)
+digest = hashlib.sha256()
+for rows in (1, 3, 8):  # our kernels; OpenBLAS's GEMMs above 8 rows depend on its thread count
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 768)).astype(np.float32)
+    w = rng.standard_normal((768, 2304)).astype(np.float32)
+    digest.update(cpu.linear(x, w, rng.standard_normal(2304).astype(np.float32)).tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_f32_products_are_the_same_bits_on_any_thread_count():
+    """The split of a dot product into partial sums is fixed, not one per thread: a batch
+    job's losses on a one-CPU Ray actor are the bits a many-core run writes, wherever our
+    kernels compute (decode, and batches up to 8 rows; OpenBLAS's sgemm above that splits
+    its sums by thread count, which is why docs/batch.md says to match --threads).  numba's
+    thread count is fixed when a process starts, so each count runs in its own."""
+    digests = set()
+    for threads in ("1", "2", "3"):
+        env = dict(os.environ, OPSWITCH_NUM_THREADS=threads, OPSWITCH_ADAPT_THREADS="0")
+        done = subprocess.run([sys.executable, "-c", _PRODUCTS], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        digests.add(done.stdout.strip())
+    assert len(digests) == 1, "cpu.linear gives different bits on 1, 2 and 3 threads"

@@ -44,6 +44,8 @@ SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this r
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row
 BLOCKS_GEMV_MAX_ROWS = 8  # up to this many rows, block weights run the fused kernel (read once)
 GEMM_MAX_ROWS = 64  # up to this many, one pass over the packed weight for all rows (batched decode)
+SLABS = 8  # f32 GEMVs split n_in into this many partial sums whatever the thread count, so a
+# result is the same bits on 1 thread or 16 (a batch job's losses on a 1-CPU Ray actor and here)
 F32_COLS_MAX_ROWS = 8  # up to this many rows, f32 linears read the weight once in a numba kernel
 F32_TABLE_MAX_ROWS = 8  # ...and the tied lm_head takes the packed kernel (OpenBLAS wins at 16, measured)
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
@@ -154,12 +156,12 @@ class CpuBackend(BlasBackend):
         bias = _NO_BIAS if b is None else b
         if m == 1:
             out = np.empty((1, n_out), dtype=np.float32)
-            partial = np.empty((self._threads, n_out), dtype=np.float32)
+            partial = np.empty((SLABS, n_out), dtype=np.float32)
             self._run(self._k.gemv_cols_f32, w, np.ascontiguousarray(x[0]), bias, partial, out[0])
             return out
         if m <= F32_COLS_MAX_ROWS:
             out = np.empty((m, n_out), dtype=np.float32)
-            partial = np.empty((self._threads, m, n_out), dtype=np.float32)
+            partial = np.empty((SLABS, m, n_out), dtype=np.float32)
             self._run(self._k.gemm_cols_f32, w, np.ascontiguousarray(x, dtype=np.float32), bias, partial, out)
             return out
         out = self._product(x, w)
