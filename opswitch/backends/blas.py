@@ -149,9 +149,7 @@ class BlasBackend(Backend):
         """
         n_new, n_embd = qkv.shape[0], qkv.shape[1] // 3
         d, end = n_embd // n_head, start + n_new
-        heads = lambda t: t.reshape(n_new, n_head, d).transpose(1, 0, 2)  # noqa: E731
-        k_cache[:, start:end] = heads(qkv[:, n_embd : 2 * n_embd])
-        v_cache[:, start:end] = heads(qkv[:, 2 * n_embd :])
+        self._store_rows(qkv, n_head, k_cache, v_cache, start)
         if out is None:
             out = np.empty((n_new, n_embd), dtype=self.dtype)
         scale = 1.0 / math.sqrt(d)
@@ -173,6 +171,15 @@ class BlasBackend(Backend):
             self._softmax_rows(scores, start)
             out[:, cols] = self._gemm(1.0, values.T, scores.T).T  # Fortran vᵀ·pᵀ [d, n_new]
         return out
+
+    @staticmethod
+    def _store_rows(qkv, n_head, k_cache, v_cache, start) -> None:
+        """The new rows' keys and values into the head-major caches at ``start``..."""
+        n_new, n_embd = qkv.shape[0], qkv.shape[1] // 3
+        d = n_embd // n_head
+        heads = lambda t: t.reshape(n_new, n_head, d).transpose(1, 0, 2)  # noqa: E731
+        k_cache[:, start : start + n_new] = heads(qkv[:, n_embd : 2 * n_embd])
+        v_cache[:, start : start + n_new] = heads(qkv[:, 2 * n_embd :])
 
     def _softmax_rows(self, scores, start):
         """Softmax in place over the rows of [n_q, n_k]; with a ``start``, causal:

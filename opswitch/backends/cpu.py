@@ -335,9 +335,7 @@ class CpuBackend(BlasBackend):
         values (``blas``'s scheme, on numpy's OpenBLAS), a causal softmax between them."""
         n_new, n_embd = qkv.shape[0], qkv.shape[1] // 3
         d, end = n_embd // n_head, start + n_new
-        heads = lambda t: t.reshape(n_new, n_head, d).transpose(1, 0, 2)  # noqa: E731
-        k_cache[:, start:end] = heads(qkv[:, n_embd : 2 * n_embd])
-        v_cache[:, start:end] = heads(qkv[:, 2 * n_embd :])
+        self._store_rows(qkv, n_head, k_cache, v_cache, start)
         if out is None:
             out = np.empty((n_new, n_embd), dtype=np.float32)
         scale = np.float32(1.0 / math.sqrt(d))
