@@ -117,6 +117,22 @@ class CpuBackend(BlasBackend):
         self._governor = ThreadGovernor(self._threads if self._adapt() else 1, self._set_threads)
         return Probe.ok(f"{base.device}; numba {numba.__version__}, {self._threads} threads")
 
+    def _prepare_impl(self) -> None:
+        """Load every f32 model's kernels now (numba loads cached machine code on a kernel's
+        first call, 20-50 ms each): otherwise the first prompt pays ~0.4 s and reports it as
+        prefill time."""
+        k, f32 = self._k, np.float32
+        x, w = np.ones((1, 8), f32), np.ones((8, 4), f32)
+        self.linear(x, w, np.zeros(4, f32))  # gemv_cols_f32
+        self.linear(np.ones((2, 8), f32), w, np.zeros(4, f32))  # gemm_cols_f32
+        self.matmul(x, np.ones((4, 8), f32), transpose_b=True)  # gemv_rows_f32
+        self.layernorm(x, np.ones(8, f32), np.zeros(8, f32))
+        self.gelu(x)
+        row, cache = np.ones(24, f32), np.zeros((1, 4, 8), f32)
+        for attend in (k.decode_attention_serial, k.decode_attention):
+            attend(row, cache, cache.copy(), 0, f32(1.0), np.empty(8, f32))
+        k.causal_softmax(np.ones((2, 2), f32), 0)
+
     def _set_threads(self, n: int) -> None:
         self._numba_set_threads(min(n, self._threads))  # numba's count is per calling thread
         super()._set_threads(n)
