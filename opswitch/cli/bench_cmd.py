@@ -136,12 +136,7 @@ def run(args: argparse.Namespace) -> int:
         _load_table(args, config, params, backends, formats, no_torch, threads)
     if not args.no_tokenizer:
         _tokenizer_table(args, quiet)
-    if no_torch:
-        print(f"\nreference: {no_torch}")
-    print("\n" + quiet.report.summary())
-    if args.json:
-        _write_json(args.json, rows)
-    return 0
+    return _finish(args, quiet, rows, no_torch)
 
 
 def _write_json(path: str, rows: list) -> None:
@@ -354,6 +349,12 @@ def _batch_table(args, backends, config, params, no_torch: str | None, quiet: Qu
                  for r in line]
         print("  " + f"{size:>5}" + "".join(f"{c:>20}" for c in cells), flush=True)
         rows += line
+    return _finish(args, quiet, rows, no_torch)
+
+
+def _finish(args, quiet, rows, no_torch) -> int:
+    """What every bench run ends with: why the reference did not run, the interference
+    seen, and the JSON file when asked for."""
     if no_torch:
         print(f"\nreference: {no_torch}")
     print("\n" + quiet.report.summary())
