@@ -78,6 +78,28 @@ def test_f16_linear_with_large_activations_matches_float64(cpu, rows, magnitude)
     assert (np.abs(got - reference) <= bound).all()
 
 
+@pytest.mark.parametrize("rows", [1, 5, 9, 16, 64, 65])  # GEMV, packed kernel, sliced sgemm, one sgemm
+def test_f32_table_product_matches_float64_on_every_path(cpu, rows):
+    """The tied lm_head (x · tableᵀ) with a table large enough to be multiplied in slices
+    (the last one short), against float64 under the n·u·Σ|x·w| bound; a NaN in one row of x
+    stays in that row's outputs and nowhere else."""
+    from opswitch.backends import cpu as cpu_module
+
+    n_vocab = 2 * cpu_module.TABLE_SLICE + 77
+    rng = np.random.default_rng(rows)
+    table = rng.standard_normal((n_vocab, 40)).astype(np.float32)
+    x = rng.standard_normal((rows, 40)).astype(np.float32)
+    got = np.asarray(cpu.matmul(x, table, transpose_b=True), np.float64)
+    reference = x.astype(np.float64) @ table.T.astype(np.float64)
+    bound = 40 * EPS32 * (np.abs(x.astype(np.float64)) @ np.abs(table.T.astype(np.float64))) * 1.01
+    assert got.shape == (rows, n_vocab)
+    assert (np.abs(got - reference) <= bound).all()
+    x[rows // 2, 3] = np.nan
+    got = np.asarray(cpu.matmul(x, table, transpose_b=True))
+    assert np.isnan(got[rows // 2]).all()
+    assert np.isfinite(np.delete(got, rows // 2, axis=0)).all()
+
+
 def overflowing_model(tmp_path, tiny_config, tiny_params):
     """Finite weights whose attention scores overflow float32: the forward pass yields NaN."""
     params = copy.deepcopy(tiny_params)

@@ -48,6 +48,7 @@ SLABS = 8  # f32 GEMVs split n_in into this many partial sums whatever the threa
 # result is the same bits on 1 thread or 16 (a batch job's losses on a 1-CPU Ray actor and here)
 F32_COLS_MAX_ROWS = 8  # up to this many rows, f32 linears read the weight once in a numba kernel
 F32_TABLE_MAX_ROWS = 8  # ...and the tied lm_head takes the packed kernel (OpenBLAS wins at 16, measured)
+TABLE_SLICE = 2048  # above that, up to GEMM_MAX_ROWS rows multiply the table this many entries at a time
 CHUNK = 1 << 22  # elements dequantised at a time for a GEMM (16 MiB of float32 scratch)
 _NO_BIAS = np.empty(0, dtype=np.float32)
 F16_FAST_MAX = 2.0**16  # f16 GEMV inputs below this take the pre-scaled kernel (x·2^112 < 2^128)
@@ -201,7 +202,22 @@ class CpuBackend(BlasBackend):
             a = np.ascontiguousarray(a, dtype=np.float32)
             self._run(self._k.gemm_rows_packed, np.ascontiguousarray(b), self._ones(b.shape[0]), a, out)
             return out
+        if transpose_b and a.shape[0] <= GEMM_MAX_ROWS and b.shape[0] > 2 * TABLE_SLICE:
+            return self._table_product(a, b)
         return self._product(a, b.T if transpose_b else b)
+
+    def _table_product(self, a: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """a [m, n] times a large table [n_vocab, n] transposed (the tied lm_head of a batched
+        decode step), a slice of the table at a time: one sgemm over the 50257-entry table at
+        16 rows ran 1.2-1.5x slower than 2048-entry slices (whose packed panels stay in L2),
+        measured on Zen 3 in and out of the model."""
+        n_vocab = table.shape[0]
+        out_t = np.empty((n_vocab, a.shape[0]), dtype=np.float32)
+        a_t = np.ascontiguousarray(a.T, dtype=np.float32)
+        for lo in range(0, n_vocab, TABLE_SLICE):
+            hi = min(n_vocab, lo + TABLE_SLICE)
+            self._product(table[lo:hi], a_t, out=out_t[lo:hi])
+        return np.ascontiguousarray(out_t.T)
 
     def _product(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``a @ b`` on numpy's OpenBLAS (the module docstring says why), with the thread
