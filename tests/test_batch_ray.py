@@ -12,6 +12,7 @@ from support import require
 
 from opswitch.batch import Job, JobSpec, RayOptions, Task, generation_settings, run_job
 from opswitch.batch.local import run_local
+from opswitch.batch.ray_runner import RowsActor, actor_threads
 from opswitch.cli.main import main
 
 pytestmark = pytest.mark.ray
@@ -106,9 +107,31 @@ def test_cli_ray_auto_finishes_a_job_started_locally(ray_instance, tmp_path, lm,
     err = capsys.readouterr().err
     # rows 0-1 and the last shard (row 8, invalid JSON, filed at the start) were complete
     assert "Resuming: 3 rows in complete shards are done, 5 to go" in err
-    assert "Running 5 rows on Ray (2 actors, 1 CPU each)" in err
+    assert "Running 5 rows on Ray (2 actors, 1 CPU and 1 compute thread each)" in err
     assert "ray-project/ray#53727" in err  # Ray's own error-marked notice is explained
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_an_actor_computes_on_the_cpus_it_reserves(ray_instance, monkeypatch):
+    """numba sizes its pool by the machine's CPUs when it starts: an actor given one CPU of a
+    shared node must start it with one thread (on a one-CPU machine this cannot fail)."""
+    monkeypatch.delenv("OPSWITCH_NUM_THREADS", raising=False)
+    assert actor_threads(RayOptions(cpus_per_actor=1)) == 1
+    assert actor_threads(RayOptions(cpus_per_actor=2.5)) == 2
+    assert actor_threads(RayOptions(cpus_per_actor=0.5)) == 1
+    monkeypatch.setenv("OPSWITCH_NUM_THREADS", "3")  # --threads / the variable, when given, wins
+    assert actor_threads(RayOptions(cpus_per_actor=1)) == 3
+
+    class ThreadsActor(RowsActor):
+        def threads(self):
+            import numba
+
+            return self.fatal, self.lm.backend.name, numba.get_num_threads()
+
+    task = Task("eval", "text", backend="cpu")
+    actor = ray_instance.remote(num_cpus=1)(ThreadsActor).remote(task, threads=1)
+    assert ray_instance.get(actor.threads.remote()) == (None, "cpu", 1)
+    ray_instance.kill(actor)
 
 
 def test_a_model_that_does_not_load_on_the_actors_is_one_line(ray_instance, tmp_path, prompts, capsys):

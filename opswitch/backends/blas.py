@@ -22,8 +22,8 @@ import numpy as np
 from opswitch.backends.thread_governor import ThreadGovernor
 from opswitch.core import Backend, Probe, hookimpl
 from opswitch.core import ops as reference
+from opswitch.core.backend import ENV_THREADS
 
-ENV_THREADS = "OPSWITCH_NUM_THREADS"
 ENV_ADAPT = "OPSWITCH_ADAPT_THREADS"  # "0": always the full thread count (to measure what adapting buys)
 GOVERN_MIN = 1 << 16  # BLAS calls on matrices smaller than this run on one thread anyway: not timed
 

@@ -36,9 +36,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from opswitch.backends.blas import ENV_THREADS, GOVERN_MIN, BlasBackend
+from opswitch.backends.blas import GOVERN_MIN, BlasBackend
 from opswitch.backends.thread_governor import ThreadGovernor
 from opswitch.core import Backend, Probe, formats, hookimpl
+from opswitch.core.backend import ENV_THREADS
 
 SERIAL_MAX = 1 << 15  # decode attention over fewer cached values than 4x this runs on one thread
 GEMV_MAX_ROWS = 4  # up to this many rows (a small batch), quantised weights run row by row

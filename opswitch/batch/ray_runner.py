@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from opswitch.batch.errors import BatchError, MissingExtraError
 from opswitch.batch.work import Item, Task, run_rows
+from opswitch.core.backend import ENV_THREADS
 from opswitch.core.errors import OpswitchError
 
 
@@ -58,9 +61,12 @@ class RowsActor:
     one line.
     """
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: Task, threads: int = 1) -> None:
         from opswitch.batch.local import load_lm
 
+        # before the backend starts its pools (numba's is sized once, by the machine's CPUs):
+        # an actor computes on the CPUs Ray gave it, not on every core of a shared node
+        os.environ[ENV_THREADS] = str(threads)
         self.task, self.lm, self.fatal = task, None, None
         try:
             self.lm = load_lm(task)
@@ -82,6 +88,15 @@ class RowsActor:
             self.fatal = str(exc)
             records = [{"index": item[0], "fatal": self.fatal} for item in items]
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+
+
+def actor_threads(options: RayOptions) -> int:
+    """Compute threads per actor: $OPSWITCH_NUM_THREADS (or --threads) when set, else the
+    CPUs each actor reserves (at least one; a fractional share rounds down)."""
+    wanted = os.environ.get(ENV_THREADS)
+    if wanted and wanted.strip().isdigit() and int(wanted) > 0:
+        return int(wanted)
+    return max(1, math.floor(options.cpus_per_actor))
 
 
 def connect(ray, address: str) -> None:
@@ -122,7 +137,7 @@ def run_ray(
     )
     results = dataset.map_batches(
         RowsActor,
-        fn_constructor_kwargs={"task": task},
+        fn_constructor_kwargs={"task": task, "threads": actor_threads(options)},
         compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_cpus=options.cpus_per_actor,
         num_gpus=options.gpus_per_actor,

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from opswitch.batch import JobSpec, RayOptions, Task, generation_settings, run_job
 from opswitch.batch.job import Report
+from opswitch.batch.ray_runner import actor_threads
 from opswitch.cli.allocator import return_large_blocks_to_the_os
 from opswitch.cli.model_args import add_engine_arguments, add_model_arguments
 from opswitch.cli.parsing import OneLineParser, UsageError
@@ -150,9 +151,11 @@ class CliReport(Report):
             self.info(line)
         if job.resumed:
             self.info(f"Resuming: {job.resumed} rows in complete shards are done, {job.pending} to go")
+        threads = 0 if self.ray is None else actor_threads(self.ray)
         where = "locally" if self.ray is None else (
             f"on Ray ({self.ray.actors} actors, {self.ray.cpus_per_actor:g} CPU"
-            + (f", {self.ray.gpus_per_actor:g} GPU" if self.ray.gpus_per_actor else "") + " each)")
+            + (f", {self.ray.gpus_per_actor:g} GPU" if self.ray.gpus_per_actor else "")
+            + f" and {threads} compute thread{'s' if threads > 1 else ''} each)")
         self.info(f"Running {n_rows} rows {where}; shards in {job.shard_dir}")
         if self.ray is not None:
             self.info("note: Ray prints log lines of its own, some marked E (error) that are only notices,"

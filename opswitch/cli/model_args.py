@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from opswitch.core.backend import ENV_THREADS
 from opswitch.core.formats import FORMATS, KV_FORMATS
 from opswitch.core.registry import get_registry
 from opswitch.generation import DEFAULT_PREFILL_CHUNK
@@ -44,7 +45,6 @@ def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
 
 
 MAX_THREADS = 1024
-ENV_THREADS = "OPSWITCH_NUM_THREADS"  # what the backends read when they start their pools
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from opswitch.core.ops import OP_NAMES
 from opswitch.core.step import Step
 
 DTYPES = ("float16", "float32", "float64")  # the compute dtypes a spec may name
+ENV_THREADS = "OPSWITCH_NUM_THREADS"  # the compute threads a backend starts its pools with
 
 
 @dataclass(frozen=True)
