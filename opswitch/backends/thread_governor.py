@@ -11,11 +11,17 @@ Neither OpenMP's barrier nor OpenBLAS's busy-waiting workers can avoid it.
 So the backend times each parallel call, keyed by its kernel and shape, and
 keeps a moving average per key for each of two thread counts: all of them
 and one.  It runs the count it has chosen, and now and then (a *probe*: at
-most one call per ``PROBE_MAX_S`` seconds once the choice is settled) runs
-one call with the other count; when that count is faster on the same
-kernel and shape, it becomes the choice.  A probe costs at most one slow
-call, so the rate never falls far below the better of the two, in either
-direction: a busy machine gets one thread, an idle one all of them.
+most one per ``PROBE_MAX_S`` seconds once the choice is settled) runs every
+call for ``PROBE_SPAN_S`` with the other count; when those calls took less
+than the chosen count's averages say they would have, the other count
+becomes the choice.  A probe spans many calls, not one, because a busy
+machine's cost is in rare long stalls: most 2-thread calls are fast and one
+in ten waits for a descheduled worker, so one call compared with an average
+said "two threads" most of the time (measured: int8 decode at 2 threads
+fell to 24-33 tok/s in some runs beside a busy process, 48-57 at 1 thread).
+A probe costs at most ``PROBE_SPAN_S`` of slower calls, so the rate never
+falls far below the better of the two, in either direction: a busy machine
+gets one thread, an idle one all of them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 PROBE_MIN_S = 0.02  # first probe this long after a change of choice...
+PROBE_SPAN_S = 0.01  # a probe runs every call for this long (at least one call) with the other count
 PROBE_MAX_S = 4.0  # ...each probe that does not change it doubles the wait, up to this
 SWITCH_MARGIN = 0.9  # the other count must be 10 % faster than the choice to replace it
 ALPHA = 0.3  # moving-average weight of a new sample of the chosen count
@@ -50,6 +57,8 @@ class ThreadGovernor:
         self._mean: dict[tuple[Hashable, int], float] = {}
         self._wait = PROBE_MIN_S
         self._next_probe = clock() + PROBE_MIN_S
+        self._probe_end: float | None = None  # while a probe runs: when it ends
+        self._probe_spent = self._probe_expected = 0.0  # its calls' seconds; theirs at the choice
         self._local = threading.local()  # the count last applied on each calling thread
         self.switches = 0  # how often the choice changed (shown by benchmarks, read by tests)
 
@@ -58,7 +67,10 @@ class ThreadGovernor:
         if self.most == 1:
             return fn(*args, **kwargs)
         start = self._clock()
-        probe = start >= self._next_probe
+        probe = self._probe_end is not None
+        if not probe and start >= self._next_probe:
+            self._probe_end, self._probe_spent, self._probe_expected = start + PROBE_SPAN_S, 0.0, 0.0
+            probe = True
         if probe:
             threads = 1 if self.choice == self.most else self.most
         else:
@@ -68,25 +80,33 @@ class ThreadGovernor:
             self._apply(threads)
             local.threads = threads
         result = fn(*args, **kwargs)
-        seconds = self._clock() - start
+        end = self._clock()
+        seconds = end - start
         if probe:
-            self._record_probe(key, threads, seconds)
+            self._record_probe(key, threads, seconds, end)
         else:  # the common call, inline: it runs some 50 times a token
             slot = (key, threads)
             old = self._mean.get(slot)
             self._mean[slot] = seconds if old is None else old + ALPHA * (seconds - old)
         return result
 
-    def _record_probe(self, key: Hashable, threads: int, seconds: float) -> None:
+    def _record_probe(self, key: Hashable, threads: int, seconds: float, now: float) -> None:
         slot = (key, threads)
         old = self._mean.get(slot)
         self._mean[slot] = seconds if old is None else old + ALPHA_PROBE * (seconds - old)
         mine = self._mean.get((key, self.choice))
-        if mine is not None and self._mean[slot] < SWITCH_MARGIN * mine:
+        if mine is not None:  # a key never run at the chosen count says nothing either way
+            self._probe_spent += seconds
+            self._probe_expected += mine
+        if self._probe_end is None or now < self._probe_end:
+            return
+        self._probe_end = None
+        spent, expected = self._probe_spent, self._probe_expected
+        if expected > 0 and spent < SWITCH_MARGIN * expected:
             self.choice, self.switches = threads, self.switches + 1
             self._wait = PROBE_MIN_S
-        elif mine is None or seconds >= mine:  # losing: look again later, and less often
+        elif expected == 0 or spent >= expected:  # losing: look again later, and less often
             self._wait = min(PROBE_MAX_S, 2 * self._wait)
-        else:  # winning, not yet on average: look again sooner
+        else:  # winning, not yet by the margin: look again sooner
             self._wait = max(PROBE_MIN_S, self._wait / 2)
-        self._next_probe = self._clock() + self._wait
+        self._next_probe = now + self._wait
