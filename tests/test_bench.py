@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import one_error_line
@@ -47,3 +50,13 @@ def test_quick_batch_bench_prints_and_writes_every_size(capsys, tmp_path) -> Non
 def test_batch_sizes_that_are_not_sizes_are_one_line(capsys, sizes) -> None:
     assert main(["bench", "--quick", "--batch", sizes, "--backend", "naive", "--no-reference"]) == 2
     assert one_error_line(capsys).endswith(f"--batch takes batch sizes such as 1,4,16,64, got {sizes!r}")
+
+
+@pytest.mark.parametrize("script", ["side_by_side.py", "busy_machine.py"])
+def test_the_comparison_scripts_start(script) -> None:
+    """The scripts beside llama.cpp are not run in CI (they need llama-cpp-python built from
+    source and minutes of a quiet machine); their imports and flags are checked here."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--llama-python" in done.stdout
