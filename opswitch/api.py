@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from opswitch.core.backend import Backend
+from opswitch.core.backend import ENV_THREADS, Backend
 from opswitch.core.errors import (
     GenerationError,
     ModelInputError,
@@ -44,6 +44,10 @@ from opswitch.model.hub import resolve_model
 from opswitch.model.kvcache import sequence_positions
 from opswitch.model.weights import load_gpt2
 from opswitch.tokenizer import Tokenizer, has_tokenizer_files, load_tokenizer
+
+# the variable a backend reads for its thread count when it starts its pools (before the first
+# model loads in a process): re-exported for the layers above, which import only this module
+THREADS_VARIABLE = ENV_THREADS
 
 
 class LanguageModel:

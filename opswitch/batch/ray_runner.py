@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opswitch.api import THREADS_VARIABLE as ENV_THREADS
 from opswitch.batch.errors import BatchError, MissingExtraError
 from opswitch.batch.work import Item, Task, run_rows
-from opswitch.core.backend import ENV_THREADS
 from opswitch.core.errors import OpswitchError
 
 
