@@ -145,3 +145,29 @@ def test_f32_products_are_the_same_bits_on_any_thread_count():
         assert done.returncode == 0, done.stderr
         digests.add(done.stdout.strip())
     assert len(digests) == 1, "cpu.linear gives different bits on 1, 2 and 3 threads"
+
+
+WARM = """
+import sys
+import opswitch
+from opswitch.backends import cpu_blocks, cpu_kernels
+fmt, kv = sys.argv[1], sys.argv[2]
+lm = opswitch.load_model(sys.argv[3], backend="cpu", weights=fmt, kv_cache=kv)
+kernels = {"int8": ["gemv_rows_int8", "gemm_rows_packed", "dequant_int8"],
+           "bf16": ["gemv_rows_bf16", "gemm_rows_packed", "dequant_bf16"]}[fmt]
+cold = [name for name in kernels if not getattr(cpu_kernels, name).signatures]
+if kv == "f16":
+    cold += [] if len(cpu_kernels.decode_attention_serial.signatures) >= 2 else ["f16 decode attention"]
+print("cold:", cold)
+"""
+
+
+@pytest.mark.parametrize("fmt, kv", [("int8", "f16"), ("bf16", "f32")])
+def test_loading_a_reduced_format_loads_its_kernels(tmp_path, tiny_config, tiny_params, fmt, kv):
+    """Model loading, not the first prompt, pays for a format's kernels (compiled on a fresh
+    install: seconds, which the first run reported as prefill and decode time)."""
+    save_gpt2(tmp_path, tiny_config, tiny_params)
+    done = subprocess.run([sys.executable, "-c", WARM, fmt, kv, str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "cold: []"

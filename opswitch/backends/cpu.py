@@ -85,6 +85,10 @@ class Blocks:
     stored: formats.Stored
 
 
+def uploaded_fmt(weight: PackedWeight | Blocks) -> str:
+    return weight.fmt if isinstance(weight, PackedWeight) else weight.stored.fmt
+
+
 class CpuBackend(BlasBackend):
     name = "cpu"
     priority = 60  # above blas: faster in every workload of the side-by-side table (README)
@@ -96,6 +100,7 @@ class CpuBackend(BlasBackend):
     def __init__(self, dtype: str = "float32", device: str | None = None) -> None:
         super().__init__(dtype, device)
         self._local = threading.local()  # per-thread scratch for dequantised tiles
+        self._warmed: set[str] = set()  # weight and cache formats whose kernels are loaded
 
     def _probe_impl(self) -> Probe:
         base = super()._probe_impl()
@@ -143,8 +148,39 @@ class CpuBackend(BlasBackend):
         """A parallel numba kernel, with the thread count the governor picks for its shape."""
         self._governor.run((kernel.__name__, args[0].shape), kernel, *args)
 
+    def _warm(self, what: str) -> bool:
+        """True the first time ``what`` is asked for: its kernels are to be loaded now."""
+        if what in self._warmed:
+            return False
+        self._warmed.add(what)
+        return True
+
+    def _warm_products(self, fmt: str) -> None:
+        """Load (or, on a fresh install, compile: seconds) a reduced format's kernels when its
+        first weight is uploaded, so that model loading pays for them and the first prompt's
+        prefill and decode rates are the real ones (a fresh install's first int8 run reported
+        1.2 tok/s), and a server's first request does not wait."""
+        tiny = self._upload(formats.encode(np.ones((64, 8), np.float32), fmt, "linear"))
+        for rows in (1, 9, 65):  # the GEMV, the few-row kernel, the dequantised GEMM
+            self.linear(np.ones((rows, 64), np.float32), tiny)
+
+    def alloc_kv(self, shape: tuple[int, ...], fmt: str = "f32") -> Any:
+        if fmt == "f16" and self._warm("kv:f16"):  # the f16 cache's attention kernels, as above
+            caches = [np.zeros((1, 4, 8), np.float16) for _ in range(2)]
+            self.attention(np.ones((2, 24), np.float32), 1, *caches, 0)
+            self.attention(np.ones((1, 24), np.float32), 1, *caches, 2)
+            self._k.decode_attention(np.ones(24, np.float32), *(c.view(np.int16) for c in caches), 2,
+                                     np.float32(1.0), np.empty(8, np.float32))
+        return super().alloc_kv(shape, fmt)
+
     # -- weights ---------------------------------------------------------------
     def upload_weight(self, stored: formats.Stored) -> Any:
+        uploaded = self._upload(stored)
+        if isinstance(uploaded, (PackedWeight, Blocks)) and self._warm(uploaded_fmt(uploaded)):
+            self._warm_products(uploaded_fmt(uploaded))
+        return uploaded
+
+    def _upload(self, stored: formats.Stored) -> Any:
         if stored.fmt == "f32":
             return super().upload_weight(stored)
         if stored.fmt in formats.BLOCK_FORMATS:

@@ -166,6 +166,9 @@ class GPT2:
             params = _upload(backend, self.host_params, self.weights, kept=kept)
         self.params, self.backend, self.ops = params, backend, ops
         self.stored_formats = kept  # matrices per storage format, e.g. {"q8_0": 48, "int8": 1}
+        # a one-position cache in the model's format, at once: a backend may load that format's
+        # attention kernels on its first allocation (cpu), so the first prompt does not
+        self.new_cache(1)
         return self
 
     @property
