@@ -121,6 +121,20 @@ def test_the_count_is_set_only_when_it_changes():
     assert calls > 10 * len(machine.applied)
 
 
+def test_calls_that_follow_run_at_the_choice_even_during_a_probe():
+    """sgemm's last bits depend on its thread count: the same product computed twice on an
+    idle machine must not differ because a probe (at one thread) covered one of them."""
+    machine = Machine({1: 1.8e-4, 2: 1e-4})
+    gov = ThreadGovernor(2, machine.apply, machine.clock)
+    seen = set()
+    for _ in range(50_000):
+        gov.run("gemv", machine.kernel)
+        gov.follow(lambda: seen.add(machine.threads))
+    assert 1 in machine.applied  # probes ran at one thread...
+    assert seen == {2}  # ...and no following call did
+    assert gov.follow(lambda a, b=0: a + b, 2, b=3) == 5
+
+
 def test_results_pass_through():
     gov = ThreadGovernor(2, lambda n: None)
     assert gov.run("k", lambda a, b=0: a + b, 2, b=3) == 5

@@ -166,10 +166,10 @@ class CpuBackend(BlasBackend):
 
     def alloc_kv(self, shape: tuple[int, ...], fmt: str = "f32") -> Any:
         if fmt == "f16" and self._warm("kv:f16"):  # the f16 cache's attention kernels, as above
-            caches = [np.zeros((1, 4, 8), np.float16) for _ in range(2)]
-            self.attention(np.ones((2, 24), np.float32), 1, *caches, 0)
-            self.attention(np.ones((1, 24), np.float32), 1, *caches, 2)
-            self._k.decode_attention(np.ones(24, np.float32), *(c.view(np.int16) for c in caches), 2,
+            keys, values = np.zeros((1, 4, 8), np.float16), np.zeros((1, 4, 8), np.float16)
+            self.attention(np.ones((2, 24), np.float32), 1, keys, values, 0)
+            self.attention(np.ones((1, 24), np.float32), 1, keys, values, 2)
+            self._k.decode_attention(np.ones(24, np.float32), keys.view(np.int16), values.view(np.int16), 2,
                                      np.float32(1.0), np.empty(8, np.float32))
         return super().alloc_kv(shape, fmt)
 
@@ -258,10 +258,10 @@ class CpuBackend(BlasBackend):
 
     def _product(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``a @ b`` on numpy's OpenBLAS (the module docstring says why), with the thread
-        count the governor picks for its shapes."""
+        count the governor has chosen, never a probe's (sgemm's bits depend on it)."""
         if a.size < GOVERN_MIN and b.size < GOVERN_MIN:
             return np.matmul(a, b, out=out)
-        return self._governor.run(("matmul", a.shape, b.shape), np.matmul, a, b, out=out)
+        return self._governor.follow(np.matmul, a, b, out=out)  # its bits depend on the count
 
     def _packed_product(self, x, w: PackedWeight) -> np.ndarray:
         """x [m, n_in] times the packed [n_out, n_in] transposed: [m, n_out]."""

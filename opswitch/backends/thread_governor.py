@@ -90,6 +90,18 @@ class ThreadGovernor:
             self._mean[slot] = seconds if old is None else old + ALPHA * (seconds - old)
         return result
 
+    def follow(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn`` with the chosen count, never a probe's, untimed: for calls whose results
+        depend on the thread count in their last bits (OpenBLAS's sgemm), so that a probe
+        does not make two computations of the same loss differ; the choice still moves
+        with the machine (decided by the calls ``run`` times)."""
+        threads = self.choice
+        local = self._local
+        if self.most > 1 and getattr(local, "threads", None) != threads:
+            self._apply(threads)
+            local.threads = threads
+        return fn(*args, **kwargs)
+
     def _record_probe(self, key: Hashable, threads: int, seconds: float, now: float) -> None:
         slot = (key, threads)
         old = self._mean.get(slot)
