@@ -75,10 +75,7 @@ class ThreadGovernor:
             threads = 1 if self.choice == self.most else self.most
         else:
             threads = self.choice
-        local = self._local
-        if getattr(local, "threads", None) != threads:
-            self._apply(threads)
-            local.threads = threads
+        self._use(threads)
         result = fn(*args, **kwargs)
         end = self._clock()
         seconds = end - start
@@ -95,12 +92,16 @@ class ThreadGovernor:
         depend on the thread count in their last bits (OpenBLAS's sgemm), so that a probe
         does not make two computations of the same loss differ; the choice still moves
         with the machine (decided by the calls ``run`` times)."""
-        threads = self.choice
+        if self.most > 1:
+            self._use(self.choice)
+        return fn(*args, **kwargs)
+
+    def _use(self, threads: int) -> None:
+        """Make the calling thread's next parallel calls use ``threads`` (set only on a change)."""
         local = self._local
-        if self.most > 1 and getattr(local, "threads", None) != threads:
+        if getattr(local, "threads", None) != threads:
             self._apply(threads)
             local.threads = threads
-        return fn(*args, **kwargs)
 
     def _record_probe(self, key: Hashable, threads: int, seconds: float, now: float) -> None:
         slot = (key, threads)
